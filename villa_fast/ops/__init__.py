@@ -1,0 +1,22 @@
+"""Public fused ops of villa_fast: the perturbation init and update, and the symmetric KL.
+
+Every op validates its arguments here (clear ValueError/TypeError naming the
+argument), picks a backend in :mod:`villa_fast.ops._backend`, and runs as a
+``torch.library`` custom op with a fake implementation, so it traces under
+``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
+"""
+
+from villa_fast.ops._backend import BACKENDS, BackendUnavailableError, available_backends, backend_for
+from villa_fast.ops.perturb import perturb_init, perturb_update_, perturb_update_multi_
+from villa_fast.ops.sym_kl import sym_kl
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_for",
+    "perturb_init",
+    "perturb_update_",
+    "perturb_update_multi_",
+    "sym_kl",
+]

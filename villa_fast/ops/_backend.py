@@ -1,0 +1,124 @@
+"""Backend choice for every villa_fast op, in one place.
+
+Automatic order, by the tensor's device and what is installed:
+CUDA extension -> Triton -> C++ extension -> reference (plain PyTorch).
+``VILLA_FAST_BACKEND=reference|cpp|triton|cuda|auto`` overrides it; an explicit
+backend that cannot run raises an error naming what is missing, while an
+automatic choice that cannot load falls back quietly (logged at debug level).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("villa_fast.ops")
+
+BACKENDS = ("cuda", "triton", "cpp", "reference")
+_ENV = "VILLA_FAST_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on this tensor or this installation."""
+
+
+def requested_backend() -> str:
+    """The backend asked for by VILLA_FAST_BACKEND ('auto' when unset)."""
+    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"{_ENV}={value!r} is not one of {', '.join(('auto',) + BACKENDS)}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _load_ext() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module("villa_fast._C"), ""
+    except ImportError as exc:  # pure-Python install, or a build for another torch
+        log.debug("villa_fast._C not loaded: %s", exc)
+        return None, str(exc)
+
+
+def extension() -> ModuleType | None:
+    """The compiled extension module, or None when it is not installed."""
+    return _load_ext()[0]
+
+
+def ext_with_cuda() -> bool:
+    ext = extension()
+    return bool(ext is not None and getattr(ext, "with_cuda", False))
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return ""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(backend: str, device: torch.device) -> str:
+    """Empty string when ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "reference":
+        return ""
+    if backend == "cpp":
+        if extension() is None:
+            return f"the compiled extension villa_fast._C is not installed ({_load_ext()[1]})"
+        if device.type == "cuda":
+            return "the cpp backend runs on CPU tensors only (use 'cuda' for CUDA tensors)"
+        if device.type != "cpu":
+            return f"the cpp backend does not support device {device}"
+        return ""
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got a tensor on {device}"
+        if extension() is None:
+            return f"the compiled extension villa_fast._C is not installed ({_load_ext()[1]})"
+        if not ext_with_cuda():
+            return "villa_fast._C was built without CUDA kernels (rebuild with a CUDA toolkit or FORCE_CUDA=1)"
+        return ""
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            return ""
+        if device.type == "cpu":
+            return "" if _interpreting() else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        return f"the triton backend does not support device {device}"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def backend_for(tensor: Tensor) -> str:
+    """The backend an op on ``tensor`` would run with, honouring VILLA_FAST_BACKEND."""
+    req = requested_backend()
+    device = tensor.device
+    if req != "auto":
+        why = _why_not(req, device)
+        if why:
+            raise BackendUnavailableError(f"{_ENV}={req} cannot run: {why}")
+        return req
+    order = ("cuda", "triton", "cpp", "reference") if device.type == "cuda" else ("cpp", "reference")
+    for backend in order:
+        why = _why_not(backend, device)
+        if not why:
+            return backend
+        log.debug("backend %s skipped for %s: %s", backend, device, why)
+    return "reference"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Every backend that can run on ``device`` here, fastest first."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if not _why_not(b, device)]

@@ -1,0 +1,98 @@
+"""Symmetric KL consistency loss with fused gradients (VILLA_SPEC section 2)."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from villa_fast import reference
+from villa_fast.ops import _check
+from villa_fast.ops._backend import BackendUnavailableError, backend_for, extension, requested_backend
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_BACKEND_DTYPES = {
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "cpp": _LOGIT_DTYPES,
+    "reference": _LOGIT_DTYPES,
+}
+MAX_CLASSES = 32768
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("villa_fast::sym_kl", mutates_args=())
+def _sym_kl_op(a: Tensor, b: Tensor, reduction: str, need_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "reference":
+        loss, ga, gb = reference.sym_kl_fwd(a, b, reduction)
+    elif backend == "triton":
+        kernel = importlib.import_module("villa_fast.kernels.sym_kl")
+        loss, ga, gb = kernel.sym_kl(a=a, b=b, reduction=reduction, need_grad=need_grad)
+    else:
+        loss, ga, gb = extension().sym_kl_fwd(a, b, 0 if reduction == "batchmean" else 1)
+    if not need_grad:
+        ga, gb = a.new_empty(0), b.new_empty(0)
+    return loss.to(_loss_dtype(a.dtype)), ga, gb
+
+
+@_sym_kl_op.register_fake
+def _(a, b, reduction, need_grad, backend):
+    loss = a.new_empty((), dtype=_loss_dtype(a.dtype))
+    if need_grad:
+        return loss, torch.empty_like(a), torch.empty_like(b)
+    return loss, a.new_empty(0), b.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_ga, _grad_gb):
+    # the fused forward already produced both gradients: backward only scales them
+    ga, gb = ctx.saved_tensors
+    return ga * grad_loss.to(ga.dtype), gb * grad_loss.to(gb.dtype), None, None, None
+
+
+_sym_kl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sym_kl(logits_a: Tensor, logits_b: Tensor, reduction: str = "batchmean") -> Tensor:
+    """Symmetric KL ``KL(softmax(b) || softmax(a)) + KL(softmax(a) || softmax(b))`` of [N, C] logits.
+
+    Args:
+        logits_a, logits_b: [N, C] with 2 <= C <= 32768, float32, bfloat16, float16 (or float64);
+            the math is done in float32 (float64 for float64 inputs). Gradients flow into both.
+        reduction: "batchmean" sums over classes and averages over rows; "mean" averages over all elements.
+    Returns:
+        a 0-dim float32 tensor (float64 for float64 inputs).
+    """
+    a = _check.tensor("logits_a", logits_a)
+    b = _check.tensor("logits_b", logits_b)
+    _check.choice("reduction", reduction, _check.REDUCTIONS)
+    _check.floating("logits_a", a, _LOGIT_DTYPES)
+    _check.floating("logits_b", b, _LOGIT_DTYPES)
+    if a.dim() != 2:
+        raise ValueError(f"logits_a must be 2-D [N, C], got shape {tuple(a.shape)}")
+    if b.shape != a.shape:
+        raise ValueError(f"logits_b must have the shape of logits_a {tuple(a.shape)}, got {tuple(b.shape)}")
+    n, c = a.shape
+    if n < 1:
+        raise ValueError("logits_a must have at least one row (N >= 1)")
+    if not 2 <= c <= MAX_CLASSES:
+        raise ValueError(f"logits_a must have 2 <= C <= {MAX_CLASSES} classes, got C={c}")
+    _check.same_device("logits_a", a, "logits_b", b)
+    if a.dtype != b.dtype:
+        common = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(common), b.to(common)
+    backend = backend_for(a)
+    if a.dtype not in _BACKEND_DTYPES[backend]:
+        if requested_backend() != "auto":
+            raise BackendUnavailableError(f"backend {backend!r} does not support logits of dtype {a.dtype}")
+        backend = "reference"
+    need_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    loss, _, _ = _sym_kl_op(a.contiguous(), b.contiguous(), reduction, need_grad, backend)
+    return loss

@@ -1,0 +1,12 @@
+"""Plain-PyTorch versions of every villa_fast op.
+
+They are the fallback backend and the oracle the fast kernels are tested
+against. They import nothing from the rest of villa_fast, and they compute in
+float64 when given float64, so tests can compare the fused kernels (and the
+adversarial step) to them at tight tolerances.
+"""
+
+from villa_fast.reference.perturb import perturb_init, perturb_init_scale_, perturb_update_
+from villa_fast.reference.sym_kl import sym_kl, sym_kl_fwd
+
+__all__ = ["perturb_init", "perturb_init_scale_", "perturb_update_", "sym_kl", "sym_kl_fwd"]
