@@ -68,22 +68,29 @@ def _ext_modules():
     link_flags = ["-fopenmp"]
     if with_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "(torch default)")
-        _log(f"building villa_fast._C with C++ CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
-             f"TORCH_CUDA_ARCH_LIST={arch}, MAX_JOBS={os.environ.get('MAX_JOBS', '(default)')})")
+        _log(
+            f"building villa_fast._C with C++ CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
+            f"TORCH_CUDA_ARCH_LIST={arch}, MAX_JOBS={os.environ.get('MAX_JOBS', '(default)')})"
+        )
         ext = cpp_extension.CUDAExtension(
             "villa_fast._C",
             cpp_sources + cu_sources,
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"],
-                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DWITH_CUDA"],
+                "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"],
+            },
             extra_link_args=link_flags,
         )
     else:
         why = "torch has no CUDA" if not torch_has_cuda else "no CUDA toolkit found"
-        _log(f"building villa_fast._C with C++ CPU kernels only ({why}; FORCE_CUDA=1 to insist), "
-             f"MAX_JOBS={os.environ.get('MAX_JOBS', '(default)')}")
-        ext = cpp_extension.CppExtension("villa_fast._C", cpp_sources,
-                                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+        _log(
+            f"building villa_fast._C with C++ CPU kernels only ({why}; FORCE_CUDA=1 to insist), "
+            f"MAX_JOBS={os.environ.get('MAX_JOBS', '(default)')}"
+        )
+        ext = cpp_extension.CppExtension(
+            "villa_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=_ninja_available())
     return [ext], {"build_ext": build_ext}
 
@@ -105,7 +112,8 @@ setup(
     version="0.1.0",
     description="Fast large-scale adversarial training (VILLA) for vision-and-language models",
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,

@@ -12,8 +12,15 @@ from torch import Tensor
 
 @triton.jit
 def _perturb_init_kernel(
-    x_ptr, mask_ptr, P, D, init_mag,
-    HAS_MASK: tl.constexpr, NORM_L2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    mask_ptr,
+    P,
+    D,
+    init_mag,
+    HAS_MASK: tl.constexpr,
+    NORM_L2: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """x[b, p, :] *= mask[b, p] * s_b, with s_b = init_mag / sqrt(len_b * D) (l2) or init_mag (linf).
 
@@ -54,8 +61,15 @@ def perturb_init(*, noise: Tensor, mask: Tensor | None, init_mag: float, norm_ty
     ctx = torch.cuda.device(noise.device) if noise.is_cuda else contextlib.nullcontext()
     with ctx:
         _perturb_init_kernel[(b,)](
-            noise, mask if mask is not None else noise, p, d, float(init_mag),
-            HAS_MASK=mask is not None, NORM_L2=norm_type == "l2",
-            BLOCK_P=max(triton.next_power_of_2(p), 2), BLOCK=max(block, 16), num_warps=4,
+            noise,
+            mask if mask is not None else noise,
+            p,
+            d,
+            float(init_mag),
+            HAS_MASK=mask is not None,
+            NORM_L2=norm_type == "l2",
+            BLOCK_P=max(triton.next_power_of_2(p), 2),
+            BLOCK=max(block, 16),
+            num_warps=4,
         )
     return noise

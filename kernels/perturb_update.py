@@ -36,11 +36,23 @@ def _row_stats(g, d, HAS_D: tl.constexpr, NORM_L2: tl.constexpr):
 
 @triton.jit
 def _perturb_update_kernel(
-    d0_ptr, g0_ptr, d1_ptr, g1_ptr,
-    rows0, n0, n1, lr0, lr1,
-    scale_ptr, skip_ptr, max_norm,
-    HAS_SCALE: tl.constexpr, NORM_L2: tl.constexpr, PROJECT: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+    d0_ptr,
+    g0_ptr,
+    d1_ptr,
+    g1_ptr,
+    rows0,
+    n0,
+    n1,
+    lr0,
+    lr1,
+    scale_ptr,
+    skip_ptr,
+    max_norm,
+    HAS_SCALE: tl.constexpr,
+    NORM_L2: tl.constexpr,
+    PROJECT: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """delta[r] += lr * g[r] / max(||g[r]||, 1e-8), g = grad / scale; then project (l2 rescale or linf clamp).
 
@@ -168,11 +180,24 @@ def perturb_update(
         if grid[0] > 0:
             with _on_device(pair_d[0]):
                 _perturb_update_kernel[grid](
-                    pair_d[0], pair_g[0], pair_d[1], pair_g[1],
-                    rows0, n0, n1, float(pair_lr[0]), float(pair_lr[1]),
-                    grad_scale if grad_scale is not None else pair_d[0], counter, float(max_norm),
-                    HAS_SCALE=grad_scale is not None, NORM_L2=norm_type == "l2", PROJECT=max_norm > 0,
-                    SINGLE=single, BLOCK=block, num_warps=num_warps,
+                    pair_d[0],
+                    pair_g[0],
+                    pair_d[1],
+                    pair_g[1],
+                    rows0,
+                    n0,
+                    n1,
+                    float(pair_lr[0]),
+                    float(pair_lr[1]),
+                    grad_scale if grad_scale is not None else pair_d[0],
+                    counter,
+                    float(max_norm),
+                    HAS_SCALE=grad_scale is not None,
+                    NORM_L2=norm_type == "l2",
+                    PROJECT=max_norm > 0,
+                    SINGLE=single,
+                    BLOCK=block,
+                    num_warps=num_warps,
                 )
         skipped[i:j] += counter[: j - i]
         i = j

@@ -16,9 +16,16 @@ _CHUNK = 2048
 
 @triton.jit
 def _sym_kl_kernel(
-    a_ptr, b_ptr, ga_ptr, gb_ptr, loss_ptr,
-    C, inv_div,
-    NEED_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    ga_ptr,
+    gb_ptr,
+    loss_ptr,
+    C,
+    inv_div,
+    NEED_GRAD: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """L_row = sum_c (p - q)(log p - log q) with p = softmax(a), q = softmax(b); loss_ptr[row] = L_row * inv_div.
 
@@ -46,7 +53,10 @@ def _sym_kl_kernel(
         p = ea / sa
         q = eb / sb
         both = (a == float("-inf")) & (b == float("-inf"))
-        d = tl.where(both, 0.0, (a - ma - tl.log(sa)) - (b - mb - tl.log(sb)))
+        # lanes that are -inf on both sides are zeroed before subtracting: no -inf - -inf is formed
+        a0 = tl.where(both, 0.0, a)
+        b0 = tl.where(both, 0.0, b)
+        d = tl.where(both, 0.0, (a0 - ma - tl.log(sa)) - (b0 - mb - tl.log(sb)))
         ep = tl.sum(p * d, axis=0)
         eq = tl.sum(q * d, axis=0)
         tl.store(loss_ptr + row, (ep - eq) * inv_div)
@@ -83,7 +93,7 @@ def _sym_kl_kernel(
             a = tl.where(m, tl.load(a_row + o, mask=m, other=0.0).to(tl.float32), float("-inf"))
             b = tl.where(m, tl.load(b_row + o, mask=m, other=0.0).to(tl.float32), float("-inf"))
             both = (a == float("-inf")) & (b == float("-inf"))
-            d = tl.where(both, 0.0, (a - la) - (b - lb))
+            d = tl.where(both, 0.0, (tl.where(both, 0.0, a) - la) - (tl.where(both, 0.0, b) - lb))
             ep += tl.sum(tl.exp(a - la) * d, axis=0)
             eq += tl.sum(tl.exp(b - lb) * d, axis=0)
         tl.store(loss_ptr + row, (ep - eq) * inv_div)
@@ -97,7 +107,7 @@ def _sym_kl_kernel(
                 p = tl.exp(a - la)
                 q = tl.exp(b - lb)
                 both = (a == float("-inf")) & (b == float("-inf"))
-                d = tl.where(both, 0.0, (a - la) - (b - lb))
+                d = tl.where(both, 0.0, (tl.where(both, 0.0, a) - la) - (tl.where(both, 0.0, b) - lb))
                 tl.store(ga_ptr + row * C + o, (p * (d - ep) + p - q) * inv_div, mask=m)
                 tl.store(gb_ptr + row * C + o, (q * (eq - d) + q - p) * inv_div, mask=m)
 
@@ -118,8 +128,17 @@ def sym_kl(*, a: Tensor, b: Tensor, reduction: str, need_grad: bool) -> tuple[Te
     ctx = torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
     with ctx:
         _sym_kl_kernel[(n,)](
-            a, b, ga if need_grad else a, gb if need_grad else b, rows, c, inv_div,
-            NEED_GRAD=need_grad, SINGLE=single, BLOCK=block, num_warps=num_warps,
+            a,
+            b,
+            ga if need_grad else a,
+            gb if need_grad else b,
+            rows,
+            c,
+            inv_div,
+            NEED_GRAD=need_grad,
+            SINGLE=single,
+            BLOCK=block,
+            num_warps=num_warps,
         )
     # a fixed-order sum of per-row losses keeps the result deterministic (no float atomics)
     return rows.sum(), ga, gb

@@ -36,7 +36,7 @@ def requested_backend() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_ext() -> tuple[ModuleType | None, str]:
     try:
         return importlib.import_module("villa_fast._C"), ""
@@ -55,7 +55,7 @@ def ext_with_cuda() -> bool:
     return bool(ext is not None and getattr(ext, "with_cuda", False))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str:
     try:
         importlib.import_module("triton")

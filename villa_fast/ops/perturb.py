@@ -28,8 +28,12 @@ def _resolve(t: Tensor, ok: dict[str, tuple[torch.dtype, ...]], dtype: torch.dty
 # ----------------------------------------------------------------------------------------------- update
 
 
-_UPDATE_DTYPES = {"cuda": (torch.float32,), "triton": (torch.float32,), "cpp": _DELTA_DTYPES,
-                  "reference": _DELTA_DTYPES}
+_UPDATE_DTYPES = {
+    "cuda": (torch.float32,),
+    "triton": (torch.float32,),
+    "cpp": _DELTA_DTYPES,
+    "reference": _DELTA_DTYPES,
+}
 
 
 @torch.library.custom_op("villa_fast::perturb_update_", mutates_args=("deltas",))
@@ -43,13 +47,16 @@ def _perturb_update_op(
     backend: str,
 ) -> Tensor:
     if backend == "reference":
-        counts = [reference.perturb_update_(d, g, lr=lr, norm_type=norm_type, max_norm=max_norm,
-                                            grad_scale=grad_scale) for d, g, lr in zip(deltas, grads, lrs)]
+        counts = [
+            reference.perturb_update_(d, g, lr=lr, norm_type=norm_type, max_norm=max_norm, grad_scale=grad_scale)
+            for d, g, lr in zip(deltas, grads, lrs, strict=True)
+        ]
         return torch.stack(counts).to(torch.int64)
     if backend == "triton":
         kernel = importlib.import_module("villa_fast.kernels.perturb_update")
-        return kernel.perturb_update(deltas=deltas, grads=grads, lrs=lrs, norm_type=norm_type, max_norm=max_norm,
-                                     grad_scale=grad_scale)
+        return kernel.perturb_update(
+            deltas=deltas, grads=grads, lrs=lrs, norm_type=norm_type, max_norm=max_norm, grad_scale=grad_scale
+        )
     return extension().perturb_update_(deltas, grads, lrs, 0 if norm_type == "l2" else 1, max_norm, grad_scale)
 
 
@@ -76,13 +83,15 @@ def perturb_update_multi_(
     if not isinstance(lrs, (list, tuple)):
         raise TypeError(f"lrs must be a list of numbers, got {type(lrs).__name__}")
     if len(deltas) == 0 or len(deltas) != len(grads) or len(deltas) != len(lrs):
-        raise ValueError(f"deltas, grads and lrs must be non-empty and of equal length; got {len(deltas)}, "
-                         f"{len(grads)} and {len(lrs)}")
+        raise ValueError(
+            f"deltas, grads and lrs must be non-empty and of equal length; got {len(deltas)}, "
+            f"{len(grads)} and {len(lrs)}"
+        )
     _check.choice("norm_type", norm_type, _check.NORM_TYPES)
     max_norm = _check.real("max_norm", max_norm)
     lrs = [_check.real(f"lrs[{i}]" if len(lrs) > 1 else "lr", lr) for i, lr in enumerate(lrs)]
     ds, gs, copies = [], [], []
-    for i, (d, g) in enumerate(zip(deltas, grads)):
+    for i, (d, g) in enumerate(zip(deltas, grads, strict=True)):
         dn, gn = ("delta", "grad") if len(deltas) == 1 else (f"deltas[{i}]", f"grads[{i}]")
         _check.tensor(dn, d)
         _check.tensor(gn, g)
@@ -147,15 +156,20 @@ def perturb_update_(
             on the device, without a host sync.
     Rows whose g is not finite keep their delta unchanged and are counted in the result.
     """
-    return perturb_update_multi_([delta], [grad], lrs=[lr], norm_type=norm_type, max_norm=max_norm,
-                                 grad_scale=grad_scale)[0]
+    return perturb_update_multi_(
+        [delta], [grad], lrs=[lr], norm_type=norm_type, max_norm=max_norm, grad_scale=grad_scale
+    )[0]
 
 
 # ------------------------------------------------------------------------------------------------- init
 
 
-_INIT_DTYPES = {"cuda": (torch.float32,), "triton": (torch.float32, torch.float64), "cpp": _DELTA_DTYPES,
-                "reference": _DELTA_DTYPES}
+_INIT_DTYPES = {
+    "cuda": (torch.float32,),
+    "triton": (torch.float32, torch.float64),
+    "cpp": _DELTA_DTYPES,
+    "reference": _DELTA_DTYPES,
+}
 
 
 @torch.library.custom_op("villa_fast::perturb_init_", mutates_args=("noise",))
@@ -204,8 +218,9 @@ def perturb_init(
         if mask.is_complex():
             raise TypeError(f"mask must be bool or real, got {mask.dtype}")
         if tuple(mask.shape) != tuple(like.shape[:-1]):
-            raise ValueError(f"mask must have shape {tuple(like.shape[:-1])} (like without its last dim), "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have shape {tuple(like.shape[:-1])} (like without its last dim), got {tuple(mask.shape)}"
+            )
         _check.same_device("mask", mask, "like", like)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")

@@ -45,8 +45,12 @@ def perturb_init(
     if init_mag == 0:
         return torch.zeros(like.shape, dtype=dtype, device=like.device)
     noise = torch.empty(like.shape, dtype=dtype, device=like.device).uniform_(-1, 1, generator=generator)
-    return perturb_init_scale_(noise.view(like.shape[0], -1, like.shape[-1]), mask if mask is None else
-                               mask.reshape(like.shape[0], -1), init_mag=init_mag, norm_type=norm_type).view(like.shape)
+    return perturb_init_scale_(
+        noise.view(like.shape[0], -1, like.shape[-1]),
+        mask if mask is None else mask.reshape(like.shape[0], -1),
+        init_mag=init_mag,
+        norm_type=norm_type,
+    ).view(like.shape)
 
 
 def perturb_update_(

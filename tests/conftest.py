@@ -1,0 +1,42 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run only under its interpreter, and the variable
+must be set before any module defining @triton.jit functions is imported.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from villa_fast.ops import _backend  # noqa: E402
+
+_DEVICE_OF = {
+    "reference": "cpu",
+    "cpp": "cpu",
+    "triton": "cuda" if torch.cuda.is_available() else "cpu",
+    "cuda": "cuda",
+}
+
+
+def backend_device(name: str) -> str:
+    return _DEVICE_OF[name]
+
+
+@pytest.fixture(params=list(_backend.BACKENDS))
+def backend(request, monkeypatch):
+    """Each backend in turn, forced through VILLA_FAST_BACKEND; skipped with the reason when it cannot run."""
+    name = request.param
+    why = _backend._why_not(name, torch.device(_DEVICE_OF[name]))
+    if why:
+        pytest.skip(f"backend {name} unavailable: {why}")
+    monkeypatch.setenv("VILLA_FAST_BACKEND", name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+
+from tests._tol import tol
+from tests.conftest import backend_device
+from villa_fast import ops, reference
+
+
+def _oracle(delta, grad, **kw):
+    d = delta.double().clone()
+    n = reference.perturb_update_(
+        d, grad.double(), **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    )
+    return d, int(n)
+
+
+SHAPES = [(7, 13, 17), (5, 31), (3, 2, 3, 5), (1, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("norm_type", ["l2", "linf"])
+@pytest.mark.parametrize("max_norm", [0.0, 0.05])
+def test_matches_reference_fp32(backend, shape, norm_type, max_norm):
+    dev = backend_device(backend)
+    delta = (torch.randn(shape) * 0.03).to(dev)
+    grad = torch.randn(shape).to(dev)
+    want, nwant = _oracle(delta, grad, lr=0.02, norm_type=norm_type, max_norm=max_norm)
+    got = delta.clone()
+    n = ops.perturb_update_(got, grad, lr=0.02, norm_type=norm_type, max_norm=max_norm)
+    atol, rtol = tol(torch.float32, backend)
+    torch.testing.assert_close(got.double().cpu(), want.cpu(), atol=atol, rtol=rtol)
+    assert n.dtype == torch.int64 and n.dim() == 0 and int(n) == nwant == 0
+    if max_norm > 0 and norm_type == "l2":
+        assert got.reshape(shape[0], -1).norm(dim=1).max() <= max_norm * (1 + 1e-5)
+    if max_norm > 0 and norm_type == "linf":
+        assert got.abs().max() <= max_norm
+
+
+@pytest.mark.parametrize("gdtype", [torch.float16, torch.bfloat16])
+def test_low_precision_grad(backend, gdtype):
+    dev = backend_device(backend)
+    delta = (torch.randn(6, 11, 19) * 0.01).to(dev)
+    grad = torch.randn(6, 11, 19).to(gdtype).to(dev)
+    want, _ = _oracle(delta, grad, lr=1e-3, norm_type="l2")
+    got = delta.clone()
+    ops.perturb_update_(got, grad, lr=1e-3, norm_type="l2")
+    # the gradient is already rounded to gdtype; the update math itself is float32
+    torch.testing.assert_close(got.double().cpu(), want.cpu(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_type", ["l2", "linf"])
+@pytest.mark.parametrize("max_norm", [0.0, 0.3])
+def test_float64_exact(backend, norm_type, max_norm):
+    if backend in ("triton", "cuda"):
+        pytest.skip(f"the {backend} backend updates float32 deltas only")
+    delta = torch.randn(5, 7, 3, dtype=torch.float64) * 0.1
+    grad = torch.randn(5, 7, 3, dtype=torch.float64)
+    want, _ = _oracle(delta, grad, lr=0.1, norm_type=norm_type, max_norm=max_norm)
+    got = delta.clone()
+    ops.perturb_update_(got, grad, lr=0.1, norm_type=norm_type, max_norm=max_norm)
+    torch.testing.assert_close(got, want, atol=1e-14, rtol=1e-12)
+
+
+def test_long_rows_stream_in_chunks(backend):
+    # rows longer than the on-chip limit of the fused kernels take the chunked path
+    dev = backend_device(backend)
+    delta = (torch.randn(3, 20000) * 0.01).to(dev)
+    grad = torch.randn(3, 20000).to(dev)
+    for norm_type in ("l2", "linf"):
+        want, _ = _oracle(delta, grad, lr=0.5, norm_type=norm_type, max_norm=0.2)
+        got = delta.clone()
+        ops.perturb_update_(got, grad, lr=0.5, norm_type=norm_type, max_norm=0.2)
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), atol=1e-5, rtol=1e-4)
+
+
+def test_non_finite_rows_are_skipped_and_counted(backend):
+    dev = backend_device(backend)
+    delta = (torch.randn(6, 4, 9) * 0.01).to(dev)
+    grad = torch.randn(6, 4, 9)
+    grad[1, 2, 3] = float("nan")
+    grad[4, 0, 0] = float("inf")
+    grad[5, 3, 8] = float("-inf")
+    grad = grad.to(dev)
+    got = delta.clone()
+    n = ops.perturb_update_(got, grad, lr=0.1, norm_type="l2", max_norm=0.5)
+    assert int(n) == 3
+    assert torch.isfinite(got).all()
+    for r in (1, 4, 5):
+        assert torch.equal(got[r], delta[r])
+    want, _ = _oracle(delta, grad, lr=0.1, norm_type="l2", max_norm=0.5)
+    torch.testing.assert_close(got.double().cpu(), want.cpu(), atol=1e-6, rtol=1e-5)
+
+
+def test_grad_scale_divides_on_device(backend):
+    dev = backend_device(backend)
+    delta = (torch.randn(4, 10) * 0.01).to(dev)
+    grad = torch.randn(4, 10).to(dev)
+    scale = torch.tensor([1024.0], device=dev)
+    a, b = delta.clone(), delta.clone()
+    ops.perturb_update_(a, grad * 1024.0, lr=0.1, norm_type="linf", max_norm=0.02, grad_scale=scale)
+    ops.perturb_update_(b, grad, lr=0.1, norm_type="linf", max_norm=0.02)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # a zero scale makes every gradient non-finite: nothing moves, everything is counted
+    c = delta.clone()
+    n = ops.perturb_update_(c, grad, lr=0.1, norm_type="l2", grad_scale=torch.zeros(1, device=dev))
+    assert int(n) == 4 and torch.equal(c, delta)
+
+
+def test_two_tensors_in_one_call(backend):
+    dev = backend_device(backend)
+    dt = (torch.randn(4, 6, 8) * 0.01).to(dev)
+    di = (torch.randn(4, 5, 12) * 0.01).to(dev)
+    gt, gi = torch.randn(4, 6, 8).to(dev), torch.randn(4, 5, 12).to(dev)
+    gi[2, 0, 0] = float("nan")
+    wt, _ = _oracle(dt, gt, lr=1e-2, norm_type="l2", max_norm=0.0)
+    wi, _ = _oracle(di, gi, lr=3e-2, norm_type="l2", max_norm=0.0)
+    a, b = dt.clone(), di.clone()
+    n = ops.perturb_update_multi_([a, b], [gt, gi], lrs=[1e-2, 3e-2], norm_type="l2")
+    assert n.tolist() == [0, 1]
+    torch.testing.assert_close(a.double().cpu(), wt.cpu(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b.double().cpu(), wi.cpu(), atol=1e-6, rtol=1e-5)
+
+
+def test_non_contiguous_delta_is_updated(backend):
+    dev = backend_device(backend)
+    base = (torch.randn(8, 5, 3) * 0.01).to(dev)
+    delta = base.transpose(1, 2)
+    grad = torch.randn(8, 3, 5).to(dev)
+    want, _ = _oracle(delta, grad, lr=0.1, norm_type="l2")
+    ops.perturb_update_(delta, grad, lr=0.1, norm_type="l2")
+    torch.testing.assert_close(base.transpose(1, 2).double().cpu(), want.cpu(), atol=1e-6, rtol=1e-5)
+
+
+def test_step_length_is_lr():
+    delta = torch.zeros(3, 24, 768)
+    ops.perturb_update_(delta, torch.randn(3, 24, 768), lr=1e-3, norm_type="l2")
+    torch.testing.assert_close(delta.reshape(3, -1).norm(dim=1), torch.full((3,), 1e-3))
+    # the per-element move VILLA_SPEC section 9 quotes: about lr / sqrt(L * H)
+    assert math.isclose(delta.abs().mean().item() * math.sqrt(math.pi / 2), 1e-3 / math.sqrt(24 * 768), rel_tol=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"delta": torch.zeros(2, 3, dtype=torch.int32)}, TypeError, "delta must have dtype"),
+        ({"grad": torch.zeros(2, 3, dtype=torch.int64)}, TypeError, "grad must have dtype"),
+        ({"grad": torch.zeros(2, 4)}, ValueError, "grad must have the shape"),
+        ({"lr": -1.0}, ValueError, "lr must be"),
+        ({"lr": float("nan")}, ValueError, "lr must be"),
+        ({"max_norm": -0.1}, ValueError, "max_norm must be"),
+        ({"norm_type": "l1"}, ValueError, "norm_type must be"),
+        ({"grad_scale": torch.ones(2)}, ValueError, "grad_scale must hold one element"),
+        ({"grad_scale": 2.0}, TypeError, "grad_scale must be a torch.Tensor"),
+        ({"delta": [1.0]}, TypeError, "delta must be a torch.Tensor"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    args = {"delta": torch.zeros(2, 3), "grad": torch.ones(2, 3), "lr": 0.1, "norm_type": "l2"}
+    args.update(kwargs)
+    delta, grad = args.pop("delta"), args.pop("grad")
+    with pytest.raises(exc, match=match):
+        ops.perturb_update_(delta, grad, **args)
+
+
+def test_mismatched_devices_are_rejected():
+    with pytest.raises(ValueError, match="must share a device"):
+        ops.perturb_update_(torch.zeros(2, 3), torch.ones(2, 3, device="meta"), lr=0.1, norm_type="l2")
+
+
+def test_multi_length_mismatch():
+    with pytest.raises(ValueError, match="equal length"):
+        ops.perturb_update_multi_([torch.zeros(2, 3)], [torch.ones(2, 3)] * 2, lrs=[0.1], norm_type="l2")

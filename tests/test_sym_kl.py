@@ -1,0 +1,123 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests._tol import tol
+from tests.conftest import backend_device
+from villa_fast import ops, reference
+
+
+def _kl_div_form(a, b, reduction):
+    """The released code's form: two F.kl_div calls on log-softmaxes and softmaxes."""
+    a, b = a.double(), b.double()
+    t = F.kl_div(F.log_softmax(a, 1), F.softmax(b, 1), reduction="none") + F.kl_div(
+        F.log_softmax(b, 1), F.softmax(a, 1), reduction="none"
+    )
+    return t.sum() / a.shape[0] if reduction == "batchmean" else t.mean()
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_reference_matches_kl_div_form(reduction):
+    a = torch.randn(9, 31, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 31, dtype=torch.float64, requires_grad=True)
+    want = _kl_div_form(a, b, reduction)
+    got = reference.sym_kl(a, b, reduction)
+    torch.testing.assert_close(got, want, atol=1e-14, rtol=1e-12)
+    gw = torch.autograd.grad(want, (a, b))
+    _, ga, gb = reference.sym_kl_fwd(a.detach(), b.detach(), reduction)
+    torch.testing.assert_close(ga, gw[0], atol=1e-14, rtol=1e-12)
+    torch.testing.assert_close(gb, gw[1], atol=1e-14, rtol=1e-12)
+
+
+# (rows, classes): 2 and 3 classes, VQA's 3129, odd rows; 28996 (MLM vocab) with few rows
+CASES = [(5, 2), (7, 3), (3, 3129), (2, 28996), (13, 257)]
+
+
+@pytest.mark.parametrize("n, c", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_matches_reference(backend, n, c, dtype, reduction):
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("the cuda backend takes float32, bfloat16 and float16 logits")
+    if backend == "triton" and c > 4000 and dtype != torch.float32:
+        pytest.skip("one dtype is enough for the slow interpreted long-row path")
+    dev = backend_device(backend)
+    a = (torch.randn(n, c) * 3).to(dtype).to(dev).requires_grad_()
+    b = (torch.randn(n, c) * 3).to(dtype).to(dev).requires_grad_()
+    want, wga, wgb = reference.sym_kl_fwd(a.detach().double(), b.detach().double(), reduction)
+    got = ops.sym_kl(a, b, reduction)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and got.dim() == 0
+    got.backward()
+    assert a.grad.dtype == dtype and b.grad.dtype == dtype
+    atol, rtol = tol(dtype, backend)
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
+    gscale = 1.0 / (n if reduction == "batchmean" else n * c)  # gradient entries scale with the reduction
+    torch.testing.assert_close(a.grad.double().cpu(), wga, atol=atol * gscale * 10, rtol=rtol * 10)
+    torch.testing.assert_close(b.grad.double().cpu(), wgb, atol=atol * gscale * 10, rtol=rtol * 10)
+
+
+def test_upstream_gradient_scales(backend):
+    dev = backend_device(backend)
+    a = torch.randn(4, 10, device=dev, requires_grad=True)
+    b = torch.randn(4, 10, device=dev)
+    (ops.sym_kl(a, b) * 3.5).backward()
+    g1 = a.grad.clone()
+    a.grad = None
+    ops.sym_kl(a, b).backward()
+    torch.testing.assert_close(g1, a.grad * 3.5)
+
+
+def test_neg_inf_classes_on_both_sides_contribute_nothing(backend):
+    dev = backend_device(backend)
+    a = torch.randn(3, 6)
+    b = torch.randn(3, 6)
+    a[:, 4] = b[:, 4] = float("-inf")
+    got = ops.sym_kl(a.to(dev), b.to(dev))
+    want = reference.sym_kl(torch.cat([a[:, :4], a[:, 5:]], 1).double(), torch.cat([b[:, :4], b[:, 5:]], 1).double())
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_dtypes_promote():
+    a = torch.randn(4, 7, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(4, 7, dtype=torch.float32, requires_grad=True)
+    ops.sym_kl(a, b).backward()
+    assert a.grad.dtype == torch.float16 and b.grad.dtype == torch.float32
+
+
+def test_identical_inputs_give_zero():
+    a = torch.randn(5, 11)
+    assert ops.sym_kl(a, a.clone()).abs().item() < 1e-6
+
+
+def test_gradcheck():
+    a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    for reduction in ("batchmean", "mean"):
+        assert torch.autograd.gradcheck(lambda x, y, r=reduction: ops.sym_kl(x, y, r), (a, b))
+
+
+def test_non_contiguous_inputs():
+    a = torch.randn(9, 4).t()
+    b = torch.randn(9, 4).t()
+    torch.testing.assert_close(
+        ops.sym_kl(a, b).double(), reference.sym_kl(a.double(), b.double()), atol=1e-6, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "a, b, kw, exc, match",
+    [
+        (torch.randn(3), torch.randn(3), {}, ValueError, "logits_a must be 2-D"),
+        (torch.randn(3, 4), torch.randn(3, 5), {}, ValueError, "logits_b must have the shape"),
+        (torch.randn(3, 1), torch.randn(3, 1), {}, ValueError, "2 <= C"),
+        (torch.randn(1, 32769), torch.randn(1, 32769), {}, ValueError, "2 <= C"),
+        (torch.randn(0, 4), torch.randn(0, 4), {}, ValueError, "at least one row"),
+        (torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4), {}, TypeError, "logits_a must have dtype"),
+        (torch.randn(3, 4), torch.randn(3, 4), {"reduction": "sum"}, ValueError, "reduction must be"),
+        (torch.randn(3, 4), "x", {}, TypeError, "logits_b must be a torch.Tensor"),
+    ],
+)
+def test_bad_arguments(a, b, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.sym_kl(a, b, **kw)
