@@ -1,0 +1,179 @@
+"""Batch assembly shared by every task: padding, the gather index, masks, fixed-shape padding.
+
+Every collate returns a dict with the authors' keys plus
+
+* ``txt_lens`` / ``num_bbs``: python lists of per-row text length (CLS..SEP) and region count;
+* ``txt_mask`` [B, L_txt] and ``img_mask`` [B, N] long, 1 on real tokens / regions;
+
+and the packed layout the model expects: row ``i`` of the joint sequence is
+``[txt_i (txt_lens[i]), regions_i (num_bbs[i]), padding]``; ``gather_index[i, j]`` is the
+position of that element in ``cat([txt_emb [L_txt], img_emb [N]])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+__all__ = [
+    "PadBuckets",
+    "base_batch",
+    "get_gather_index",
+    "ot_inputs",
+    "pad_batch",
+    "pad_tensors",
+]
+
+
+def pad_tensors(tensors: Sequence[Tensor], lens: Sequence[int] | None = None, pad: float = 0, max_len=None) -> Tensor:
+    """B x [T_i, D] -> [B, max T, D] (or ``max_len``), filled with ``pad``."""
+    if lens is None:
+        lens = [t.size(0) for t in tensors]
+    max_len = max(lens) if max_len is None else max_len
+    out = tensors[0].new_full((len(tensors), max_len, *tensors[0].shape[1:]), pad)
+    for i, (t, n) in enumerate(zip(tensors, lens, strict=True)):
+        out[i, :n] = t[:n]
+    return out
+
+
+def get_gather_index(txt_lens: Sequence[int], num_bbs: Sequence[int], batch_size: int, max_len: int, out_size: int):
+    """[B, out_size] long: row i = arange except ``[tl, tl + nbb) -> max_len + arange(nbb)``."""
+    if not len(txt_lens) == len(num_bbs) == batch_size:
+        raise ValueError("txt_lens, num_bbs and batch_size disagree")
+    gather_index = torch.arange(out_size, dtype=torch.long).unsqueeze(0).repeat(batch_size, 1)
+    for i, (tl, nbb) in enumerate(zip(txt_lens, num_bbs, strict=True)):
+        gather_index[i, tl : tl + nbb] = torch.arange(max_len, max_len + nbb, dtype=torch.long)
+    return gather_index
+
+
+def _lens_mask(lens: Sequence[int], width: int) -> Tensor:
+    return (torch.arange(width).unsqueeze(0) < torch.tensor(list(lens)).unsqueeze(1)).long()
+
+
+def ot_inputs(txt_lens: Sequence[int], num_bbs: Sequence[int], max_tl: int, max_nbb: int, joint_len: int) -> dict:
+    """Inputs of the ITM optimal-transport term, with the authors' keys.
+
+    ``ot_scatter`` [B, joint_len] maps each packed position back to the ``[txt (max_tl), img]``
+    layout; ``txt_pad`` [B, max_tl] and ``img_pad`` [B, max_nbb] are 1 on padding (uint8).
+    """
+    bs = len(txt_lens)
+    ot_scatter = torch.arange(joint_len, dtype=torch.long).unsqueeze(0).repeat(bs, 1)
+    for i, tl in enumerate(txt_lens):
+        ot_scatter[i, tl:] = torch.arange(max_tl, max_tl + joint_len - tl, dtype=torch.long)
+    txt_pad = (1 - _lens_mask(txt_lens, max_tl)).to(torch.uint8)
+    img_pad = (1 - _lens_mask(num_bbs, max_nbb)).to(torch.uint8)
+    return {
+        "ot_scatter": ot_scatter,
+        "scatter_max": int(ot_scatter.max().item()),
+        "txt_pad": txt_pad,
+        "img_pad": img_pad,
+    }
+
+
+def base_batch(
+    input_ids: Sequence[Tensor],
+    img_feats: Sequence[Tensor],
+    img_pos_feats: Sequence[Tensor],
+) -> dict:
+    """The keys every task shares, from per-row text ids, region features and 7-d boxes."""
+    txt_lens = [int(t.size(0)) for t in input_ids]
+    num_bbs = [int(f.size(0)) for f in img_feats]
+    ids = pad_sequence(list(input_ids), batch_first=True, padding_value=0)
+    bs, max_tl = ids.shape
+    max_nbb = max(num_bbs)
+    out_size = max(tl + nbb for tl, nbb in zip(txt_lens, num_bbs, strict=True))
+    return {
+        "input_ids": ids,
+        "position_ids": torch.arange(max_tl, dtype=torch.long).unsqueeze(0),
+        "img_feat": pad_tensors(img_feats, num_bbs, max_len=max_nbb),
+        "img_pos_feat": pad_tensors(img_pos_feats, num_bbs, max_len=max_nbb),
+        "attn_masks": _lens_mask([tl + nbb for tl, nbb in zip(txt_lens, num_bbs, strict=True)], out_size),
+        "gather_index": get_gather_index(txt_lens, num_bbs, bs, max_tl, out_size),
+        "txt_lens": txt_lens,
+        "num_bbs": num_bbs,
+        "txt_mask": _lens_mask(txt_lens, max_tl),
+        "img_mask": _lens_mask(num_bbs, max_nbb),
+    }
+
+
+class PadBuckets:
+    """A small set of padded sizes for the text and region dimensions.
+
+    With it, every batch is padded up to the smallest bucket that holds it, so a CUDA-graphed
+    step meets only ``len(txt) * len(img)`` shapes (times the batch sizes the sampler picks;
+    :class:`~villa_fast.data.sampler.TokenBucketSampler` fixes one batch size per shape).
+    A batch longer than the largest bucket keeps its own size (counted in ``overflow``).
+    """
+
+    def __init__(self, txt: Sequence[int] = (16, 24, 32, 48, 64), img: Sequence[int] = (16, 36, 50, 100)):
+        self.txt = tuple(sorted(int(x) for x in txt))
+        self.img = tuple(sorted(int(x) for x in img))
+        if not self.txt or not self.img:
+            raise ValueError("PadBuckets needs at least one text and one image size")
+        self.overflow = 0
+
+    @staticmethod
+    def _up(x: int, sizes: tuple[int, ...]) -> int:
+        for s in sizes:
+            if x <= s:
+                return s
+        return x
+
+    def shape_of(self, max_txt: int, max_img: int) -> tuple[int, int]:
+        """Padded (L_txt, N) for a batch whose longest text row / region set has these sizes."""
+        return self._up(max_txt, self.txt), self._up(max_img, self.img)
+
+    def __call__(self, batch: dict) -> dict:
+        lt, n = self.shape_of(batch["input_ids"].size(1), batch["img_feat"].size(1))
+        if lt > self.txt[-1] or n > self.img[-1]:
+            self.overflow += 1
+        return pad_batch(batch, lt, n)
+
+    def __repr__(self) -> str:
+        return f"PadBuckets(txt={self.txt}, img={self.img})"
+
+
+def _pad_dim(t: Tensor, dim: int, size: int, value) -> Tensor:
+    cur = t.size(dim)
+    if cur == size:
+        return t
+    if cur > size:
+        raise ValueError(f"cannot pad dimension {dim} of size {cur} down to {size}")
+    shape = list(t.shape)
+    shape[dim] = size - cur
+    return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
+# key -> (padding value) for tensors whose dim 1 is the text / region / joint dimension
+_TXT_KEYS = {"input_ids": 0, "txt_type_ids": 0, "txt_labels": -1, "txt_mask": 0}
+_IMG_KEYS = {"img_feat": 0, "img_pos_feat": 0, "img_type_ids": 0, "img_mask": 0, "img_masks": 0, "obj_masks": 1}
+_JOINT_KEYS = {"attn_masks": 0, "img_mask_tgt": 0}
+
+
+def pad_batch(batch: dict, txt_len: int, num_bb: int) -> dict:
+    """Pad a collated batch to text width ``txt_len`` and ``num_bb`` regions.
+
+    The joint width becomes ``txt_len + num_bb``; ``gather_index``, ``position_ids`` and
+    ``ot_inputs`` are rebuilt; padded positions are masked everywhere (labels -1, obj_masks 1).
+    """
+    out = dict(batch)
+    txt_lens, num_bbs = batch["txt_lens"], batch["num_bbs"]
+    bs = len(txt_lens)
+    joint = txt_len + num_bb
+    for key, val in _TXT_KEYS.items():
+        if isinstance(out.get(key), Tensor):
+            out[key] = _pad_dim(out[key], 1, txt_len, val)
+    for key, val in _IMG_KEYS.items():
+        if isinstance(out.get(key), Tensor):
+            out[key] = _pad_dim(out[key], 1, num_bb, val)
+    for key, val in _JOINT_KEYS.items():
+        if isinstance(out.get(key), Tensor):
+            out[key] = _pad_dim(out[key], 1, joint, val)
+    out["position_ids"] = torch.arange(txt_len, dtype=torch.long).unsqueeze(0)
+    out["gather_index"] = get_gather_index(txt_lens, num_bbs, bs, txt_len, joint)
+    if isinstance(out.get("ot_inputs"), dict):
+        out["ot_inputs"] = ot_inputs(txt_lens, num_bbs, txt_len, num_bb, joint)
+    return out

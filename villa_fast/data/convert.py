@@ -1,0 +1,244 @@
+"""Build official ``txt_db`` / ``img_db`` directories from raw inputs.
+
+``python -m villa_fast.data.convert img --npz-dir DIR --output IMG_DB [--conf-th 0.2 ...]``
+reads one ``.npz`` per image (``features`` [n, D], ``norm_bb`` [n, 6] as x1,y1,x2,y2,w,h in
+[0, 1], ``conf`` [n], optional ``soft_labels`` [n, C]; loaded without pickle) and writes
+``IMG_DB/feat_th.._max.._min..[_compressed]`` and the ``nbb_*.json`` counts.
+
+``python -m villa_fast.data.convert txt --task TASK --jsonl FILE --vocab vocab.txt --output TXT_DB``
+reads one JSON object per line:
+
+* every task: ``id`` (string), ``img_fname`` (an image database key, or a list of two for
+  NLVR2 and VCR [gt-boxes image, detections image]) and the text as ``question`` /
+  ``sentence`` / ``caption`` / ``hypothesis`` (tokenised here) or ``input_ids`` (kept);
+* ``vqa``: ``answers``: ``[{"answer": str, "score": float}]`` mapped through ``--ans2label``
+  (a JSON answer -> label map; unknown answers are counted and dropped from the target), or
+  ``target``: ``{"labels": [...], "scores": [...]}``;
+* ``ve``: ``label``: ``entailment`` / ``neutral`` / ``contradiction`` (or 0/1/2);
+* ``nlvr2``: ``label``: true/false (or 1/0);
+* ``vcr``: ``answers`` (4 texts), ``rationales`` (4 texts), ``answer_label``, ``rationale_label``;
+* ``caption`` (retrieval and pre-training): nothing more;
+* ``re``: ``image_id``, ``ann_id`` and ``ann_ids`` (the image's box ids in region order).
+
+Records keep every input field and add the official keys, so the authors' readers can read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from villa_fast.data.codec import DataFormatError
+from villa_fast.data.db import ImgDbWriter, TxtDbWriter
+
+__all__ = ["convert_images", "convert_texts", "main"]
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("vqa", "ve", "nlvr2", "vcr", "caption", "re")
+_TEXT_FIELDS = ("question", "sentence", "caption", "hypothesis", "text")
+_VE_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+
+
+def convert_images(
+    npz_dir: str | Path,
+    output: str | Path,
+    conf_th: float = 0.2,
+    max_bb: int = 100,
+    min_bb: int = 10,
+    num_bb: int = 36,
+    compress: bool = True,
+) -> dict[str, int]:
+    """Write an img_db from a directory of per-image ``.npz`` files; returns name -> regions kept."""
+    files = sorted(Path(npz_dir).glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no .npz files in {npz_dir}")
+    with ImgDbWriter(output, conf_th, max_bb, min_bb, num_bb, compress) as w:
+        for f in files:
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+            except ValueError as exc:
+                raise DataFormatError(f"{f}: cannot load without pickle or corrupt ({exc})") from exc
+            missing = {"features", "norm_bb", "conf"} - set(arrays)
+            if missing:
+                raise DataFormatError(f"{f}: missing arrays {sorted(missing)}")
+            unknown = set(arrays) - {"features", "norm_bb", "conf", "soft_labels"}
+            if unknown:
+                raise DataFormatError(f"{f}: unknown arrays {sorted(unknown)}")
+            w.add(f.name, arrays["features"], arrays["norm_bb"], arrays["conf"], arrays.get("soft_labels"))
+        return dict(w.name2nbb)
+
+
+def _text_ids(ex: dict, tok, where: str) -> list[int]:
+    if "input_ids" in ex:
+        return [int(x) for x in ex["input_ids"]]
+    for field in _TEXT_FIELDS:
+        if field in ex:
+            if tok is None:
+                raise ValueError(f"{where}: text given but no --vocab to tokenise it")
+            return tok(ex[field])
+    raise DataFormatError(f"{where}: no text field (one of {_TEXT_FIELDS} or input_ids)")
+
+
+def _ids_of(texts, tok, where: str) -> list[list[int]]:
+    out = []
+    for t in texts:
+        if isinstance(t, str):
+            if tok is None:
+                raise ValueError(f"{where}: text given but no --vocab to tokenise it")
+            out.append(tok(t))
+        else:
+            out.append([int(x) for x in t])
+    return out
+
+
+def convert_texts(
+    task: str,
+    jsonl: str | Path,
+    output: str | Path,
+    vocab: str | Path | None = None,
+    *,
+    lowercase: bool = False,
+    ans2label: dict[str, int] | None = None,
+    meta: dict | None = None,
+    tokenizer=None,
+) -> dict:
+    """Write a txt_db for ``task`` from a JSONL file; returns counts ``{"written", "unknown_answers"}``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    from villa_fast.data.tokenizer import WordPieceTokenizer
+
+    tok = tokenizer
+    if tok is None and vocab is not None:
+        tok = WordPieceTokenizer(vocab, lowercase=lowercase)
+    full_meta = dict(tok.meta() if tok is not None else {})
+    full_meta.update(meta or {})
+    full_meta["task"] = task
+    if ans2label is not None:
+        full_meta["num_answers"] = len(ans2label)
+    stats = {"written": 0, "unknown_answers": 0}
+    id2len_qa, id2len_qar, images = {}, {}, {}
+    with open(jsonl, encoding="utf-8") as fh, TxtDbWriter(output, full_meta) as w:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{jsonl}:{lineno}"
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFormatError(f"{where}: not valid JSON ({exc})") from exc
+            for key in ("id", "img_fname"):
+                if key not in ex:
+                    raise DataFormatError(f"{where}: missing key {key!r}")
+            id_ = str(ex["id"])
+            rec = dict(ex)
+            rec["input_ids"] = _text_ids(ex, tok, where)
+            txt_len = None
+            if task == "vqa":
+                if "target" in ex:
+                    rec["target"] = {"labels": list(ex["target"]["labels"]), "scores": list(ex["target"]["scores"])}
+                elif "answers" in ex:
+                    if ans2label is None:
+                        raise ValueError("task vqa with 'answers' needs --ans2label")
+                    labels, scores = [], []
+                    for a in ex["answers"]:
+                        lab = ans2label.get(a["answer"])
+                        if lab is None:
+                            stats["unknown_answers"] += 1
+                            continue
+                        labels.append(int(lab))
+                        scores.append(float(a.get("score", 1.0)))
+                    rec["target"] = {"labels": labels, "scores": scores}
+            elif task == "ve":
+                lab = ex["label"]
+                lab = _VE_LABELS[lab] if isinstance(lab, str) else int(lab)
+                rec["target"] = {"labels": [lab], "scores": [1.0]}
+            elif task == "nlvr2":
+                lab = ex["label"]
+                rec["target"] = int(lab in (True, 1, "True", "true")) if not isinstance(lab, int) else int(lab)
+                if not isinstance(ex["img_fname"], list) or len(ex["img_fname"]) != 2:
+                    raise DataFormatError(f"{where}: nlvr2 needs img_fname as a list of two names")
+            elif task == "vcr":
+                rec["input_ids_as"] = _ids_of(ex["answers"], tok, where)
+                rec["input_ids_rs"] = _ids_of(ex["rationales"], tok, where)
+                rec["qa_target"] = int(ex.get("answer_label", -1))
+                rec["qar_target"] = int(ex.get("rationale_label", -1))
+                q = len(rec["input_ids"])
+                ma = max(len(a) for a in rec["input_ids_as"])
+                mr = max(len(r) for r in rec["input_ids_rs"])
+                id2len_qa[id_] = q + ma
+                id2len_qar[id_] = q + ma + mr
+                txt_len = q + ma + mr
+            elif task == "re":
+                for key in ("image_id", "ann_id", "ann_ids"):
+                    if key not in ex:
+                        raise DataFormatError(f"{where}: missing key {key!r}")
+                images.setdefault(ex["image_id"], {"id": ex["image_id"], "ann_ids": list(ex["ann_ids"])})
+            w.add(id_, rec, txt_len)
+            stats["written"] += 1
+        if task == "vcr":
+            w.extra_json["id2len_qa.json"] = id2len_qa
+            w.extra_json["id2len_qar.json"] = id2len_qar
+        if task == "re":
+            w.extra_json["images.json"] = list(images.values())
+        if ans2label is not None:
+            w.extra_json["ans2label.json"] = ans2label
+    if stats["unknown_answers"]:
+        logger.warning("%s: %d answers not in ans2label were left out of targets", jsonl, stats["unknown_answers"])
+    return stats
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m villa_fast.data.convert",
+        description="Build official UNITER/VILLA txt_db and img_db LMDB directories from raw inputs.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pi = sub.add_parser("img", help="per-image .npz detections -> img_db")
+    pi.add_argument("--npz-dir", required=True, help="directory of <image name>.npz files")
+    pi.add_argument("--output", required=True, help="img_db directory to write")
+    pi.add_argument("--conf-th", type=float, default=0.2, help="confidence threshold (-1: fixed --num-bb)")
+    pi.add_argument("--max-bb", type=int, default=100)
+    pi.add_argument("--min-bb", type=int, default=10)
+    pi.add_argument("--num-bb", type=int, default=36)
+    pi.add_argument("--no-compress", action="store_true", help="msgpack records instead of compressed npz")
+    pt = sub.add_parser("txt", help="JSONL examples -> txt_db")
+    pt.add_argument("--task", required=True, choices=TASKS)
+    pt.add_argument("--jsonl", required=True, help="one JSON example per line (see module docs)")
+    pt.add_argument("--output", required=True, help="txt_db directory to write")
+    pt.add_argument("--vocab", help="WordPiece vocab.txt (needed unless examples carry input_ids)")
+    pt.add_argument("--lowercase", action="store_true", help="lowercase before WordPiece (uncased vocabularies)")
+    pt.add_argument("--ans2label", help="VQA answer -> label JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if args.cmd == "img":
+        name2nbb = convert_images(
+            args.npz_dir, args.output, args.conf_th, args.max_bb, args.min_bb, args.num_bb, not args.no_compress
+        )
+        print(f"wrote {len(name2nbb)} images to {args.output}")
+    else:
+        ans2label = None
+        if args.ans2label:
+            with open(args.ans2label, encoding="utf-8") as fh:
+                ans2label = json.load(fh)
+        stats = convert_texts(
+            args.task, args.jsonl, args.output, args.vocab, lowercase=args.lowercase, ans2label=ans2label
+        )
+        print(f"wrote {stats['written']} examples to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

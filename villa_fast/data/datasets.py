@@ -1,0 +1,668 @@
+"""Fine-tuning datasets and collate functions (VQA, VE, NLVR2, VCR, retrieval, referring expressions).
+
+Names and item layouts follow the authors' modules; each collate returns the batch dict
+described in :mod:`villa_fast.data.batch`.  Randomness (negative sampling) comes from a
+generator seeded by ``(seed, epoch, index)``, so an example is the same whichever worker
+loads it and a resumed epoch replays exactly; call ``set_epoch`` between epochs (the loader
+of :mod:`villa_fast.data.sampler` does).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import ConcatDataset, Dataset
+
+from villa_fast.data.batch import base_batch, get_gather_index, pad_tensors
+from villa_fast.data.codec import DataFormatError
+from villa_fast.data.db import DetectFeatLmdb, TxtTokLmdb, load_json
+
+__all__ = [
+    "ConcatDatasetWithLens",
+    "DetectFeatTxtTokDataset",
+    "ItmRankDataset",
+    "ItmRankDatasetHardNegFromImage",
+    "ItmRankDatasetHardNegFromText",
+    "ItmValDataset",
+    "Nlvr2PairedDataset",
+    "Nlvr2PairedEvalDataset",
+    "Nlvr2TripletDataset",
+    "ReDataset",
+    "ReTxtTokLmdb",
+    "VcrDataset",
+    "VcrEvalDataset",
+    "VcrTxtTokLmdb",
+    "VeDataset",
+    "VeEvalDataset",
+    "VqaDataset",
+    "VqaEvalDataset",
+    "example_rng",
+    "itm_rank_collate",
+    "itm_rank_hn_collate",
+    "itm_val_collate",
+    "nlvr2_paired_collate",
+    "nlvr2_paired_eval_collate",
+    "nlvr2_triplet_collate",
+    "re_collate",
+    "vcr_collate",
+    "vcr_eval_collate",
+    "ve_collate",
+    "ve_eval_collate",
+    "vqa_collate",
+    "vqa_eval_collate",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def example_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """A generator that depends only on (seed, epoch, index)."""
+    return random.Random(((int(seed) * 1_000_003 + int(epoch)) * 2_147_483_647 + int(index)) & ((1 << 63) - 1))
+
+
+def _names(img) -> list[str]:
+    return [img] if isinstance(img, str) else list(img)
+
+
+class DetectFeatTxtTokDataset(Dataset):
+    """Base: text ids from ``txt_db.id2len`` with their image(s) from ``txt2img``.
+
+    ``lens[i]`` (text + regions, the sampler's length) and ``pad_dims[i]`` (upper bounds of
+    one row's text width with CLS/SEP and region count, used for fixed-shape padding) are
+    computed up front.  Texts whose image is not in ``img_db`` raise ``KeyError`` naming
+    them, or with ``skip_missing_images=True`` are skipped, counted in ``num_missing_img``
+    and logged.
+    """
+
+    #: CLS + SEP(s) a row adds to the stored ``input_ids``
+    n_special = 2
+
+    def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, skip_missing_images: bool = False):
+        if not isinstance(txt_db, TxtTokLmdb):
+            raise TypeError(f"txt_db must be a TxtTokLmdb, got {type(txt_db).__name__}")
+        if not isinstance(img_db, DetectFeatLmdb):
+            raise TypeError(f"img_db must be a DetectFeatLmdb, got {type(img_db).__name__}")
+        self.txt_db = txt_db
+        self.img_db = img_db
+        self.seed = 0
+        self.epoch = 0
+        txt2img = txt_db.txt2img
+        ids, txt_lens, self.num_missing_img = [], [], 0
+        missing: list[tuple[str, str]] = []
+        for id_, tl in txt_db.id2len.items():
+            if id_ not in txt2img:
+                raise DataFormatError(f"{txt_db.db_dir}/txt2img.json: no entry for text id {id_!r}")
+            absent = self._missing_image(txt2img[id_])
+            if absent is not None:
+                missing.append((id_, absent))
+                continue
+            ids.append(id_)
+            txt_lens.append(tl)
+        if missing:
+            if not skip_missing_images:
+                id_, name = missing[0]
+                raise KeyError(
+                    f"{len(missing)} texts of {txt_db.db_dir} refer to images absent from {img_db.img_dir}; "
+                    f"first: text {id_!r} -> image {name!r} (pass skip_missing_images=True to skip them)"
+                )
+            self.num_missing_img = len(missing)
+            logger.warning("%s: skipped %d texts whose image is not in %s", txt_db.db_dir, len(missing), img_db.img_dir)
+        self.ids: list[str] = ids
+        self.txt_lens = txt_lens
+        self._txt2img = {id_: txt2img[id_] for id_ in ids}
+        self.lens, self.pad_dims = self._compute_lens()
+
+    def _missing_image(self, img_ref) -> str | None:
+        for name in _names(img_ref):
+            if name not in self.img_db.name2nbb:
+                return name
+        return None
+
+    def _compute_lens(self) -> tuple[list[int], list[tuple[int, int]]]:
+        nbb = self.img_db.name2nbb
+        lens, dims = [], []
+        for id_, tl in zip(self.ids, self.txt_lens, strict=True):
+            n = nbb[self._txt2img[id_]]
+            lens.append(tl + n)
+            dims.append((tl + self.n_special, n))
+        return lens, dims
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        self.epoch = int(epoch)
+        if seed is not None:
+            self.seed = int(seed)
+
+    def rng(self, i: int) -> random.Random:
+        return example_rng(self.seed, self.epoch, i)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        return self.txt_db[self.ids[i]]
+
+    def _get_img_feat(self, fname: str) -> tuple[Tensor, Tensor, int]:
+        feat, bb = self.img_db[fname]
+        img_bb = torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], dim=-1)
+        return feat, img_bb, feat.size(0)
+
+
+class ConcatDatasetWithLens(ConcatDataset):
+    """Concatenation that keeps ``lens`` / ``pad_dims`` for token bucketing."""
+
+    def __init__(self, datasets):
+        super().__init__(datasets)
+        self.lens = [n for d in datasets for n in d.lens]
+        self.pad_dims = [p for d in datasets for p in getattr(d, "pad_dims", [(n, 0) for n in d.lens])]
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        for d in self.datasets:
+            if hasattr(d, "set_epoch"):
+                d.set_epoch(epoch, seed)
+        self.lens = [n for d in self.datasets for n in d.lens]
+
+
+# ----------------------------------------------------------------------------- VQA / VE
+
+
+def _vqa_target(example: dict, num_answers: int) -> Tensor:
+    target = torch.zeros(num_answers)
+    tgt = example.get("target")
+    if tgt is None:
+        return target
+    labels, scores = tgt.get("labels"), tgt.get("scores")
+    if labels is not None and len(labels):
+        labels = torch.as_tensor(list(labels), dtype=torch.long)
+        if int(labels.max()) >= num_answers or int(labels.min()) < 0:
+            raise DataFormatError(f"answer label out of range [0, {num_answers}): {labels.tolist()}")
+        target.scatter_(0, labels, torch.as_tensor(list(scores), dtype=torch.float32))
+    return target
+
+
+class VqaDataset(DetectFeatTxtTokDataset):
+    """Items ``(input_ids, img_feat, img_pos_feat, attn_masks, target [num_answers] soft scores)``."""
+
+    def __init__(self, num_answers: int, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_answers = num_answers
+
+    def __getitem__(self, i: int):
+        example = super().__getitem__(i)
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        input_ids = self.txt_db.combine_inputs(example["input_ids"])
+        target = _vqa_target(example, self.num_answers)
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return input_ids, img_feat, img_pos_feat, attn_masks, target
+
+
+def vqa_collate(inputs) -> dict:
+    input_ids, img_feats, img_pos_feats, _, targets = map(list, zip(*inputs, strict=True))
+    batch = base_batch(input_ids, img_feats, img_pos_feats)
+    batch["targets"] = torch.stack(targets, dim=0)
+    return batch
+
+
+class VqaEvalDataset(VqaDataset):
+    """Items ``(qid, ...)``; the target is ``None`` when the record has none (test split)."""
+
+    def __getitem__(self, i: int):
+        example = DetectFeatTxtTokDataset.__getitem__(self, i)
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        input_ids = self.txt_db.combine_inputs(example["input_ids"])
+        target = _vqa_target(example, self.num_answers) if "target" in example else None
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return self.ids[i], input_ids, img_feat, img_pos_feat, attn_masks, target
+
+
+def vqa_eval_collate(inputs) -> dict:
+    qids = [x[0] for x in inputs]
+    targets = [x[-1] for x in inputs]
+    batch = base_batch([x[1] for x in inputs], [x[2] for x in inputs], [x[3] for x in inputs])
+    batch["qids"] = qids
+    batch["targets"] = None if targets[0] is None else torch.stack(targets, dim=0)
+    return batch
+
+
+class VeDataset(VqaDataset):
+    """SNLI-VE: VQA with 3 classes (soft score 1 on the gold label)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(3, *args, **kwargs)
+
+
+class VeEvalDataset(VqaEvalDataset):
+    def __init__(self, *args, **kwargs):
+        super().__init__(3, *args, **kwargs)
+
+
+ve_collate = vqa_collate
+ve_eval_collate = vqa_eval_collate
+
+
+# ----------------------------------------------------------------------------- NLVR2
+
+
+class _Nlvr2Base(DetectFeatTxtTokDataset):
+    def __init__(self, txt_db, img_db, use_img_type: bool = True, **kwargs):
+        super().__init__(txt_db, img_db, **kwargs)
+        self.use_img_type = use_img_type
+        for id_ in self.ids:
+            if len(_names(self._txt2img[id_])) != 2:
+                raise DataFormatError(f"{txt_db.db_dir}: NLVR2 text {id_!r} must refer to 2 images")
+
+
+class Nlvr2PairedDataset(_Nlvr2Base):
+    """Two rows per example ``[txt, img_k]`` with image type ids k+1; target 0/1."""
+
+    def _compute_lens(self):
+        nbb = self.img_db.name2nbb
+        lens, dims = [], []
+        for id_, tl in zip(self.ids, self.txt_lens, strict=True):
+            ns = [nbb[n] for n in self._txt2img[id_]]
+            lens.append(2 * tl + sum(ns))
+            dims.append((tl + 2, max(ns)))
+        return lens, dims
+
+    def __getitem__(self, i: int):
+        example = super().__getitem__(i)
+        outs = []
+        for k, img in enumerate(example["img_fname"]):
+            img_feat, img_pos_feat, num_bb = self._get_img_feat(img)
+            input_ids = self.txt_db.combine_inputs(example["input_ids"])
+            attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+            img_type_ids = torch.full((num_bb,), k + 1, dtype=torch.long) if self.use_img_type else None
+            outs.append((input_ids, img_feat, img_pos_feat, attn_masks, img_type_ids))
+        return tuple(outs), int(example["target"])
+
+
+def nlvr2_paired_collate(inputs) -> dict:
+    rows = [row for outs, _ in inputs for row in outs]
+    batch = base_batch([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    type_ids = [r[4] for r in rows]
+    batch["img_type_ids"] = None if type_ids[0] is None else pad_sequence(type_ids, batch_first=True, padding_value=0)
+    batch["targets"] = torch.tensor([t for _, t in inputs], dtype=torch.long)
+    return batch
+
+
+class Nlvr2PairedEvalDataset(Nlvr2PairedDataset):
+    def __getitem__(self, i: int):
+        outs, target = super().__getitem__(i)
+        return self.ids[i], outs, target
+
+
+def nlvr2_paired_eval_collate(inputs) -> dict:
+    batch = nlvr2_paired_collate([(outs, t) for _, outs, t in inputs])
+    batch["qids"] = [q for q, _, _ in inputs]
+    return batch
+
+
+class Nlvr2TripletDataset(_Nlvr2Base):
+    """One row per example ``[txt, img0 regions, img1 regions]`` with image type ids 1/2."""
+
+    def _compute_lens(self):
+        nbb = self.img_db.name2nbb
+        lens, dims = [], []
+        for id_, tl in zip(self.ids, self.txt_lens, strict=True):
+            n = sum(nbb[x] for x in self._txt2img[id_])
+            lens.append(tl + n)
+            dims.append((tl + 2, n))
+        return lens, dims
+
+    def __getitem__(self, i: int):
+        example = super().__getitem__(i)
+        feats, poss, types = [], [], []
+        for k, img in enumerate(example["img_fname"]):
+            f, p, n = self._get_img_feat(img)
+            feats.append(f)
+            poss.append(p)
+            types.append(torch.full((n,), k + 1, dtype=torch.long))
+        img_feat, img_pos_feat = torch.cat(feats), torch.cat(poss)
+        input_ids = self.txt_db.combine_inputs(example["input_ids"])
+        attn_masks = torch.ones(len(input_ids) + img_feat.size(0), dtype=torch.long)
+        img_type_ids = torch.cat(types) if self.use_img_type else None
+        return input_ids, img_feat, img_pos_feat, attn_masks, img_type_ids, int(example["target"])
+
+
+def nlvr2_triplet_collate(inputs) -> dict:
+    batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
+    types = [x[4] for x in inputs]
+    batch["img_type_ids"] = None if types[0] is None else pad_sequence(types, batch_first=True, padding_value=0)
+    batch["targets"] = torch.tensor([x[5] for x in inputs], dtype=torch.long)
+    return batch
+
+
+# ----------------------------------------------------------------------------- VCR
+
+
+class VcrTxtTokLmdb(TxtTokLmdb):
+    """VCR text db; ``task`` is ``"qa"``, ``"qar"`` or ``"qa,qar"`` and picks ``id2len_{task}.json``."""
+
+    def __init__(self, db_dir: str | Path, max_txt_len: int = 120, task: str = "qa,qar"):
+        if task not in ("qa", "qar", "qa,qar"):
+            raise ValueError(f"VCR task must be 'qa', 'qar' or 'qa,qar', got {task!r}")
+        self.task = task
+        self.id2len_name = f"id2len_{'qar' if task == 'qa,qar' else task}.json"
+        super().__init__(db_dir, max_txt_len)
+
+
+class VcrDataset(DetectFeatTxtTokDataset):
+    """Four rows per question (one per candidate); ``txt_type_ids`` 0 question, 2 answer, 3 rationale.
+
+    ``img_fname`` of a record is ``[gt_boxes_image, detected_image]``; pass ``img_db_gt``,
+    ``img_db`` or both (their regions are concatenated, ground-truth boxes first).
+    Q->A rows: ``[CLS] q [SEP] a_k [SEP]``; QA->R rows: ``[CLS] q [SEP] a_gt [SEP] r_k [SEP]``.
+    Targets are [4B, 1] with 1 on the correct candidate.
+    """
+
+    def __init__(self, txt_db: VcrTxtTokLmdb, img_db_gt: DetectFeatLmdb | None = None, img_db=None, **kwargs):
+        if img_db_gt is None and img_db is None:
+            raise ValueError("VcrDataset needs img_db_gt, img_db or both")
+        if not isinstance(txt_db, VcrTxtTokLmdb):
+            raise TypeError("txt_db must be a VcrTxtTokLmdb")
+        self.img_db_gt, self.img_db_det = img_db_gt, img_db
+        self.task = txt_db.task
+        if type(self) is VcrDataset and self.task == "qa,qar":
+            raise ValueError("train VCR with task 'qa' or 'qar' separately ('qa,qar' is for VcrEvalDataset)")
+        super().__init__(txt_db, img_db if img_db is not None else img_db_gt, **kwargs)
+
+    def _missing_image(self, img_ref) -> str | None:
+        for db, name in self._pick(img_ref):
+            if name not in db.name2nbb:
+                return name
+        return None
+
+    def _pick(self, pair) -> list[tuple[DetectFeatLmdb, str]]:
+        out = []
+        if self.img_db_gt is not None:
+            out.append((self.img_db_gt, pair[0]))
+        if self.img_db_det is not None:
+            out.append((self.img_db_det, pair[1]))
+        return out
+
+    def _compute_lens(self):
+        lens, dims = [], []
+        for id_, tl in zip(self.ids, self.txt_lens, strict=True):
+            n = sum(db.name2nbb[name] for db, name in self._pick(self._txt2img[id_]))
+            lens.append(tl + n)
+            dims.append((tl + (3 if self.task == "qa" else 4), n))
+        return lens, dims
+
+    def _get_img_feat(self, pair) -> tuple[Tensor, Tensor, int]:
+        feats, poss = [], []
+        for db, name in self._pick(pair):
+            f, bb = db[name]
+            feats.append(f)
+            poss.append(torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], dim=-1))
+        feat, pos = torch.cat(feats), torch.cat(poss)
+        return feat, pos, feat.size(0)
+
+    def _rows(self, example: dict, task: str) -> tuple[list[list[int]], list[list[int]]]:
+        cls_, sep = self.txt_db.cls_, self.txt_db.sep
+        q = list(example["input_ids"])
+        if task == "qar":
+            label = int(example["qa_target"])
+            if label < 0:
+                raise DataFormatError(f"{self.txt_db.db_dir}: QA->R needs qa_target >= 0")
+            prefix = [cls_] + q + [sep] + list(example["input_ids_as"][label]) + [sep]
+            prefix_types = [0] * (len(q) + 2) + [2] * (len(example["input_ids_as"][label]) + 1)
+            choices, ctype = example["input_ids_rs"], 3
+        else:
+            prefix = [cls_] + q + [sep]
+            prefix_types = [0] * (len(q) + 2)
+            choices, ctype = example["input_ids_as"], 2
+        ids = [prefix + list(c) + [sep] for c in choices]
+        types = [prefix_types + [ctype] * (len(c) + 1) for c in choices]
+        return ids, types
+
+    def __getitem__(self, i: int):
+        example = self.txt_db[self.ids[i]]
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        ids, types = self._rows(example, self.task)
+        label = int(example[f"{self.task}_target"])
+        outs = []
+        for k, (row, tt) in enumerate(zip(ids, types, strict=True)):
+            outs.append(
+                (
+                    torch.tensor(row, dtype=torch.long),
+                    torch.tensor(tt, dtype=torch.long),
+                    img_feat,
+                    img_pos_feat,
+                    torch.ones(len(row) + num_bb, dtype=torch.long),
+                    torch.tensor([int(k == label)], dtype=torch.long),
+                )
+            )
+        return tuple(outs)
+
+
+def vcr_collate(inputs) -> dict:
+    rows = [r for outs in inputs for r in outs]
+    batch = base_batch([r[0] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    batch["txt_type_ids"] = pad_sequence([r[1] for r in rows], batch_first=True, padding_value=0)
+    batch["targets"] = torch.stack([r[5] for r in rows], dim=0)
+    return batch
+
+
+class VcrEvalDataset(VcrDataset):
+    """All 4 Q->A rows, then 4 QA->R rows per candidate answer (only the gold one on ``val``)."""
+
+    def __init__(self, split: str, *args, **kwargs):
+        self.split = split
+        super().__init__(*args, **kwargs)
+        if self.task != "qa,qar":
+            raise ValueError("VcrEvalDataset needs task 'qa,qar'")
+
+    def __getitem__(self, i: int):
+        example = self.txt_db[self.ids[i]]
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        ids, types = self._rows(example, "qa")
+        answers = range(len(example["input_ids_as"]))
+        if self.split == "val":
+            answers = [int(example["qa_target"])]
+        for a in answers:
+            ex = dict(example, qa_target=a)
+            more_ids, more_types = self._rows(ex, "qar")
+            ids += more_ids
+            types += more_types
+        outs = [
+            (
+                torch.tensor(r, dtype=torch.long),
+                torch.tensor(t, dtype=torch.long),
+                img_feat,
+                img_pos_feat,
+                torch.ones(len(r) + num_bb, dtype=torch.long),
+            )
+            for r, t in zip(ids, types, strict=True)
+        ]
+        qa = torch.tensor([int(example.get("qa_target", -1))])
+        qar = torch.tensor([int(example.get("qar_target", -1))])
+        return tuple(outs), self.ids[i], qa, qar
+
+
+def vcr_eval_collate(inputs) -> dict:
+    rows = [r for outs, _, _, _ in inputs for r in outs]
+    batch = base_batch([r[0] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    batch["txt_type_ids"] = pad_sequence([r[1] for r in rows], batch_first=True, padding_value=0)
+    batch["qids"] = [q for _, q, _, _ in inputs]
+    batch["qa_targets"] = torch.stack([x[2] for x in inputs])
+    batch["qar_targets"] = torch.stack([x[3] for x in inputs])
+    return batch
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def sample_negative(rng: random.Random, pool: Sequence, positives: Sequence, num: int) -> list:
+    """``num`` distinct items of ``pool`` none of which is in ``positives`` (retry until found)."""
+    pos = set(positives)
+    for attempt in range(1000):
+        out = rng.sample(pool, num)
+        if not pos.intersection(out):
+            return out
+        if attempt == 10 and len(pool) - len(pos.intersection(pool)) < num:
+            break
+    raise ValueError(f"cannot draw {num} negatives from a pool of {len(pool)} with {len(pos)} positives")
+
+
+class ItmRankDataset(DetectFeatTxtTokDataset):
+    """Image-text retrieval with sampled negatives: per text, rows ``[pos, neg images, neg texts]``."""
+
+    def __init__(self, txt_db, img_db, neg_sample_size: int = 1, **kwargs):
+        if neg_sample_size < 1:
+            raise ValueError("ItmRankDataset needs at least 1 negative sample")
+        super().__init__(txt_db, img_db, **kwargs)
+        self.neg_sample_size = neg_sample_size
+        self.img2txts = defaultdict(list)
+        for id_, img in self._txt2img.items():
+            self.img2txts[img].append(id_)
+        self.img_name_list = list(self.img2txts)
+
+    def __getitem__(self, i: int):
+        rng = self.rng(i)
+        txt_id = self.ids[i]
+        img = self._txt2img[txt_id]
+        pairs = [(txt_id, img)]
+        pairs += [(txt_id, n) for n in sample_negative(rng, self.img_name_list, [img], self.neg_sample_size)]
+        pairs += [(t, img) for t in sample_negative(rng, self.ids, self.img2txts[img], self.neg_sample_size)]
+        out = []
+        for t, im in pairs:
+            input_ids = self.txt_db.combine_inputs(self.txt_db[t]["input_ids"])
+            feat, pos, nbb = self._get_img_feat(im)
+            out.append((input_ids, feat, pos, torch.ones(len(input_ids) + nbb, dtype=torch.long)))
+        return out
+
+
+def itm_rank_collate(inputs) -> dict:
+    sample_size = len(inputs[0])
+    if any(len(x) != sample_size for x in inputs):
+        raise ValueError("all examples of a retrieval batch need the same number of rows")
+    rows = [r for x in inputs for r in x]
+    batch = base_batch([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    batch["sample_size"] = sample_size
+    return batch
+
+
+def _one_text_many_images(input_ids: Tensor, feats, poss) -> dict:
+    n = len(feats)
+    batch = base_batch([input_ids] * n, feats, poss)
+    return batch
+
+
+class ItmRankDatasetHardNegFromText(ItmRankDataset):
+    """One text against its image and ``neg_sample_size`` other images (gt first); one item = one batch."""
+
+    def __getitem__(self, i: int):
+        rng = self.rng(i)
+        txt_id = self.ids[i]
+        img = self._txt2img[txt_id]
+        imgs = [img] + sample_negative(rng, self.img_name_list, [img], self.neg_sample_size)
+        input_ids = self.txt_db.combine_inputs(self.txt_db[txt_id]["input_ids"])
+        feats, poss, _ = zip(*map(self._get_img_feat, imgs), strict=True)
+        return _one_text_many_images(input_ids, list(feats), list(poss))
+
+
+class ItmRankDatasetHardNegFromImage(ItmRankDataset):
+    """One image against its text and ``neg_sample_size`` other texts (gt first); one item = one batch."""
+
+    def __getitem__(self, i: int):
+        rng = self.rng(i)
+        txt_id = self.ids[i]
+        img = self._txt2img[txt_id]
+        txt_ids = [txt_id] + sample_negative(rng, self.ids, self.img2txts[img], self.neg_sample_size)
+        feat, pos, _ = self._get_img_feat(img)
+        ids = [self.txt_db.combine_inputs(self.txt_db[t]["input_ids"]) for t in txt_ids]
+        return base_batch(ids, [feat] * len(ids), [pos] * len(ids))
+
+
+def itm_rank_hn_collate(inputs) -> dict:
+    if len(inputs) != 1:
+        raise ValueError("hard-negative retrieval items are whole batches: use batch size 1")
+    return inputs[0]
+
+
+class ItmValDataset(DetectFeatTxtTokDataset):
+    """Retrieval validation: a text against its image and the next ``mini_batch_size - 1`` images."""
+
+    def __init__(self, txt_db, img_db, mini_batch_size: int = 400, **kwargs):
+        super().__init__(txt_db, img_db, **kwargs)
+        self.all_img_ids = list(dict.fromkeys(self._txt2img.values()))
+        if not 0 < mini_batch_size <= len(self.all_img_ids):
+            raise ValueError(f"mini_batch_size must be in [1, {len(self.all_img_ids)}]")
+        self.bs = mini_batch_size
+        self._img_pos = {n: k for k, n in enumerate(self.all_img_ids)}
+
+    def __getitem__(self, i: int):
+        txt_id = self.ids[i]
+        gt = self._txt2img[txt_id]
+        k = self._img_pos[gt]
+        m = len(self.all_img_ids)
+        imgs = [gt] + [self.all_img_ids[(k + j) % m] for j in range(1, self.bs)]
+        input_ids = self.txt_db.combine_inputs(self.txt_db[txt_id]["input_ids"])
+        feats, poss, _ = zip(*map(self._get_img_feat, imgs), strict=True)
+        return _one_text_many_images(input_ids, list(feats), list(poss))
+
+
+itm_val_collate = itm_rank_hn_collate
+
+
+# ----------------------------------------------------------------------------- referring expressions
+
+
+class ReTxtTokLmdb(TxtTokLmdb):
+    """Referring-expression text db; also reads ``images.json`` (``[{id, ann_ids, ...}]``)."""
+
+    def __init__(self, db_dir: str | Path, max_txt_len: int = 120):
+        super().__init__(db_dir, max_txt_len)
+        images = load_json(Path(self.db_dir, "images.json"), "referring-expression images.json")
+        self.Images = {img["id"]: img for img in images}
+        for name in ("refs", "annotations", "categories"):
+            path = Path(self.db_dir, f"{name}.json")
+            setattr(self, name, load_json(path, f"{name}.json") if path.is_file() else [])
+
+
+class ReDataset(DetectFeatTxtTokDataset):
+    """Items with ``obj_masks`` (0 on real regions, padded with 1) and the target region index.
+
+    The target is the position of the record's ``ann_id`` in its image's ``ann_ids`` (the
+    order of the ground-truth boxes in the image record).
+    """
+
+    def __init__(self, txt_db: ReTxtTokLmdb, img_db: DetectFeatLmdb, **kwargs):
+        if not isinstance(txt_db, ReTxtTokLmdb):
+            raise TypeError("txt_db must be a ReTxtTokLmdb")
+        super().__init__(txt_db, img_db, **kwargs)
+
+    def __getitem__(self, i: int):
+        example = super().__getitem__(i)
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        input_ids = self.txt_db.combine_inputs(example["input_ids"])
+        img = self.txt_db.Images.get(example["image_id"])
+        where = f"{self.txt_db.db_dir} key {self.ids[i]!r}"
+        if img is None:
+            raise DataFormatError(f"{where}: image_id {example['image_id']!r} not in images.json")
+        if len(img["ann_ids"]) != num_bb:
+            raise DataFormatError(f"{where}: {len(img['ann_ids'])} ann_ids but {num_bb} regions")
+        if example["ann_id"] not in img["ann_ids"]:
+            raise DataFormatError(f"{where}: ann_id {example['ann_id']!r} not among the image's ann_ids")
+        target = torch.tensor([img["ann_ids"].index(example["ann_id"])])
+        obj_masks = torch.zeros(num_bb, dtype=torch.uint8)
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return input_ids, img_feat, img_pos_feat, attn_masks, obj_masks, target
+
+
+def re_collate(inputs) -> dict:
+    batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
+    n = batch["img_feat"].size(1)
+    batch["obj_masks"] = pad_tensors([x[4].unsqueeze(-1) for x in inputs], pad=1, max_len=n).squeeze(-1)
+    batch["targets"] = torch.stack([x[5] for x in inputs], dim=0)
+    return batch
+
+
+# keep the authors' helper importable from here as well
+__all__ += ["get_gather_index", "pad_tensors", "sample_negative"]

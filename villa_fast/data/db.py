@@ -1,0 +1,519 @@
+"""Readers and writers of the official ``txt_db`` and ``img_db`` LMDB directories.
+
+The reader classes keep the authors' names and signatures (``TxtLmdb``,
+``TxtTokLmdb``, ``DetectFeatLmdb``), so code written against their data modules
+ports by changing the import.  Databases are opened read-only without locks, and
+lazily in each process: a DataLoader worker never reuses an environment opened
+by its parent (LMDB forbids that after ``fork``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+import torch
+
+from villa_fast.data.codec import (
+    DataFormatError,
+    decode_img_record,
+    decode_txt_record,
+    encode_img_record,
+    encode_txt_record,
+)
+
+__all__ = [
+    "IMG_KEYS",
+    "DetectFeatLmdb",
+    "ImgDbWriter",
+    "TxtDbWriter",
+    "TxtLmdb",
+    "TxtTokLmdb",
+    "compute_num_bb",
+    "img_db_name",
+    "load_json",
+    "nbb_file_name",
+    "open_lmdb",
+]
+
+logger = logging.getLogger(__name__)
+
+#: keys an image record may hold (a detector's ``.npz`` output)
+IMG_KEYS = frozenset({"features", "norm_bb", "conf", "soft_labels"})
+_KEYS_KEY = b"__keys__"
+
+
+def load_json(path: str | Path, what: str = "side file") -> Any:
+    """``json.load`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {what}: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _dump_json(obj: Any, path: Path, indent: int | None = None) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=indent, sort_keys=indent is not None)
+
+
+def compute_num_bb(confs: np.ndarray, conf_th: float, min_bb: int, max_bb: int) -> int:
+    """Regions kept for one image: ``clip(#(conf > conf_th), min_bb, max_bb)``."""
+    return int(min(max_bb, max(min_bb, int((np.asarray(confs) > conf_th).sum()))))
+
+
+def img_db_name(conf_th: float, max_bb: int, min_bb: int, num_bb: int, compress: bool) -> str:
+    """LMDB sub-directory name the authors' scripts use for these selection settings."""
+    name = f"feat_numbb{num_bb}" if conf_th == -1 else f"feat_th{conf_th}_max{max_bb}_min{min_bb}"
+    return name + "_compressed" if compress else name
+
+
+def nbb_file_name(conf_th: float, max_bb: int, min_bb: int) -> str:
+    return f"nbb_th{conf_th}_max{max_bb}_min{min_bb}.json"
+
+
+class _LazyEnv:
+    """A read-only LMDB environment opened on first use in each process."""
+
+    def __init__(self, path: str, readahead: bool = True):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"missing LMDB directory: {path}")
+        if not os.path.isfile(os.path.join(path, "data.mdb")):
+            raise FileNotFoundError(f"not an LMDB directory (no data.mdb): {path}")
+        self.path = path
+        self.readahead = readahead
+        self._pid: int | None = None
+        self._env = None
+        self._txn = None
+
+    def txn(self):
+        pid = os.getpid()
+        if self._pid != pid:
+            # never touch a parent's handle after fork: open a fresh one
+            self._env = lmdb.open(
+                self.path, readonly=True, create=False, lock=False, readahead=self.readahead, max_readers=2048
+            )
+            self._txn = self._env.begin(buffers=True)
+            self._pid = pid
+        return self._txn
+
+    def get(self, key: bytes):
+        return self.txn().get(key)
+
+    def keys(self) -> list[bytes]:
+        with self.txn().cursor() as cur:
+            return [bytes(k) for k in cur.iternext(keys=True, values=False)]
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._txn = None
+            self._env.close()
+        self._env = None
+        self._pid = None
+
+    def __getstate__(self):
+        return {"path": self.path, "readahead": self.readahead}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["readahead"])
+
+
+class TxtLmdb:
+    """Key -> record store of a ``txt_db`` (read-only, or writable for preprocessing)."""
+
+    def __init__(self, db_dir: str | Path, readonly: bool = True):
+        self.db_dir = str(db_dir)
+        self.readonly = readonly
+        if readonly:
+            self._env = _LazyEnv(self.db_dir)
+        else:
+            os.makedirs(self.db_dir, exist_ok=True)
+            self.env = lmdb.open(self.db_dir, readonly=False, create=True, map_size=1 << 40, subdir=True)
+            self.txn = self.env.begin(write=True)
+            self.write_cnt = 0
+
+    def __getitem__(self, key: str) -> dict:
+        raw = self._env.get(key.encode("utf-8"))
+        if raw is None:
+            raise KeyError(f"{self.db_dir}: no text record with key {key!r}")
+        return decode_txt_record(raw, where=f"{self.db_dir} key {key!r}")
+
+    def __contains__(self, key: str) -> bool:
+        return self._env.get(key.encode("utf-8")) is not None
+
+    def __setitem__(self, key: str, value: dict) -> None:
+        if self.readonly:
+            raise ValueError(f"{self.db_dir}: text DB opened read-only")
+        self.txn.put(key.encode("utf-8"), encode_txt_record(value))
+        self.write_cnt += 1
+        if self.write_cnt % 1000 == 0:
+            self.txn.commit()
+            self.txn = self.env.begin(write=True)
+
+    def keys(self) -> list[str]:
+        return [k.decode("utf-8") for k in self._env.keys()]
+
+    def close(self) -> None:
+        if self.readonly:
+            self._env.close()
+        elif self.txn is not None:
+            self.txn.commit()
+            self.txn = None
+            self.env.close()
+
+
+class open_lmdb:  # noqa: N801 - the authors' name
+    """Context manager around a writable :class:`TxtLmdb`."""
+
+    def __init__(self, db_dir: str | Path, readonly: bool = False):
+        self.db = TxtLmdb(db_dir, readonly)
+
+    def __enter__(self) -> TxtLmdb:
+        return self.db
+
+    def __exit__(self, *exc) -> None:
+        self.db.close()
+
+
+class TxtTokLmdb:
+    """A tokenised ``txt_db``: records plus ``meta.json``, ``id2len.json`` and the txt/img maps.
+
+    Examples longer than ``max_txt_len`` (``-1``: no limit) are left out of ``id2len``; how
+    many is logged and kept in ``num_too_long``.
+    """
+
+    id2len_name = "id2len.json"
+
+    def __init__(self, db_dir: str | Path, max_txt_len: int = 60):
+        self.db_dir = str(db_dir)
+        if not os.path.isdir(self.db_dir):
+            raise FileNotFoundError(f"missing txt_db directory: {self.db_dir}")
+        meta = load_json(Path(self.db_dir, "meta.json"), "txt_db meta.json")
+        for key in ("CLS", "SEP", "MASK", "v_range"):
+            if key not in meta:
+                raise DataFormatError(f"{self.db_dir}/meta.json: missing key {key!r}")
+        self.meta = meta
+        self.cls_ = int(meta["CLS"])
+        self.sep = int(meta["SEP"])
+        self.mask = int(meta["MASK"])
+        self.v_range = tuple(meta["v_range"])
+        all_lens = load_json(Path(self.db_dir, self.id2len_name), "txt_db id2len file")
+        self.max_txt_len = max_txt_len
+        if max_txt_len == -1:
+            self.id2len = dict(all_lens)
+        else:
+            self.id2len = {k: v for k, v in all_lens.items() if v <= max_txt_len}
+        self.num_too_long = len(all_lens) - len(self.id2len)
+        if self.num_too_long:
+            logger.info(
+                "%s: skipped %d of %d examples longer than max_txt_len=%d",
+                self.db_dir,
+                self.num_too_long,
+                len(all_lens),
+                max_txt_len,
+            )
+        self.db = TxtLmdb(self.db_dir, readonly=True)
+        self._txt2img = None
+        self._img2txts = None
+
+    def __getitem__(self, id_: str) -> dict:
+        return self.db[id_]
+
+    def combine_inputs(self, *inputs: list[int]) -> torch.Tensor:
+        """``[CLS] a [SEP] b [SEP] ...`` as a long tensor."""
+        input_ids = [self.cls_]
+        for ids in inputs:
+            input_ids.extend(list(ids))
+            input_ids.append(self.sep)
+        return torch.tensor(input_ids, dtype=torch.long)
+
+    @property
+    def txt2img(self) -> dict:
+        if self._txt2img is None:
+            self._txt2img = load_json(Path(self.db_dir, "txt2img.json"), "txt_db txt2img.json")
+        return self._txt2img
+
+    @property
+    def img2txts(self) -> dict:
+        if self._img2txts is None:
+            self._img2txts = load_json(Path(self.db_dir, "img2txts.json"), "txt_db img2txts.json")
+        return self._img2txts
+
+
+class DetectFeatLmdb:
+    """Region features of an ``img_db`` directory; ``db[fname] -> (features [n, D], norm_bb [n, 6])``.
+
+    The LMDB used is ``feat_th{conf_th}_max{max_bb}_min{min_bb}[_compressed]`` (or
+    ``feat_numbb{num_bb}`` when ``conf_th == -1``) with its ``nbb_*.json`` box counts; when the
+    counts file is absent, the ``all[_compressed]`` database is read and counts are computed
+    from the confidences (logged).  Stored float16 arrays come back as float32.  Records with
+    keys other than :data:`IMG_KEYS` are an error unless ``strict=False``.
+    """
+
+    def __init__(
+        self,
+        img_dir: str | Path,
+        conf_th: float = 0.2,
+        max_bb: int = 100,
+        min_bb: int = 10,
+        num_bb: int = 36,
+        compress: bool = True,
+        strict: bool = True,
+    ):
+        self.img_dir = str(img_dir)
+        if not os.path.isdir(self.img_dir):
+            raise FileNotFoundError(f"missing img_db directory: {self.img_dir}")
+        self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
+        self.compress = compress
+        self.strict = strict
+        db_name = img_db_name(conf_th, max_bb, min_bb, num_bb, compress)
+        self.name2nbb: dict[str, int] | None
+        if conf_th == -1:
+            self.name2nbb = None
+            fixed = True
+        else:
+            fixed = False
+            nbb_path = Path(self.img_dir, nbb_file_name(conf_th, max_bb, min_bb))
+            self.name2nbb = load_json(nbb_path, "img_db box counts") if nbb_path.is_file() else None
+            if self.name2nbb is None:
+                alt = "all_compressed" if compress else "all"
+                if os.path.isdir(os.path.join(self.img_dir, alt)):
+                    logger.info("%s: no %s; computing box counts from %s", self.img_dir, nbb_path.name, alt)
+                    db_name = alt
+                else:
+                    raise FileNotFoundError(
+                        f"missing img_db box counts {nbb_path} (and no '{alt}' database to compute them from)"
+                    )
+        self.db_path = os.path.join(self.img_dir, db_name)
+        self._env = _LazyEnv(self.db_path)
+        if fixed:
+            self.name2nbb = {name: num_bb for name in self._all_names()}
+        elif self.name2nbb is None:
+            self.name2nbb = self._compute_nbb()
+        self._img_dim: int | None = None
+
+    def _all_names(self) -> list[str]:
+        raw = self._env.get(_KEYS_KEY)
+        if raw is not None:
+            return list(json.loads(bytes(raw).decode("utf-8")))
+        return [k.decode("utf-8") for k in self._env.keys() if k != _KEYS_KEY]
+
+    def _compute_nbb(self) -> dict[str, int]:
+        out = {}
+        for name in self._all_names():
+            conf = self._load(name)["conf"]
+            out[name] = min(compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb), len(conf))
+        return out
+
+    def _load(self, file_name: str) -> dict[str, np.ndarray]:
+        raw = self._env.get(file_name.encode("utf-8"))
+        where = f"{self.db_path} key {file_name!r}"
+        if raw is None:
+            raise KeyError(f"{self.db_path}: no image record with key {file_name!r}")
+        dump = decode_img_record(raw, where=where)
+        if self.strict:
+            unknown = set(dump) - IMG_KEYS
+            if unknown:
+                raise DataFormatError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(IMG_KEYS)})")
+        for key in ("features", "norm_bb"):
+            if key not in dump:
+                raise DataFormatError(f"{where}: missing key {key!r}")
+        feat, bb = dump["features"], dump["norm_bb"]
+        if feat.ndim != 2 or bb.ndim != 2 or bb.shape[1] != 6 or bb.shape[0] != feat.shape[0]:
+            raise DataFormatError(
+                f"{where}: bad shapes features {feat.shape}, norm_bb {bb.shape} (want [n, D], [n, 6])"
+            )
+        return dump
+
+    def __contains__(self, file_name: str) -> bool:
+        return file_name in self.name2nbb
+
+    def __len__(self) -> int:
+        return len(self.name2nbb)
+
+    def _nbb(self, file_name: str) -> int:
+        nbb = self.name2nbb.get(file_name)
+        if nbb is None:
+            raise KeyError(f"{self.img_dir}: image {file_name!r} is not in the image database")
+        return nbb
+
+    def get_dump(self, file_name: str) -> dict[str, np.ndarray]:
+        """All arrays of a record, float16 widened to float32, cut to the selected regions."""
+        nbb = self._nbb(file_name)
+        dump = self._load(file_name)
+        return {k: (v.astype(np.float32) if v.dtype == np.float16 else np.array(v))[:nbb] for k, v in dump.items()}
+
+    def __getitem__(self, file_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        nbb = self._nbb(file_name)
+        dump = self._load(file_name)
+        feat = torch.from_numpy(np.asarray(dump["features"][:nbb], dtype=np.float32))
+        bb = torch.from_numpy(np.asarray(dump["norm_bb"][:nbb], dtype=np.float32))
+        return feat, bb
+
+    @property
+    def img_dim(self) -> int:
+        """Width of the region features (2048 for the official databases)."""
+        if self._img_dim is None:
+            first = next(iter(self.name2nbb))
+            self._img_dim = int(self._load(first)["features"].shape[1])
+        return self._img_dim
+
+
+class TxtDbWriter:
+    """Writes a ``txt_db``: records, ``meta.json``, ``id2len.json``, ``txt2img.json``, ``img2txts.json``.
+
+    ``add(id_, record)`` takes a record holding ``input_ids`` (without CLS/SEP) and
+    ``img_fname`` (a name or a list of names); extra side files (``id2len_qa.json`` for VCR,
+    ``images.json`` for referring expressions, ...) go through ``extra_json``.
+    """
+
+    def __init__(self, db_dir: str | Path, meta: dict):
+        self.db_dir = Path(db_dir)
+        if self.db_dir.exists() and any(self.db_dir.iterdir()):
+            raise FileExistsError(f"{self.db_dir} exists and is not empty; remove it to re-process")
+        for key in ("CLS", "SEP", "MASK", "v_range"):
+            if key not in meta:
+                raise ValueError(f"txt_db meta is missing {key!r}")
+        self.meta = dict(meta)
+        self._db = TxtLmdb(self.db_dir, readonly=False)
+        self.id2len: dict[str, int] = {}
+        self.txt2img: dict[str, Any] = {}
+        self.img2txts: dict[str, list[str]] = {}
+        self.extra_json: dict[str, Any] = {}
+
+    def add(self, id_: str, record: dict, txt_len: int | None = None) -> None:
+        if id_ in self.id2len:
+            raise ValueError(f"duplicate text id {id_!r}")
+        if "input_ids" not in record or "img_fname" not in record:
+            raise ValueError(f"record {id_!r} needs 'input_ids' and 'img_fname'")
+        self._db[id_] = record
+        self.id2len[id_] = int(len(record["input_ids"]) if txt_len is None else txt_len)
+        img = record["img_fname"]
+        self.txt2img[id_] = img
+        for name in [img] if isinstance(img, str) else img:
+            self.img2txts.setdefault(name, []).append(id_)
+
+    def close(self) -> None:
+        self._db.close()
+        _dump_json(self.meta, self.db_dir / "meta.json", indent=2)
+        _dump_json(self.id2len, self.db_dir / "id2len.json")
+        _dump_json(self.txt2img, self.db_dir / "txt2img.json")
+        _dump_json(self.img2txts, self.db_dir / "img2txts.json")
+        for name, obj in self.extra_json.items():
+            _dump_json(obj, self.db_dir / name)
+
+    def __enter__(self) -> TxtDbWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._db.close()
+
+
+class ImgDbWriter:
+    """Writes an ``img_db``: one LMDB of regions chosen by conf_th/max_bb/min_bb, plus ``nbb_*.json``.
+
+    ``add(fname, features=[n, D], norm_bb=[n, 6], conf=[n], soft_labels=[n, C] | None)``
+    sorts detections by confidence (descending, stable), keeps the selected regions, and
+    stores float32 arrays as float16, as the authors' conversion script does.
+    """
+
+    def __init__(
+        self,
+        img_dir: str | Path,
+        conf_th: float = 0.2,
+        max_bb: int = 100,
+        min_bb: int = 10,
+        num_bb: int = 36,
+        compress: bool = True,
+        keep_all: bool = False,
+    ):
+        self.img_dir = Path(img_dir)
+        self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
+        self.compress = compress
+        self.keep_all = keep_all
+        if keep_all:
+            name = "all_compressed" if compress else "all"
+        else:
+            name = img_db_name(conf_th, max_bb, min_bb, num_bb, compress)
+        self.db_path = self.img_dir / name
+        if self.db_path.exists():
+            raise FileExistsError(f"{self.db_path} exists; remove it to re-process")
+        self.db_path.mkdir(parents=True)
+        self._env = lmdb.open(str(self.db_path), map_size=1 << 40, subdir=True)
+        self._txn = self._env.begin(write=True)
+        self.name2nbb: dict[str, int] = {}
+
+    def add(
+        self,
+        fname: str,
+        features: np.ndarray,
+        norm_bb: np.ndarray,
+        conf: np.ndarray,
+        soft_labels: np.ndarray | None = None,
+    ) -> int:
+        if fname in self.name2nbb:
+            raise ValueError(f"duplicate image name {fname!r}")
+        features, norm_bb, conf = np.asarray(features), np.asarray(norm_bb), np.asarray(conf)
+        n = features.shape[0]
+        if features.ndim != 2 or norm_bb.shape != (n, 6) or conf.shape != (n,):
+            raise ValueError(
+                f"{fname}: want features [n, D], norm_bb [n, 6], conf [n]; "
+                f"got {features.shape}, {norm_bb.shape}, {conf.shape}"
+            )
+        arrays = {"features": features, "norm_bb": norm_bb, "conf": conf}
+        if soft_labels is not None:
+            soft_labels = np.asarray(soft_labels)
+            if soft_labels.ndim != 2 or soft_labels.shape[0] != n:
+                raise ValueError(f"{fname}: soft_labels must be [n, C], got {soft_labels.shape}")
+            arrays["soft_labels"] = soft_labels
+        order = np.argsort(-conf.astype(np.float64), kind="stable")
+        if self.keep_all:
+            nbb = n
+        elif self.conf_th == -1:
+            nbb = min(self.num_bb, n)
+        else:
+            nbb = min(compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb), n)
+        dump = {}
+        for key, arr in arrays.items():
+            arr = arr[order[:nbb]]
+            dump[key] = arr.astype(np.float16) if arr.dtype == np.float32 else arr
+        self._txn.put(fname.encode("utf-8"), encode_img_record(dump, self.compress))
+        self.name2nbb[fname] = int(nbb)
+        if len(self.name2nbb) % 1000 == 0:
+            self._txn.commit()
+            self._txn = self._env.begin(write=True)
+        return nbb
+
+    def close(self) -> None:
+        self._txn.put(_KEYS_KEY, json.dumps(list(self.name2nbb)).encode("utf-8"))
+        self._txn.commit()
+        self._env.close()
+        if self.conf_th != -1 and not self.keep_all:
+            _dump_json(self.name2nbb, self.img_dir / nbb_file_name(self.conf_th, self.max_bb, self.min_bb))
+
+    def __enter__(self) -> ImgDbWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._txn.abort()
+            self._env.close()
+
+
+def iter_lmdb_keys(path: str | Path) -> Iterable[str]:
+    """Keys of an LMDB directory (for inspection tools)."""
+    return [k.decode("utf-8", "replace") for k in _LazyEnv(str(path)).keys()]

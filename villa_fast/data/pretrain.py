@@ -1,0 +1,215 @@
+"""Pre-training datasets: MLM, MRM (MRFR / MRC), ITM (with optimal-transport inputs).
+
+Masking and negative sampling draw from a generator seeded by ``(seed, epoch, index)``
+(see :func:`~villa_fast.data.datasets.example_rng`), so they are reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from villa_fast.data.batch import base_batch, ot_inputs, pad_tensors
+from villa_fast.data.datasets import DetectFeatTxtTokDataset, example_rng, sample_negative
+
+__all__ = [
+    "ItmDataset",
+    "MlmDataset",
+    "MrcDataset",
+    "MrfrDataset",
+    "itm_collate",
+    "itm_ot_collate",
+    "mlm_collate",
+    "mrc_collate",
+    "mrfr_collate",
+    "random_word",
+]
+
+
+def random_word(
+    tokens: Sequence[int], vocab_range: Sequence[int], mask: int, rng: random.Random, prob: float = 0.15
+) -> tuple[list[int], list[int]]:
+    """BERT masking: each token with probability ``prob`` becomes a target; of those 80% -> [MASK],
+    10% -> a random id in ``vocab_range``, 10% unchanged.  Labels are -1 elsewhere; at least one
+    token is always masked."""
+    tokens = list(tokens)
+    labels = []
+    lo, hi = int(vocab_range[0]), int(vocab_range[1])
+    for i, tok in enumerate(tokens):
+        p = rng.random()
+        if p < prob:
+            p /= prob
+            if p < 0.8:
+                tokens[i] = mask
+            elif p < 0.9:
+                tokens[i] = rng.randrange(lo, hi)
+            labels.append(tok)
+        else:
+            labels.append(-1)
+    if tokens and all(lab == -1 for lab in labels):
+        labels[0] = tokens[0]
+        tokens[0] = mask
+    return tokens, labels
+
+
+class MlmDataset(DetectFeatTxtTokDataset):
+    """Items ``(input_ids, img_feat, img_pos_feat, attn_masks, txt_labels)``; labels -1 = ignore."""
+
+    def __init__(self, txt_db, img_db, mask_prob: float = 0.15, **kwargs):
+        super().__init__(txt_db, img_db, **kwargs)
+        self.mask_prob = mask_prob
+
+    def __getitem__(self, i: int):
+        example = super().__getitem__(i)
+        tokens, labels = random_word(
+            example["input_ids"], self.txt_db.v_range, self.txt_db.mask, self.rng(i), self.mask_prob
+        )
+        input_ids = torch.tensor([self.txt_db.cls_] + tokens + [self.txt_db.sep], dtype=torch.long)
+        txt_labels = torch.tensor([-1] + labels + [-1], dtype=torch.long)
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return input_ids, img_feat, img_pos_feat, attn_masks, txt_labels
+
+
+def mlm_collate(inputs) -> dict:
+    batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
+    batch["txt_labels"] = pad_sequence([x[4] for x in inputs], batch_first=True, padding_value=-1)
+    return batch
+
+
+def _img_mask(rng: random.Random, prob: float, num_bb: int) -> Tensor:
+    mask = [rng.random() < prob for _ in range(num_bb)]
+    if num_bb and not any(mask):
+        mask[rng.randrange(num_bb)] = True
+    return torch.tensor(mask, dtype=torch.bool)
+
+
+class MrfrDataset(DetectFeatTxtTokDataset):
+    """Masked region feature regression: ``img_mask`` marks the ~``mask_prob`` regions zeroed."""
+
+    def __init__(self, mask_prob: float, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_prob = mask_prob
+
+    def __getitem__(self, i: int):
+        example = super().__getitem__(i)
+        input_ids = self.txt_db.combine_inputs(example["input_ids"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_mask = _img_mask(self.rng(i), self.mask_prob, num_bb)
+        img_mask_tgt = torch.cat([torch.zeros(len(input_ids), dtype=torch.bool), img_mask])
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return input_ids, img_feat, img_pos_feat, attn_masks, img_mask, img_mask_tgt
+
+
+def _mrm_common(batch: dict, img_masks: list[Tensor], img_mask_tgts: list[Tensor]) -> Tensor:
+    n = batch["img_feat"].size(1)
+    masks = pad_tensors([m.unsqueeze(-1) for m in img_masks], pad=False, max_len=n).squeeze(-1)
+    batch["img_masks"] = masks
+    batch["img_mask_tgt"] = pad_sequence(img_mask_tgts, batch_first=True, padding_value=False)
+    return masks
+
+
+def mrfr_collate(inputs) -> dict:
+    """Adds ``img_masks`` [B, N] bool, ``img_mask_tgt`` [B, L_total] bool and ``feat_targets`` [S, D]
+    (the clean features of the masked regions); the masked regions of ``img_feat`` are zeroed."""
+    batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
+    masks = _mrm_common(batch, [x[4] for x in inputs], [x[5] for x in inputs])
+    batch["feat_targets"] = batch["img_feat"][masks].contiguous()
+    batch["img_feat"] = batch["img_feat"].masked_fill(masks.unsqueeze(-1), 0)
+    return batch
+
+
+class MrcDataset(MrfrDataset):
+    """Masked region classification: the record's ``soft_labels`` of the masked regions are targets."""
+
+    def __getitem__(self, i: int):
+        example = DetectFeatTxtTokDataset.__getitem__(self, i)
+        fname = example["img_fname"]
+        dump = self.img_db.get_dump(fname)
+        if "soft_labels" not in dump:
+            raise KeyError(f"{self.img_db.img_dir}: image {fname!r} has no soft_labels (needed for MRC)")
+        img_feat = torch.from_numpy(dump["features"])
+        bb = torch.from_numpy(dump["norm_bb"])
+        img_pos_feat = torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], dim=-1)
+        soft = torch.from_numpy(dump["soft_labels"]).float()
+        num_bb = img_feat.size(0)
+        input_ids = self.txt_db.combine_inputs(example["input_ids"])
+        img_mask = _img_mask(self.rng(i), self.mask_prob, num_bb)
+        img_mask_tgt = torch.cat([torch.zeros(len(input_ids), dtype=torch.bool), img_mask])
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return input_ids, img_feat, img_pos_feat, soft, attn_masks, img_mask, img_mask_tgt
+
+
+def mrc_collate(inputs) -> dict:
+    """Adds ``img_masks``, ``img_mask_tgt`` and ``label_targets`` [S, C] (soft detector labels)."""
+    batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
+    masks = _mrm_common(batch, [x[5] for x in inputs], [x[6] for x in inputs])
+    soft = pad_tensors([x[3] for x in inputs], max_len=masks.size(1))
+    batch["label_targets"] = soft[masks].contiguous()
+    batch["img_feat"] = batch["img_feat"].masked_fill(masks.unsqueeze(-1), 0)
+    return batch
+
+
+class ItmDataset(DetectFeatTxtTokDataset):
+    """Image-text matching: each epoch, with probability ``neg_sample_p`` a text is paired with a
+    random other image (target 0), else with its own (target 1).  ``lens`` follow the pairing, so
+    call ``set_epoch`` before the sampler builds the epoch's batches (the loader does)."""
+
+    def __init__(self, txt_db, img_db, neg_sample_p: float = 0.5, **kwargs):
+        super().__init__(txt_db, img_db, **kwargs)
+        self.neg_sample_p = neg_sample_p
+        self.all_imgs = sorted(set(self._txt2img.values()))
+        self._pair_epoch: tuple[int, int] | None = None
+        self._pair()
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        super().set_epoch(epoch, seed)
+        self._pair()
+
+    def _pair(self) -> None:
+        key = (self.seed, self.epoch)
+        if self._pair_epoch == key:
+            return
+        rng = example_rng(self.seed, self.epoch, -1)
+        nbb = self.img_db.name2nbb
+        self.labels, self.train_imgs, self.lens, self.pad_dims = [], [], [], []
+        for id_, tl in zip(self.ids, self.txt_lens, strict=True):
+            img = self._txt2img[id_]
+            label = 0 if rng.random() < self.neg_sample_p else 1
+            if label == 0:
+                img = sample_negative(rng, self.all_imgs, [img], 1)[0]
+            self.labels.append(label)
+            self.train_imgs.append(img)
+            self.lens.append(tl + nbb[img])
+            self.pad_dims.append((tl + 2, nbb[img]))
+        self._pair_epoch = key
+
+    def __getitem__(self, i: int):
+        example = super().__getitem__(i)
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self.train_imgs[i])
+        input_ids = self.txt_db.combine_inputs(example["input_ids"])
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return input_ids, img_feat, img_pos_feat, attn_masks, torch.tensor([self.labels[i]], dtype=torch.long)
+
+
+def itm_collate(inputs) -> dict:
+    batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
+    batch["targets"] = torch.cat([x[4] for x in inputs], dim=0)
+    return batch
+
+
+def itm_ot_collate(inputs) -> dict:
+    """:func:`itm_collate` plus ``ot_inputs`` (``ot_scatter``, ``scatter_max``, ``txt_pad``, ``img_pad``)."""
+    batch = itm_collate(inputs)
+    batch["ot_inputs"] = ot_inputs(
+        batch["txt_lens"],
+        batch["num_bbs"],
+        batch["input_ids"].size(1),
+        batch["img_feat"].size(1),
+        batch["attn_masks"].size(1),
+    )
+    return batch

@@ -1,0 +1,410 @@
+"""Token-bucket batching, rank sharding, resumable loading and GPU prefetch.
+
+Batching (the authors' scheme): shuffle the examples, cut them into buckets of
+``bucket_size``, sort each bucket by length (longest first), grow batches
+``size_multiple`` examples at a time while ``max_len * n`` (padding counted) stays within
+``batch_size`` tokens, then shuffle the batch order.  Everything is drawn from a generator
+seeded by ``(seed, epoch)``, so each epoch is reproducible, and ``state_dict`` (epoch and
+batch index) restores the exact position.
+
+Distributed: all ranks draw the same permutation and rank ``r`` keeps ``perm[r::world]``,
+so shards are disjoint and together complete; with ``even_batches`` every rank cuts its
+epoch to the smallest rank's batch count (the cut examples are counted in ``num_dropped``).
+
+Fixed shapes (``pad_buckets``): examples are grouped by the padded ``(L_txt, N)`` shape
+their row needs, each shape gets one batch size (``budget // (L_txt + N)`` rounded down
+to ``size_multiple``), and every batch is padded to its shape, so an epoch meets one shape
+per occupied bucket (plus the smaller remainders when ``droplast`` is off).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from villa_fast.data.batch import PadBuckets
+
+__all__ = [
+    "BUCKET_SIZE",
+    "PrefetchLoader",
+    "TokenBucketLoader",
+    "TokenBucketSampler",
+    "build_dataloader",
+    "move_to_device",
+]
+
+logger = logging.getLogger(__name__)
+
+BUCKET_SIZE = 8192
+
+
+def _epoch_rng(seed: int, epoch: int) -> random.Random:
+    return random.Random((int(seed) * 1_000_003 + int(epoch)) & ((1 << 63) - 1))
+
+
+class TokenBucketSampler(Sampler[list[int]]):
+    """Yields lists of example indices; see the module docstring.
+
+    Args:
+        lens: per-example length (text tokens + regions), as datasets' ``lens``.
+        bucket_size: examples per sorting bucket (8192 in the authors' code).
+        batch_size: token budget per batch, padding included.
+        droplast: drop each bucket's last partial batch (the authors' training setting).
+        size_multiple: batches grow by this many examples.
+        seed, epoch: the generator's seed; ``set_epoch`` moves on.
+        rank, world_size: shard of a distributed run.
+        shuffle: ``False`` keeps index order (buckets still sorted by length) for evaluation.
+        pad_dims, pad_buckets: per-example ``(txt_len, num_bb)`` upper bounds and the
+            :class:`PadBuckets` that turn them into fixed shapes.
+        even_batches: cut every rank to the same number of batches (default: on when
+            ``world_size > 1`` and ``droplast``).
+    """
+
+    def __init__(
+        self,
+        lens: Sequence[int],
+        bucket_size: int = BUCKET_SIZE,
+        batch_size: int = 8192,
+        droplast: bool = False,
+        size_multiple: int = 8,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        pad_dims: Sequence[tuple[int, int]] | None = None,
+        pad_buckets: PadBuckets | None = None,
+        even_batches: bool | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if batch_size <= 0 or bucket_size <= 0 or size_multiple <= 0:
+            raise ValueError("batch_size, bucket_size and size_multiple must be positive")
+        if pad_buckets is not None and pad_dims is None:
+            raise ValueError("pad_buckets needs the dataset's pad_dims")
+        self._lens = list(lens)
+        self._pad_dims = None if pad_dims is None else list(pad_dims)
+        self._bucket_size = bucket_size
+        self._max_tok = batch_size
+        self._droplast = droplast
+        self._size_mul = size_multiple
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.rank, self.world_size = rank, world_size
+        self.shuffle = shuffle
+        self.pad_buckets = pad_buckets
+        self.even_batches = (world_size > 1 and droplast) if even_batches is None else even_batches
+        self.start_batch = 0
+        self.num_dropped = 0
+        self._cache: tuple[tuple[int, int], list[list[int]]] | None = None
+
+    # -- configuration -------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_lens(self, lens: Sequence[int], pad_dims: Sequence[tuple[int, int]] | None = None) -> None:
+        """Replace the lengths (datasets whose pairing changes per epoch)."""
+        self._lens = list(lens)
+        if pad_dims is not None:
+            self._pad_dims = list(pad_dims)
+        self._cache = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.start_batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.start_batch = int(state.get("batch_index", 0))
+        self.seed = int(state.get("seed", self.seed))
+
+    # -- batching --------------------------------------------------------------------
+    def _shard(self, rng: random.Random) -> list[list[int]]:
+        ids = list(range(len(self._lens)))
+        if self.shuffle:
+            rng.shuffle(ids)
+        return [ids[r :: self.world_size] for r in range(self.world_size)]
+
+    def _batches_one(self, ids: list[int], rng: random.Random) -> tuple[list[list[int]], int]:
+        if self.pad_buckets is not None:
+            return self._batches_fixed(ids)
+        lens, mul, budget = self._lens, self._size_mul, self._max_tok
+        batches, dropped = [], 0
+        for start in range(0, len(ids), self._bucket_size):
+            bucket = sorted(ids[start : start + self._bucket_size], key=lambda i: lens[i], reverse=True)
+            max_len, cur = 0, []
+            for g in range(0, len(bucket), mul):
+                group = bucket[g : g + mul]
+                max_len = max(max_len, max(lens[i] for i in group))
+                if max_len * (len(cur) + len(group)) > budget:
+                    if not cur:
+                        raise ValueError(
+                            f"token budget {budget} cannot hold {len(group)} examples of length {max_len}: "
+                            "raise the batch size or lower max_txt_len / max_bb"
+                        )
+                    batches.append(cur)
+                    cur = list(group)
+                    max_len = max(lens[i] for i in group)
+                else:
+                    cur.extend(group)
+            if cur:
+                if self._droplast:
+                    dropped += len(cur)
+                else:
+                    batches.append(cur)
+        return batches, dropped
+
+    def _batches_fixed(self, ids: list[int]) -> tuple[list[list[int]], int]:
+        pb, mul, budget = self.pad_buckets, self._size_mul, self._max_tok
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in ids:
+            groups.setdefault(pb.shape_of(*self._pad_dims[i]), []).append(i)
+        batches, dropped = [], 0
+        for shape in sorted(groups):
+            members = groups[shape]
+            per = (budget // sum(shape)) // mul * mul
+            if per == 0:
+                raise ValueError(f"token budget {budget} cannot hold {mul} rows of padded shape {shape}")
+            for s in range(0, len(members), per):
+                chunk = members[s : s + per]
+                if len(chunk) < per and self._droplast:
+                    dropped += len(chunk)
+                else:
+                    batches.append(chunk)
+        return batches, dropped
+
+    def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
+        """This rank's batches for ``epoch`` (default: the current one), cached."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        key = (self.seed, epoch)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        rng = _epoch_rng(self.seed, epoch)
+        shards = self._shard(rng)
+        per_rank, dropped = [], []
+        for r, ids in enumerate(shards):
+            if r != self.rank and not self.even_batches:
+                per_rank.append(None)
+                dropped.append(0)
+                continue
+            batches, d = self._batches_one(ids, _epoch_rng(self.seed * 7919 + r, epoch))
+            if self.shuffle:
+                _epoch_rng(self.seed * 104_729 + r, epoch).shuffle(batches)
+            per_rank.append(batches)
+            dropped.append(d)
+        mine = per_rank[self.rank]
+        n_drop = dropped[self.rank]
+        if self.even_batches:
+            n = min(len(b) for b in per_rank)
+            n_drop += sum(len(b) for b in mine[n:])
+            mine = mine[:n]
+        if n_drop:
+            logger.info("epoch %d rank %d: %d examples left out of this epoch's batches", epoch, self.rank, n_drop)
+        self.num_dropped = n_drop
+        self._cache = (key, mine)
+        return mine
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.epoch_batches()
+        start, self.start_batch = self.start_batch, 0
+        return iter(batches[start:])
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches())
+
+
+def move_to_device(batch, device: torch.device, non_blocking: bool = True):
+    """Tensors (nested in dicts/lists/tuples) to ``device``; other values unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def _record_stream(batch, stream) -> None:
+    if isinstance(batch, torch.Tensor):
+        if batch.is_cuda:
+            batch.record_stream(stream)
+    elif isinstance(batch, dict):
+        for v in batch.values():
+            _record_stream(v, stream)
+    elif isinstance(batch, list | tuple):
+        for v in batch:
+            _record_stream(v, stream)
+
+
+class PrefetchLoader:
+    """Copies the next batch to the GPU on a side stream while the current one is used."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader = loader
+        self.device = torch.device(device)
+
+    def __iter__(self):
+        stream = torch.cuda.Stream(device=self.device)
+        it = iter(self.loader)
+
+        def preload():
+            try:
+                cpu = next(it)
+            except StopIteration:
+                return None
+            with torch.cuda.stream(stream):
+                return move_to_device(cpu, self.device)
+
+        nxt = preload()
+        while nxt is not None:
+            cur_stream = torch.cuda.current_stream(self.device)
+            cur_stream.wait_stream(stream)
+            batch = nxt
+            _record_stream(batch, cur_stream)
+            nxt = preload()
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class _PadCollate:
+    """Picklable ``collate_fn`` followed by fixed-shape padding."""
+
+    def __init__(self, collate_fn: Callable, pad_buckets: PadBuckets | None):
+        self.collate_fn = collate_fn
+        self.pad_buckets = pad_buckets
+
+    def __call__(self, inputs):
+        batch = self.collate_fn(inputs)
+        return batch if self.pad_buckets is None else self.pad_buckets(batch)
+
+
+class TokenBucketLoader:
+    """Iterates one epoch of collated batches per ``iter()``; tracks its position for exact resume.
+
+    ``state_dict()`` -> ``{"epoch", "batch_index", "seed"}`` where ``batch_index`` counts the
+    batches already handed out in ``epoch``; after ``load_state_dict`` the next ``iter()``
+    continues right after them.  At the end of an epoch ``epoch`` advances by one.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        collate_fn: Callable,
+        sampler: TokenBucketSampler,
+        *,
+        num_workers: int = 0,
+        device: torch.device | str | None = None,
+        pad_buckets: PadBuckets | None = None,
+        prefetch_factor: int | None = None,
+    ):
+        self.dataset = dataset
+        self.sampler = sampler
+        self.num_workers = num_workers
+        self.device = None if device is None else torch.device(device)
+        self.pad_buckets = pad_buckets
+        self.collate = _PadCollate(collate_fn, pad_buckets)
+        self.prefetch_factor = prefetch_factor
+        self.epoch = sampler.epoch
+        self.batch_index = sampler.start_batch
+
+    @property
+    def seed(self) -> int:
+        return self.sampler.seed
+
+    def _prepare(self) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch, self.seed)
+            if hasattr(self.dataset, "lens"):
+                self.sampler.set_lens(self.dataset.lens, getattr(self.dataset, "pad_dims", None))
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.start_batch = self.batch_index
+
+    def __len__(self) -> int:
+        self._prepare()
+        return len(self.sampler)
+
+    def __iter__(self):
+        self._prepare()
+        use_cuda = self.device is not None and self.device.type == "cuda"
+        kwargs = {}
+        if self.num_workers > 0 and self.prefetch_factor is not None:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            pin_memory=use_cuda,
+            **kwargs,
+        )
+        it = PrefetchLoader(loader, self.device) if use_cuda else loader
+        for batch in it:
+            if self.device is not None and not use_cuda:
+                batch = move_to_device(batch, self.device, non_blocking=False)
+            self.batch_index += 1
+            yield batch
+        self.epoch += 1
+        self.batch_index = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.batch_index = int(state.get("batch_index", 0))
+        self.sampler.seed = int(state.get("seed", self.sampler.seed))
+
+
+def build_dataloader(
+    dataset,
+    collate_fn: Callable,
+    *,
+    batch_size_tokens: int,
+    is_train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    pad_buckets: PadBuckets | None = None,
+    device: torch.device | str | None = None,
+    bucket_size: int = BUCKET_SIZE,
+    size_multiple: int = 8,
+) -> TokenBucketLoader:
+    """A :class:`TokenBucketLoader` over ``dataset`` (which needs ``lens``; ``pad_dims`` for padding).
+
+    Training shuffles and drops each bucket's remainder (counted, logged); evaluation keeps
+    every example, in order.  ``device`` set to a CUDA device prefetches on a side stream.
+    """
+    sampler = TokenBucketSampler(
+        dataset.lens,
+        bucket_size=bucket_size,
+        batch_size=batch_size_tokens,
+        droplast=is_train,
+        size_multiple=size_multiple,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        shuffle=is_train,
+        pad_dims=getattr(dataset, "pad_dims", None),
+        pad_buckets=pad_buckets,
+    )
+    return TokenBucketLoader(
+        dataset, collate_fn, sampler, num_workers=num_workers, device=device, pad_buckets=pad_buckets
+    )
+
+
+def count_shapes(batches: Sequence[dict]) -> int:
+    """Distinct (input_ids, img_feat, attn_masks) shapes among collated batches."""
+    shapes = {(tuple(b["input_ids"].shape), tuple(b["img_feat"].shape), tuple(b["attn_masks"].shape)) for b in batches}
+    return len(shapes)
+
+
+__all__ += ["count_shapes"]
