@@ -1,0 +1,130 @@
+// Host-side entry points of the CUDA kernels of villa_fast._C.
+//
+// Plain C++ only (raw pointers, sizes, a dtype code, the stream): the .cu files include
+// this header and no torch header, so each compiles with `nvcc -c` in seconds, and the
+// .cpp files convert tensors to these arguments after checking them.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace villa_fast {
+
+// Element type of a buffer handed to a launcher.
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// ---- perturb_update ----------------------------------------------------------------------
+// One segment per (delta, grad) pair; all segments of a call are updated by one launch.
+constexpr int kMaxPerturbSegments = 8;
+
+struct PerturbSegment {
+    float* delta;        // [rows, row_len] float32, contiguous
+    const void* grad;    // [rows, row_len] of grad_dtype, contiguous
+    int64_t row_begin;   // first global row of this segment (prefix sum of rows)
+    int64_t rows;
+    int64_t row_len;
+    float lr;
+    DType grad_dtype;
+};
+
+struct PerturbUpdateParams {
+    PerturbSegment seg[kMaxPerturbSegments];
+    int32_t num_segments;
+    int64_t total_rows;
+    int32_t norm_type;        // 0 = l2, 1 = linf
+    float max_norm;           // 0 disables the projection
+    const void* grad_scale;   // nullptr, or one element of scale_dtype on the device
+    DType scale_dtype;
+    int64_t* skipped;         // [num_segments] counters, zeroed by the caller
+};
+
+cudaError_t launch_perturb_update(const PerturbUpdateParams& params, cudaStream_t stream);
+
+// ---- perturb_init ------------------------------------------------------------------------
+// noise [B, P, D] (float32 or float64) scaled in place; mask [B, P] of the same dtype or nullptr.
+cudaError_t launch_perturb_init(void* noise, const void* mask, DType dtype, int64_t B, int64_t P, int64_t D,
+                                double init_mag, int32_t norm_type, cudaStream_t stream);
+
+// ---- sym_kl ------------------------------------------------------------------------------
+// a, b, grad_a, grad_b: [N, C] of dtype (float32, float16 or bfloat16); row_loss: [N] float
+// scratch; loss: one float. reduction 0 = batchmean (divide by N), 1 = mean (by N * C).
+cudaError_t launch_sym_kl_fwd(const void* a, const void* b, void* grad_a, void* grad_b, float* row_loss,
+                              float* loss, DType dtype, int64_t N, int64_t C, int32_t reduction,
+                              cudaStream_t stream);
+
+// ---- device helpers shared by the .cu files (not seen by the host compiler) -------------
+#if defined(__CUDACC__)
+namespace cuda_detail {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Reductions over a whole block. Every thread gets the result; the order of additions is
+// fixed by the block shape, so results are bit-reproducible. smem needs N * 32 elements of T.
+// Safe to call repeatedly with the same smem.
+template <typename T, int N>
+__device__ __forceinline__ void warp_sum(T (&v)[N]) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
+    }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void warp_max(T (&v)[N]) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] = fmax(v[i], __shfl_xor_sync(0xffffffffu, v[i], off));
+    }
+}
+
+template <typename T, int N, bool kMax>
+__device__ __forceinline__ void block_reduce(T (&v)[N], T* smem) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    if constexpr (kMax) {
+        warp_max(v);
+    } else {
+        warp_sum(v);
+    }
+    __syncthreads();  // the previous call's readers are done with smem
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) smem[i * 32 + warp] = v[i];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        T r = smem[i * 32];
+        for (int w = 1; w < nwarps; ++w) r = kMax ? fmax(r, smem[i * 32 + w]) : r + smem[i * 32 + w];
+        v[i] = r;
+    }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void block_sum(T (&v)[N], T* smem) { block_reduce<T, N, false>(v, smem); }
+template <typename T, int N>
+__device__ __forceinline__ void block_max(T (&v)[N], T* smem) { block_reduce<T, N, true>(v, smem); }
+
+}  // namespace cuda_detail
+#endif  // __CUDACC__
+
+}  // namespace villa_fast

@@ -1,0 +1,26 @@
+// The three ops of villa_fast._C as seen by the bindings. Each is defined in csrc/<op>.cpp,
+// which checks its arguments and dispatches to the CPU kernel or the CUDA launcher.
+#pragma once
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace villa_fast {
+
+// In place: delta[r] += lr * g / max(||g||, 1e-8) with g = grad / grad_scale, then projection.
+// Returns int64 [len(deltas)]: rows skipped per tensor because their gradient was not finite.
+at::Tensor perturb_update_(std::vector<at::Tensor> deltas, std::vector<at::Tensor> grads, std::vector<double> lrs,
+                           int64_t norm_type, double max_norm, c10::optional<at::Tensor> grad_scale);
+
+// In place: scales uniform(-1, 1) noise [B, P, D] into the initial perturbation; returns noise.
+at::Tensor perturb_init_(at::Tensor noise, c10::optional<at::Tensor> mask, double init_mag, int64_t norm_type);
+
+// Symmetric KL between softmax(a) and softmax(b), rows of [N, C]: (loss, grad_a, grad_b).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_kl_fwd(const at::Tensor& a, const at::Tensor& b,
+                                                          int64_t reduction);
+
+}  // namespace villa_fast
