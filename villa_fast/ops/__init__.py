@@ -7,8 +7,8 @@ argument), picks a backend in :mod:`villa_fast.ops._backend`, and runs as a
 """
 
 from villa_fast.ops._backend import BACKENDS, BackendUnavailableError, available_backends, backend_for
-from villa_fast.ops.perturb import perturb_init, perturb_update_, perturb_update_multi_
-from villa_fast.ops.sym_kl import sym_kl
+from villa_fast.ops._perturb import perturb_init, perturb_update_, perturb_update_multi_
+from villa_fast.ops._sym_kl import sym_kl
 
 __all__ = [
     "BACKENDS",

@@ -102,8 +102,11 @@ def _why_not(backend: str, device: torch.device) -> str:
 
 def backend_for(tensor: Tensor) -> str:
     """The backend an op on ``tensor`` would run with, honouring VILLA_FAST_BACKEND."""
+    return _pick(tensor.device)
+
+
+def _pick(device: torch.device) -> str:
     req = requested_backend()
-    device = tensor.device
     if req != "auto":
         why = _why_not(req, device)
         if why:
@@ -115,6 +118,30 @@ def backend_for(tensor: Tensor) -> str:
         if not why:
             return backend
         log.debug("backend %s skipped for %s: %s", backend, device, why)
+    return "reference"
+
+
+# dtypes each backend takes, per op (the reference takes every floating dtype)
+_F64, _F32, _F16, _BF16 = "torch.float64", "torch.float32", "torch.float16", "torch.bfloat16"
+SUPPORTED_DTYPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "perturb_update": {"cuda": (_F32,), "triton": (_F32,), "cpp": (_F32, _F64)},
+    "perturb_init": {"cuda": (_F32,), "triton": (_F32, _F64), "cpp": (_F32, _F64)},
+    "sym_kl": {"cuda": (_F32, _F16, _BF16), "triton": (_F32, _F16, _BF16, _F64), "cpp": (_F32, _F16, _BF16, _F64)},
+}
+
+
+@torch.compiler.assume_constant_result
+def choose(op: str, device_type: str, dtype: str) -> str:
+    """The backend that runs ``op`` on a tensor of ``dtype`` (a str such as 'torch.float32') on ``device_type``.
+
+    Auto mode falls through to the next backend when one does not take the dtype; an explicit
+    backend that does not take it raises. Under torch.compile this runs once at trace time.
+    """
+    backend = _pick(torch.device(device_type))
+    if backend == "reference" or dtype in SUPPORTED_DTYPES[op][backend]:
+        return backend
+    if requested_backend() != "auto":
+        raise BackendUnavailableError(f"{_ENV}={backend}: the {backend} backend of {op} does not take {dtype} tensors")
     return "reference"
 
 

@@ -9,31 +9,13 @@ from torch import Tensor
 
 from villa_fast import reference
 from villa_fast.ops import _check
-from villa_fast.ops._backend import BackendUnavailableError, backend_for, extension, requested_backend
+from villa_fast.ops._backend import choose, extension
 
 _DELTA_DTYPES = (torch.float32, torch.float64)
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _resolve(t: Tensor, ok: dict[str, tuple[torch.dtype, ...]], dtype: torch.dtype, what: str) -> str:
-    """The backend for ``t`` that also supports ``dtype``; auto mode falls through to the reference."""
-    backend = backend_for(t)
-    if dtype in ok.get(backend, ()):
-        return backend
-    if requested_backend() != "auto":
-        raise BackendUnavailableError(f"backend {backend!r} does not support {what} of dtype {dtype}")
-    return "reference"
-
-
 # ----------------------------------------------------------------------------------------------- update
-
-
-_UPDATE_DTYPES = {
-    "cuda": (torch.float32,),
-    "triton": (torch.float32,),
-    "cpp": _DELTA_DTYPES,
-    "reference": _DELTA_DTYPES,
-}
 
 
 @torch.library.custom_op("villa_fast::perturb_update_", mutates_args=("deltas",))
@@ -122,9 +104,10 @@ def perturb_update_multi_(
             raise ValueError(f"grad_scale must hold one element, got shape {tuple(grad_scale.shape)}")
         _check.same_device("grad_scale", grad_scale, "delta", ds[0])
         grad_scale = grad_scale.reshape(1)
-    backend = _resolve(ds[0], _UPDATE_DTYPES, ds[0].dtype, "deltas")
-    if len({d.dtype for d in ds}) > 1:
-        backend = "reference" if requested_backend() == "auto" else backend
+    dtypes = {d.dtype for d in ds}
+    if len(dtypes) > 1:
+        raise TypeError(f"deltas must share one dtype, got {sorted(str(d) for d in dtypes)}")
+    backend = choose("perturb_update", ds[0].device.type, str(ds[0].dtype))
     counts = _perturb_update_op(ds, gs, lrs, norm_type, max_norm, grad_scale, backend)
     for orig, contig in copies:
         orig.copy_(contig)
@@ -162,14 +145,6 @@ def perturb_update_(
 
 
 # ------------------------------------------------------------------------------------------------- init
-
-
-_INIT_DTYPES = {
-    "cuda": (torch.float32,),
-    "triton": (torch.float32, torch.float64),
-    "cpp": _DELTA_DTYPES,
-    "reference": _DELTA_DTYPES,
-}
 
 
 @torch.library.custom_op("villa_fast::perturb_init_", mutates_args=("noise",))
@@ -231,6 +206,6 @@ def perturb_init(
     b, d = like.shape[0], like.shape[-1]
     flat = noise.view(b, -1, d)
     m = None if mask is None else mask.reshape(b, -1).to(dtype).contiguous()
-    backend = _resolve(noise, _INIT_DTYPES, dtype, "the perturbation")
+    backend = choose("perturb_init", noise.device.type, str(dtype))
     _perturb_init_op(flat, m, init_mag, norm_type, backend)
     return noise

@@ -9,15 +9,9 @@ from torch import Tensor
 
 from villa_fast import reference
 from villa_fast.ops import _check
-from villa_fast.ops._backend import BackendUnavailableError, backend_for, extension, requested_backend
+from villa_fast.ops._backend import choose, extension
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_BACKEND_DTYPES = {
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    "triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    "cpp": _LOGIT_DTYPES,
-    "reference": _LOGIT_DTYPES,
-}
 MAX_CLASSES = 32768
 
 
@@ -88,11 +82,7 @@ def sym_kl(logits_a: Tensor, logits_b: Tensor, reduction: str = "batchmean") -> 
     if a.dtype != b.dtype:
         common = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(common), b.to(common)
-    backend = backend_for(a)
-    if a.dtype not in _BACKEND_DTYPES[backend]:
-        if requested_backend() != "auto":
-            raise BackendUnavailableError(f"backend {backend!r} does not support logits of dtype {a.dtype}")
-        backend = "reference"
+    backend = choose("sym_kl", a.device.type, str(a.dtype))
     need_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     loss, _, _ = _sym_kl_op(a.contiguous(), b.contiguous(), reduction, need_grad, backend)
     return loss

@@ -1,0 +1,95 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from villa_fast import ops
+from villa_fast.ops import _backend
+
+
+def test_auto_on_cpu_prefers_cpp_then_reference(monkeypatch):
+    monkeypatch.delenv("VILLA_FAST_BACKEND", raising=False)
+    want = "cpp" if _backend.extension() is not None else "reference"
+    assert ops.backend_for(torch.zeros(1)) == want
+
+
+def test_explicit_reference(monkeypatch):
+    monkeypatch.setenv("VILLA_FAST_BACKEND", "reference")
+    assert ops.backend_for(torch.zeros(1)) == "reference"
+
+
+def test_explicit_cuda_on_cpu_tensor_names_what_is_missing(monkeypatch):
+    monkeypatch.setenv("VILLA_FAST_BACKEND", "cuda")
+    with pytest.raises(ops.BackendUnavailableError, match="needs CUDA tensors"):
+        ops.backend_for(torch.zeros(1))
+    with pytest.raises(ops.BackendUnavailableError, match="VILLA_FAST_BACKEND=cuda"):
+        ops.sym_kl(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_explicit_triton_without_interpreter_on_cpu(monkeypatch):
+    # import Triton (if present) first: it reads TRITON_INTERPRET when the kernels are defined
+    _backend._triton_import_error()
+    monkeypatch.setenv("VILLA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET=1|triton is not installed"):
+        ops.backend_for(torch.zeros(1))
+
+
+def test_explicit_backend_with_unsupported_dtype(monkeypatch):
+    if "triton" not in ops.available_backends("cpu"):
+        pytest.skip("triton cannot run here")
+    monkeypatch.setenv("VILLA_FAST_BACKEND", "triton")
+    with pytest.raises(ops.BackendUnavailableError, match="float64"):
+        ops.perturb_update_(torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3), lr=0.1, norm_type="l2")
+
+
+def test_unknown_backend_value(monkeypatch):
+    monkeypatch.setenv("VILLA_FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="VILLA_FAST_BACKEND='fastest'"):
+        ops.backend_for(torch.zeros(1))
+
+
+def test_missing_extension_is_reported(monkeypatch):
+    monkeypatch.setattr(_backend, "_load_ext", lambda: (None, "No module named 'villa_fast._C'"))
+    monkeypatch.setenv("VILLA_FAST_BACKEND", "cpp")
+    with pytest.raises(ops.BackendUnavailableError, match="villa_fast._C is not installed"):
+        ops.backend_for(torch.zeros(1))
+    monkeypatch.setenv("VILLA_FAST_BACKEND", "auto")
+    assert ops.backend_for(torch.zeros(1)) == "reference"
+
+
+def test_available_backends_lists_reference():
+    assert "reference" in ops.available_backends("cpu")
+
+
+def _run(code: str, **env) -> str:
+    full = dict(os.environ, **env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_import_initialises_no_cuda_and_loads_nothing_heavy():
+    code = (
+        "import sys, torch, villa_fast\n"
+        "light = 'villa_fast.ops' not in sys.modules\n"
+        "import villa_fast.ops, villa_fast.reference\n"
+        "m = sys.modules\n"
+        "print(light, torch.cuda.is_initialized(), 'villa_fast._C' in m, 'villa_fast.kernels' in m)\n"
+    )
+    assert _run(code) == "True False False False"
+
+
+def test_pure_python_mode_works(tmp_path):
+    # VILLA_FAST_NO_EXT=1 is a build switch; at run time the equivalent is an import without the extension
+    code = (
+        "import sys; sys.modules['villa_fast._C'] = None\n"
+        "import torch, villa_fast.ops as ops\n"
+        "a = torch.randn(3, 5, requires_grad=True)\n"
+        "ops.sym_kl(a, torch.randn(3, 5)).backward()\n"
+        "d = torch.zeros(3, 4); ops.perturb_update_(d, torch.randn(3, 4), lr=0.1, norm_type='l2')\n"
+        "print(ops.backend_for(a), bool(torch.isfinite(a.grad).all()), round(float(d.norm(dim=1)[0]), 6))\n"
+    )
+    assert _run(code, VILLA_FAST_BACKEND="auto") == "reference True 0.1"
