@@ -1,0 +1,178 @@
+"""Benchmark of the fused ops against eager PyTorch and torch.compile of the same math.
+
+    python -m bench.bench_ops [--quick] [--compile/--no-compile] [--reps N]
+
+Sizes: VQA (deltas 128x24x768 and 128x36x2048, logits 128x3129) and masked-LM
+(logits 2048x28996). Prints a markdown table of median ms and GB/s against the
+bytes each op must move, and writes bench/out/bench_ops.csv with the device,
+versions and date. On the CPU the fused backend is the C++ one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench._common import markdown, meta, time_ms, write_csv
+from villa_fast import ops
+
+# ---------------------------------------------------------------- the released code's math, in eager PyTorch
+
+
+def eager_update(delta: torch.Tensor, grad: torch.Tensor, lr: float, max_norm: float) -> torch.Tensor:
+    den = grad.view(grad.size(0), -1).norm(dim=1).clamp(min=1e-8).view(-1, *([1] * (grad.dim() - 1)))
+    delta = delta + lr * grad.float() / den
+    if max_norm > 0:
+        n = delta.view(delta.size(0), -1).norm(p=2, dim=1)
+        over = (n > max_norm).to(delta)
+        w = (max_norm / n * over + (1 - over)).view(-1, *([1] * (delta.dim() - 1)))
+        delta = delta * w
+    return delta
+
+
+def eager_sym_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.float(), b.float()
+    return (
+        F.kl_div(F.log_softmax(a, 1), F.softmax(b, 1), reduction="none")
+        + F.kl_div(F.log_softmax(b, 1), F.softmax(a, 1), reduction="none")
+    ).mean()
+
+
+def eager_init(like: torch.Tensor, mask: torch.Tensor, mag: float) -> torch.Tensor:
+    d = torch.zeros(like.shape, device=like.device).uniform_(-1, 1) * mask.unsqueeze(2)
+    dims = mask.sum(1) * like.shape[-1]
+    return d * (mag / dims.sqrt()).view(-1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- cases
+
+
+def _fused_backends(device: torch.device) -> list[str]:
+    return [b for b in ops.available_backends(device) if b != "reference"]
+
+
+def _with_backend(name: str, fn):
+    def run():
+        old = os.environ.get("VILLA_FAST_BACKEND")
+        os.environ["VILLA_FAST_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("VILLA_FAST_BACKEND", None)
+            else:
+                os.environ["VILLA_FAST_BACKEND"] = old
+
+    return run
+
+
+def bench_update(device, b, reps, use_compile, rows):
+    gdt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dt = torch.randn(b, 24, 768, device=device) * 1e-3
+    di = torch.randn(b, 36, 2048, device=device) * 1e-3
+    gt = torch.randn(b, 24, 768, device=device).to(gdt)
+    gi = torch.randn(b, 36, 2048, device=device).to(gdt)
+    es = gt.element_size()
+    nbytes = (dt.numel() + di.numel()) * (4 + es + 4)  # read delta and grad, write delta
+    case = f"perturb_update txt {b}x24x768 + img {b}x36x2048 (l2, proj)"
+
+    def eager():
+        eager_update(dt, gt, 1e-3, 1.0)
+        eager_update(di, gi, 1e-2, 1.0)
+
+    variants = [("eager", eager)]
+    if use_compile:
+        cu = torch.compile(eager_update)
+        variants.append(("torch.compile", lambda: (cu(dt, gt, 1e-3, 1.0), cu(di, gi, 1e-2, 1.0))))
+    for name in _fused_backends(device):
+        fn = _with_backend(
+            name, lambda: ops.perturb_update_multi_([dt, di], [gt, gi], lrs=[1e-3, 1e-2], norm_type="l2", max_norm=1.0)
+        )
+        variants.append((name, fn))
+    _run(case, variants, device, reps, nbytes, rows)
+    if device.type == "cuda":
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), device, reps=reps)
+        rows.append({"case": "device copy (same bytes)", "variant": "copy_", "ms": ms, "GB/s": nbytes / ms / 1e6})
+
+
+def bench_init(device, b, reps, use_compile, rows):
+    like = torch.empty(b, 36, 2048, device=device)
+    mask = (torch.rand(b, 36, device=device) > 0.2).float()
+    nbytes = like.numel() * 4 * 2  # write the draws, then read and write them once more when scaled apart
+    case = f"perturb_init {b}x36x2048 (l2, masked)"
+    variants = [("eager", lambda: eager_init(like, mask, 0.1))]
+    if use_compile:
+        ci = torch.compile(eager_init)
+        variants.append(("torch.compile", lambda: ci(like, mask, 0.1)))
+    for name in _fused_backends(device):
+        variants.append((name, _with_backend(name, lambda: ops.perturb_init(like, mask, init_mag=0.1, norm_type="l2"))))
+    _run(case, variants, device, reps, nbytes, rows)
+
+
+def bench_sym_kl(device, n, c, reps, use_compile, rows):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
+    bb = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
+    nbytes = 4 * n * c * a.element_size()  # read both logits, write both gradients
+    case = f"sym_kl fwd+bwd {n}x{c} {str(dtype).replace('torch.', '')}"
+
+    def eager():
+        return torch.autograd.grad(eager_sym_kl(a, bb), (a, bb))
+
+    variants = [("eager", eager)]
+    if use_compile:
+        ck = torch.compile(eager_sym_kl)
+        variants.append(("torch.compile", lambda: torch.autograd.grad(ck(a, bb), (a, bb))))
+    for name in _fused_backends(device):
+        variants.append((name, _with_backend(name, lambda: torch.autograd.grad(ops.sym_kl(a, bb, "mean"), (a, bb)))))
+    _run(case, variants, device, reps, nbytes, rows)
+
+
+def _run(case, variants, device, reps, nbytes, rows):
+    base = None
+    for name, fn in variants:
+        ms = time_ms(fn, device, reps=reps)
+        base = ms if base is None else base
+        rows.append({"case": case, "variant": name, "ms": ms, "GB/s": nbytes / ms / 1e6, "speedup": base / ms})
+        print(f"  {case:60s} {name:14s} {ms:9.3f} ms", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller shapes (a CPU demo in seconds)")
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="include torch.compile of the eager math (default: on a GPU only)",
+    )
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    reps = args.reps or (50 if device.type == "cuda" else (3 if args.quick else 5))
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    b = 16 if args.quick else 128
+    bench_update(device, b, reps, use_compile, rows)
+    bench_init(device, b, reps, use_compile, rows)
+    bench_sym_kl(device, 128, 3129, reps, use_compile, rows)
+    bench_sym_kl(device, 128 if args.quick else 2048, 28996, reps, use_compile, rows)
+    info = meta(device)
+    path = write_csv("bench_ops.csv", rows, info)
+    print(f"\nbench_ops on {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}")
+    print("(speedup is against eager PyTorch in the same run; GB/s against the bytes each op must move)\n")
+    print(markdown(rows, ["case", "variant", "ms", "GB/s", "speedup"]))
+    print(f"\nCSV: {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
