@@ -168,7 +168,7 @@ def load_pretrained(
         RuntimeError: ``strict`` and keys are missing or unexpected.
     """
     if isinstance(path_or_state_dict, Mapping):
-        raw = dict(path_or_state_dict)
+        raw = _unwrap(path_or_state_dict, "the given state dict")
     else:
         raw = read_state_dict(path_or_state_dict)
     uniter, prefix = _encoder_of(model)
@@ -219,7 +219,7 @@ def init_from_hf_bert(model: nn.Module, path_or_dir: str | os.PathLike | Mapping
     embeddings and task heads stay as initialised (reported missing).
     """
     if isinstance(path_or_dir, Mapping):
-        raw = dict(path_or_dir)
+        raw = _unwrap(path_or_dir, "the given state dict")
     else:
         raw = read_state_dict(path_or_dir)
     _, prefix = _encoder_of(model)
