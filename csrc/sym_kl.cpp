@@ -52,8 +52,10 @@ void sym_kl_cpu(const T* a, const T* b, T* ga, T* gb, acc_type_t<T>* row_loss, i
             }
             const acc_t lse_a = ma + std::log(sa), lse_b = mb + std::log(sb);
             const acc_t inv_a = acc_t(1) / sa, inv_b = acc_t(1) / sb;
-            acc_t ep = 0, eq = 0;
-#pragma omp simd reduction(+ : ep, eq)
+            // loss = sum (p - q) d directly rather than Ep - Eq: where only one side is -inf the
+            // loss is +inf (as in the reference), while 0 * -inf would turn Ep - Eq into NaN
+            acc_t ep = 0, eq = 0, loss = 0;
+#pragma omp simd reduction(+ : ep, eq, loss)
             for (int64_t c = 0; c < C; ++c) {
                 const acc_t lp = static_cast<acc_t>(ar[c]) - lse_a;
                 const acc_t lq = static_cast<acc_t>(br[c]) - lse_b;
@@ -63,8 +65,9 @@ void sym_kl_cpu(const T* a, const T* b, T* ga, T* gb, acc_type_t<T>* row_loss, i
                 q[c] *= inv_b;
                 ep += p[c] * d[c];
                 eq += q[c] * d[c];
+                loss += (p[c] - q[c]) * d[c];
             }
-            row_loss[r] = ep - eq;
+            row_loss[r] = loss;
             T* gar = ga + r * C;
             T* gbr = gb + r * C;
 #pragma omp simd

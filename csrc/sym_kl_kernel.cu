@@ -54,7 +54,7 @@ template <typename T, int kGroup, int kItems>
 __global__ void __launch_bounds__(kGroup == 32 ? 32 * kWarpRowsPerBlock : kGroup)
     sym_kl_on_chip_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ ga,
                           T* __restrict__ gb, float* __restrict__ row_loss, int64_t N, int C, float f) {
-    __shared__ float smem[2 * 32];
+    __shared__ float smem[3 * 32];
     constexpr int kRowsPerBlock = kGroup == 32 ? kWarpRowsPerBlock : 1;
     const int lane = threadIdx.x % kGroup;
     for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < N;
@@ -86,7 +86,9 @@ __global__ void __launch_bounds__(kGroup == 32 ? 32 * kWarpRowsPerBlock : kGroup
         const float lse_a = m[0] + __logf(s[0]);
         const float lse_b = m[1] + __logf(s[1]);
         const float inv_a = 1.f / s[0], inv_b = 1.f / s[1];
-        float e[2] = {0.f, 0.f};
+        // e = (Ep, Eq, loss); the loss is summed as (p - q) d rather than Ep - Eq so that a class
+        // that is -inf on one side only gives +inf (as on the CPU) instead of 0 * -inf = NaN
+        float e[3] = {0.f, 0.f, 0.f};
 #pragma unroll
         for (int k = 0; k < kItems; ++k) {
             p[k] *= inv_a;
@@ -94,9 +96,10 @@ __global__ void __launch_bounds__(kGroup == 32 ? 32 * kWarpRowsPerBlock : kGroup
             x[k] = log_ratio(x[k] - lse_a, y[k] - lse_b);  // x now holds d
             e[0] = fmaf(p[k], x[k], e[0]);
             e[1] = fmaf(q[k], x[k], e[1]);
+            e[2] = fmaf(p[k] - q[k], x[k], e[2]);
         }
         group_sum<kGroup>(e, smem);
-        if (lane == 0) row_loss[row] = e[0] - e[1];
+        if (lane == 0) row_loss[row] = e[2];
 #pragma unroll
         for (int k = 0; k < kItems; ++k) {
             const int c = k * kGroup + lane;
@@ -120,7 +123,8 @@ struct Online {
         }
         const float e = v == kNegInf ? 0.f : __expf(v - m);
         s += e;
-        t = fmaf(e, diff, t);
+        // a zero-probability class adds nothing (0 * log 0 = 0), so a one-sided -inf gives +inf, not NaN
+        if (e != 0.f) t = fmaf(e, diff, t);
     }
     // bring the partial sums to a shared max
     __device__ __forceinline__ void rebase(float m_all) {
