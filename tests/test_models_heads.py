@@ -174,8 +174,17 @@ def test_retrieval_hard_negatives_keep_the_top_scores():
     picked = {i for i in range(1, 6) if any(torch.equal(batch["img_feat"][i], f) for f in hard["img_feat"][1:])}
     assert picked == top
     assert torch.equal(hard["img_feat"][0], batch["img_feat"][0])
-    hard["input_ids"] = hard["input_ids"].expand(3, -1)
+    # two groups of three: the top negative of each group is kept
+    two = dict(full, sample_size=3)
+    hard2 = model.hard_negative_batch(two, 1)
+    assert hard2["sample_size"] == 2 and hard2["attn_masks"].size(0) == 4
+    for grp in range(2):
+        best = 3 * grp + 1 + int(scores[3 * grp + 1 : 3 * grp + 3].argmax())
+        assert torch.equal(hard2["img_feat"][2 * grp], batch["img_feat"][3 * grp])
+        assert torch.equal(hard2["img_feat"][2 * grp + 1], batch["img_feat"][best])
+    assert hard["input_ids"].size(0) == 1  # the shared text is broadcast by forward
     assert model(hard).shape == (3, 1)
+    torch.testing.assert_close(model(hard), model(dict(hard, input_ids=hard["input_ids"].expand(3, -1))))
 
 
 # -- referring expressions -------------------------------------------------------------------------

@@ -29,12 +29,20 @@ MRC_LABEL_DIM = 1601  # Visual Genome detector classes incl. background
 OT_WEIGHT = 0.1
 
 
+def _rows(t: Tensor | None, n: int) -> Tensor | None:
+    """A text or image shared by every row (first dim 1, as retrieval batches send it) -> n rows (a view)."""
+    if t is not None and t.size(0) == 1 and n > 1:
+        return t.expand(n, *t.shape[1:])
+    return t
+
+
 def _run_uniter(uniter: UniterModel, batch: Mapping[str, Any], **extra: Any) -> Tensor:
+    n = batch["attn_masks"].size(0)
     return uniter(
-        batch.get("input_ids"),
+        _rows(batch.get("input_ids"), n),
         batch.get("position_ids"),
-        batch.get("img_feat"),
-        batch.get("img_pos_feat"),
+        _rows(batch.get("img_feat"), n),
+        _rows(batch.get("img_pos_feat"), n),
         batch["attn_masks"],
         batch.get("gather_index"),
         txt_type_ids=extra.get("txt_type_ids", batch.get("txt_type_ids")),
@@ -248,32 +256,32 @@ class UniterForImageTextRetrieval(_TaskModel):
 
     @torch.no_grad()
     def hard_negative_batch(self, batch: Mapping[str, Any], hard_size: int | None = None) -> dict[str, Any]:
-        """One group (row 0 positive, rows 1.. negatives) -> the positive plus the ``hard_size``
+        """Keep, in each group of ``sample_size`` rows (row 0 positive, then negatives; the whole
+        batch is one group when ``sample_size`` is absent), the positive and its ``hard_size``
         highest-scoring negatives, scored in eval mode without gradient. Tensors whose first dim is
-        1 (a text or image shared by the whole group) are kept as they are."""
+        1 (a text or image shared by every row) are kept as they are (forward broadcasts them)."""
         k = hard_size or self.hard_size
         if not k:
             raise ValueError("hard_negative_batch needs hard_size (constructor or argument)")
         rows = batch["attn_masks"].size(0)
-        if rows - 1 <= k:
-            return dict(batch, sample_size=rows)
+        size = int(batch.get("sample_size") or rows)
+        if rows % size:
+            raise ValueError(f"{rows} rows are not whole groups of sample_size={size}")
+        if size - 1 <= k:
+            return dict(batch, sample_size=size)
         was_training = self.training
         self.eval()
         try:
-            full = {key: v for key, v in batch.items()}
-            for key in ("input_ids", "img_feat", "img_pos_feat"):
-                v = full.get(key)
-                if isinstance(v, Tensor) and v.size(0) == 1 and rows > 1:
-                    full[key] = v.expand(rows, *v.shape[1:])
-            scores = self.logits(full).squeeze(-1)
+            scores = self.logits(batch).reshape(rows // size, size)
         finally:
             self.train(was_training)
-        top = scores[1:].topk(k, sorted=False).indices + 1
-        keep = torch.cat([top.new_zeros(1), top])
+        top = scores[:, 1:].topk(k, dim=1, sorted=False).indices + 1  # [G, k]
+        first = torch.arange(0, rows, size, device=top.device).unsqueeze(1)
+        keep = (first + torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)).reshape(-1)
         out: dict[str, Any] = {}
         for key, v in batch.items():
             if isinstance(v, Tensor) and v.dim() > 0 and v.size(0) == rows and key != "position_ids":
-                out[key] = v.index_select(0, keep)
+                out[key] = v.index_select(0, keep.to(v.device))
             else:
                 out[key] = v
         out["sample_size"] = k + 1
