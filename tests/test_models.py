@@ -332,3 +332,36 @@ def test_resize_embedding_keeps_module_and_hooks():
     assert calls
     with pytest.raises(ValueError, match="shrink"):
         model.resize_embedding("word_embeddings", 50)
+
+
+# -- package boundaries ------------------------------------------------------------------------------
+
+
+def test_models_import_nothing_upstream():
+    """models know no storage format, no loop, no trainer (imports flow one way)."""
+    import ast
+    from pathlib import Path
+
+    import villa_fast.models as pkg
+
+    banned = ("villa_fast.data", "villa_fast.train", "villa_fast.adversarial", "villa_fast.tasks", "villa_fast.cli")
+    for path in Path(pkg.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith(banned), f"{path.name} imports {name}"
+
+
+def test_build_model_accepts_config_forms(tmp_path):
+    from villa_fast.models import build_model
+
+    d = tiny_config().to_dict()
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps(d))
+    for spec in (tiny_config(), d, str(p)):
+        m = build_model("ve", spec)
+        assert m.uniter.config.hidden_size == 32 and m.vqa_output[3].out_features == 3
