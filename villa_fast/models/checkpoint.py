@@ -25,7 +25,7 @@ _QKV = re.compile(
     r"^(?P<pre>.*encoder\.layer\.\d+\.attention\.self)\.(?P<part>query|key|value)\.(?P<kind>weight|bias)$"
 )
 # parameters shared with another one in the official models (weight tying): never loaded separately
-_TIED_ALIASES = ("cls.predictions.decoder.weight", "feat_regress.weight")
+_TIED_ALIASES = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "feat_regress.weight")
 # buffers some exporters store that carry no learned state
 _IGNORED = re.compile(r"(^|\.)(position_ids|attn_mask_cache)$|\.num_batches_tracked$")
 _EXPANDABLE = ("embeddings.word_embeddings.weight", "embeddings.token_type_embeddings.weight")
