@@ -1,0 +1,664 @@
+"""The adversarial step against a literal float64 transcription of the released VILLA loop (VILLA_SPEC section 2).
+
+The transcription below uses plain torch ops only (F.kl_div, softmax, the per-example normalised update
+written out), never villa_fast.ops, and passes the perturbations to the model explicitly, while the step
+under test injects them by hooks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from villa_fast import AdversarialConfig, StepResult, VillaStep
+
+REL = 1e-10  # float64, dropout 0
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+class Toy(nn.Module):
+    """Text ids + region features -> class logits, with token mixing so deltas interact non-linearly."""
+
+    def __init__(self, vocab: int = 37, hidden: int = 8, img_dim: int = 6, n_cls: int = 5, dropout: float = 0.0):
+        super().__init__()
+        self.word = nn.Embedding(vocab, hidden)
+        self.pos = nn.Parameter(0.1 * torch.randn(16, hidden))
+        self.ln = nn.LayerNorm(hidden)
+        self.img = nn.Linear(img_dim, hidden)
+        self.mix = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(2 * hidden, hidden)
+        self.head = nn.Linear(hidden, n_cls)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, ids, feat, tmask, imask, d_txt=None, d_img=None):
+        w = self.word(ids)
+        if d_txt is not None:
+            w = w + d_txt
+        t = self.ln(w + self.pos[: ids.shape[1]])
+        if d_img is not None:
+            feat = feat + d_img
+        x = torch.cat([t, self.img(feat)], 1)
+        m = torch.cat([tmask, imask], 1).to(x.dtype)[..., None]
+        h = torch.tanh(self.mix(self.drop(x)))
+        pooled = (h * m).sum(1) / m.sum(1)
+        att = torch.softmax((h * pooled[:, None]).sum(-1) + (m[..., 0] - 1) * 1e4, dim=1)
+        ctx = (att[..., None] * h).sum(1)
+        return self.head(torch.tanh(self.out(torch.cat([pooled, ctx], -1))))
+
+
+def toy_forward(model):
+    return lambda b: model(b["ids"], b["feat"], b["tmask"], b["imask"])
+
+
+def vqa_loss(logits, batch):
+    """BCE on soft scores, mean * C (the VQA / VE task loss of the released code)."""
+    t = batch["target"].to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, t) * t.shape[1]
+
+
+def make_batch(b=4, lt=5, ni=3, vocab=37, img_dim=6, n_cls=5, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tmask = torch.ones(b, lt, dtype=dtype)
+    imask = torch.ones(b, ni, dtype=dtype)
+    for r in range(1, b):  # ragged rows: padded text and regions
+        tmask[r, lt - (r % lt) :] = 0 if r % lt else 1
+        imask[r, ni - 1 - (r % 2) :] = 0 if r % 2 else 1
+    return {
+        "ids": torch.randint(0, vocab, (b, lt), generator=g),
+        "feat": torch.randn(b, ni, img_dim, generator=g, dtype=dtype).relu(),
+        "tmask": tmask,
+        "imask": imask,
+        "target": (torch.rand(b, n_cls, generator=g, dtype=dtype) < 0.4).to(dtype),
+    }
+
+
+def make_toy(seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    return Toy(**kw).to(dtype).train()
+
+
+# ------------------------------------------------------------------------------------- transcription
+
+
+def released_loop(
+    fwd, task_loss, batch, cfg, *, txt_shape, img_shape, txt_mask=None, img_mask=None, gen=None, skip=(), losses=None
+):
+    """VILLA_SPEC section 2, literally: clean logits kept in the graph, K forwards, backward with retain_graph,
+    per-example normalised updates written out. ``fwd(d_txt, d_img)`` returns logits. Returns the final
+    deltas; parameter gradients accumulate in ``.grad``. Steps in ``skip`` are left out (no backward, no
+    update), which is what the step under test does with a non-finite step."""
+    K, alpha = cfg.steps, cfg.kl_weight
+    text = cfg.modality in ("text", "text+image", "alter")
+    image = cfg.modality in ("image", "text+image", "alter")
+
+    def init(shape, mask):
+        if cfg.init_mag == 0:
+            return torch.zeros(shape, dtype=torch.float64)
+        u = torch.empty(shape, dtype=torch.float64).uniform_(-1, 1, generator=gen)
+        m = torch.ones(shape[:2], dtype=torch.float64) if mask is None else mask.to(torch.float64)
+        if cfg.norm_type == "l2":
+            length = m.sum(1)
+            return u * m[..., None] * (cfg.init_mag / torch.sqrt(length * shape[-1]))[:, None, None]
+        return u * m[..., None] * cfg.init_mag
+
+    def kl(a, b):
+        la, lb = F.log_softmax(a, dim=1), F.log_softmax(b, dim=1)
+        e = F.kl_div(la, F.softmax(b, dim=1), reduction="none") + F.kl_div(lb, F.softmax(a, dim=1), reduction="none")
+        return e.sum() / a.shape[0] if cfg.kl_reduction == "batchmean" else e.mean()
+
+    def update(delta, lr):
+        g = delta.grad.detach()
+        b = g.shape[0]
+        if cfg.norm_type == "l2":
+            den = torch.norm(g.view(b, -1), dim=1).view(-1, 1, 1).clamp(min=1e-8)
+        else:
+            den = torch.norm(g.view(b, -1), dim=1, p=float("inf")).view(-1, 1, 1).clamp(min=1e-8)
+        delta = (delta + lr * g / den).detach()
+        if cfg.max_norm > 0:
+            if cfg.norm_type == "l2":
+                n = torch.norm(delta.view(b, -1), p=2, dim=1)
+                over = (n > cfg.max_norm).to(delta)
+                w = (cfg.max_norm / n * over + (1 - over)).view(-1, 1, 1)
+                delta = (delta * w).detach()
+            else:
+                delta = torch.clamp(delta, -cfg.max_norm, cfg.max_norm).detach()
+        return delta
+
+    dt = init(txt_shape, txt_mask) if text else None
+    di = init(img_shape, img_mask) if image else None
+    clean = fwd(None, None)
+    for k in range(K):
+        if dt is not None:
+            dt.requires_grad_()
+        if di is not None:
+            di.requires_grad_()
+        if cfg.modality == "alter":
+            z1, z2 = fwd(dt, None), fwd(None, di)
+            loss = (task_loss(z1) + task_loss(z2) + alpha * (kl(z1, clean) + kl(z2, clean))) / (2 * K)
+        else:
+            z = fwd(dt, di)
+            loss = (task_loss(z) + alpha * kl(z, clean)) / K
+        if k not in skip:
+            loss.backward(retain_graph=True)
+            if losses is not None:
+                losses.append(loss.detach())
+        if k == K - 1:
+            break
+        if k in skip:
+            continue
+        if dt is not None:
+            dt = update(dt, cfg.lr_txt)
+        if di is not None:
+            di = update(di, cfg.lr_img)
+    return {n: d.detach() for n, d in (("text", dt), ("image", di)) if d is not None}
+
+
+def toy_reference(model, batch, cfg, *, use_masks=True, gen=None, skip=(), losses=None):
+    b, lt = batch["ids"].shape
+    hidden = model.word.embedding_dim
+
+    def fwd(d_txt, d_img):
+        return model(batch["ids"], batch["feat"], batch["tmask"], batch["imask"], d_txt, d_img)
+
+    return released_loop(
+        fwd,
+        lambda z: vqa_loss(z, batch),
+        batch,
+        cfg,
+        txt_shape=(b, lt, hidden),
+        img_shape=tuple(batch["feat"].shape),
+        txt_mask=batch["tmask"] if use_masks else None,
+        img_mask=batch["imask"] if use_masks else None,
+        gen=gen,
+        skip=skip,
+        losses=losses,
+    )
+
+
+def grads_of(model):
+    return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
+
+
+def assert_same(got: dict, want: dict, what: str, rel: float = REL):
+    assert got.keys() == want.keys(), f"{what}: keys {sorted(got)} vs {sorted(want)}"
+    for k in want:
+        g, w = got[k], want[k]
+        assert (g is None) == (w is None), f"{what}[{k}]: one is None"
+        if w is None:
+            continue
+        assert torch.isfinite(g).all(), f"{what}[{k}] not finite"
+        e = rel_err(g, w)
+        assert e <= rel, f"{what}[{k}] relative error {e:.3e} > {rel:.0e}"
+
+
+def run_step(model, batch, cfg, *, gen=None, use_masks=True, **kw) -> StepResult:
+    step = VillaStep(
+        toy_forward(model), vqa_loss, cfg, text_embedding=model.word, image_input=model.img, generator=gen, **kw
+    )
+    res = step.step(batch, batch["tmask"] if use_masks else None, batch["imask"] if use_masks else None)
+    step.remove_hooks()
+    return res
+
+
+def check_against_reference(cfg, *, seed=0, micro_batches=1, use_masks=True):
+    model = make_toy(seed)
+    batches = [make_batch(seed=seed + 1 + i) for i in range(micro_batches)]
+    # reference
+    model.zero_grad(set_to_none=True)
+    ref_deltas = [
+        toy_reference(model, b, cfg, gen=torch.Generator().manual_seed(7), use_masks=use_masks) for b in batches
+    ]
+    ref = grads_of(model)
+    # step under test
+    model.zero_grad(set_to_none=True)
+    results = [run_step(model, b, cfg, gen=torch.Generator().manual_seed(7), use_masks=use_masks) for b in batches]
+    got = grads_of(model)
+    assert_same(got, ref, "param grad")
+    for res, want in zip(results, ref_deltas, strict=True):
+        assert_same(res.deltas, want, "delta")
+        assert int(res.skipped_steps) == 0
+        assert int(res.skipped_rows.sum()) == 0
+    return results
+
+
+# ------------------------------------------------------------------------------------------- the matrix
+
+MATRIX = list(
+    itertools.product(
+        ("text", "image", "text+image", "alter"),
+        ("l2", "linf"),
+        (0.0, 1.0),
+        (0.0, 1.0),
+        ("batchmean", "mean"),
+        ("once", "per_step"),
+    )
+)
+
+
+@pytest.mark.parametrize("modality,norm,max_norm_on,init_on,reduction,clean", MATRIX)
+def test_matches_released_loop(modality, norm, max_norm_on, init_on, reduction, clean):
+    # large ascent steps so that the projection really clips (l2 radius 0.3 < lr 0.5; linf 0.02 < step)
+    lr = 0.5 if norm == "l2" else 0.05
+    max_norm = (0.3 if norm == "l2" else 0.02) * max_norm_on
+    init_mag = (0.2 if norm == "l2" else 0.01) * init_on
+    cfg = AdversarialConfig(
+        steps=3,
+        lr_txt=lr,
+        lr_img=1.5 * lr,
+        norm_type=norm,
+        max_norm=max_norm,
+        init_mag=init_mag,
+        kl_weight=1.5,
+        modality=modality,
+        kl_reduction=reduction,
+        clean_backward=clean,
+    )
+    results = check_against_reference(cfg)
+    res = results[0]
+    assert res.loss.dtype == torch.float64 and not res.loss.requires_grad
+    if max_norm_on:
+        for d in res.deltas.values():
+            if norm == "l2":
+                assert d.flatten(1).norm(dim=1).max() <= max_norm * (1 + 1e-12)
+            else:
+                assert d.abs().max() <= max_norm
+
+
+@pytest.mark.parametrize("clean", ["once", "per_step"])
+@pytest.mark.parametrize("modality", ["text+image", "alter"])
+def test_gradient_accumulation_two_micro_batches(modality, clean):
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality=modality, clean_backward=clean, init_mag=0.1)
+    check_against_reference(cfg, micro_batches=2)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_other_step_counts_and_no_masks(steps):
+    cfg = AdversarialConfig(steps=steps, lr_txt=0.3, lr_img=0.4, modality="text+image", init_mag=0.1)
+    check_against_reference(cfg, use_masks=False)
+
+
+def test_once_and_per_step_agree():
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image")
+    out = {}
+    for clean in ("once", "per_step"):
+        model = make_toy(3)
+        run_step(model, make_batch(seed=5), cfg.replace(clean_backward=clean))
+        out[clean] = grads_of(model)
+    assert_same(out["once"], out["per_step"], "once vs per_step")
+
+
+def test_result_contents():
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image")
+    model = make_toy()
+    batch = make_batch()
+    res = run_step(model, batch, cfg)
+    assert res.loss.dim() == 0 and not res.loss.requires_grad
+    assert res.logits.shape == (4, 5) and not res.logits.requires_grad
+    with torch.no_grad():
+        clean = model(batch["ids"], batch["feat"], batch["tmask"], batch["imask"])
+    torch.testing.assert_close(res.logits, clean, rtol=1e-12, atol=1e-12)
+    assert res.deltas["text"].shape == (4, 5, 8) and res.deltas["image"].shape == (4, 3, 6)
+    assert res.skipped_rows.dtype == torch.int64 and res.skipped_rows.shape == (2,)
+    assert res.skipped_steps.dtype == torch.int64 and res.skipped_steps.dim() == 0
+    assert set(res.perturbation_survival) == {"text", "image"}
+    for v in res.perturbation_survival.values():  # float64 everywhere: every perturbed element survives
+        assert v.item() == 1.0
+    # the total loss is the sum of the K loss_k (each divided by K), as the transcription computes them
+    model.zero_grad(set_to_none=True)
+    losses = []
+    toy_reference(model, batch, cfg, losses=losses)
+    torch.testing.assert_close(res.loss, torch.stack(losses).sum(), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ HF-style BERT
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab, hidden, max_pos=32):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, hidden)
+        self.position_embeddings = nn.Embedding(max_pos, hidden)
+        self.token_type_embeddings = nn.Embedding(2, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        n = inputs_embeds.shape[1]
+        pos = torch.arange(n, device=inputs_embeds.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        e = inputs_embeds + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(e))
+
+
+class BertLike(nn.Module):
+    """The HF layout: model.embeddings.word_embeddings, an encoder layer, a pooler, a classifier."""
+
+    def __init__(self, vocab=41, hidden=12, heads=2, n_cls=3):
+        super().__init__()
+        self.embeddings = BertEmbeddings(vocab, hidden)
+        self.encoder = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True)
+        self.pooler = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, n_cls)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        x = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        pad = None if attention_mask is None else attention_mask == 0
+        h = self.encoder(x, src_key_padding_mask=pad)
+        return self.classifier(torch.tanh(self.pooler(h[:, 0])))
+
+
+@pytest.mark.parametrize("clean", ["once", "per_step"])
+def test_hf_style_bert_word_embeddings(clean):
+    torch.manual_seed(0)
+    model = BertLike().double().train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 41, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    labels = torch.tensor([0, 2, 1])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    cfg = AdversarialConfig(
+        steps=3, lr_txt=0.2, modality="text", kl_reduction="batchmean", clean_backward=clean, init_mag=0.1
+    )
+
+    def ce(z, b):
+        return F.cross_entropy(z, b["labels"])
+
+    model.zero_grad(set_to_none=True)
+    emb = model.embeddings.word_embeddings
+
+    def fwd(d_txt, d_img):
+        e = emb(ids)
+        if d_txt is not None:
+            e = e + d_txt
+        return model(inputs_embeds=e, attention_mask=mask)
+
+    want_d = released_loop(
+        fwd,
+        lambda z: ce(z, batch),
+        batch,
+        cfg,
+        txt_shape=(3, 7, 12),
+        img_shape=None,
+        txt_mask=mask,
+        gen=torch.Generator().manual_seed(1),
+    )
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    step = VillaStep(
+        lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
+        ce,
+        cfg,
+        text_embedding=emb,
+        generator=torch.Generator().manual_seed(1),
+    )
+    res = step.step(batch, txt_mask=mask)
+    assert_same(grads_of(model), want, "param grad")
+    assert_same(res.deltas, want_d, "delta")
+    # the hooks do nothing outside a step
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask)
+        step.remove_hooks()
+        b = model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(a, b)
+
+
+def test_hooks_inactive_outside_step_and_removed():
+    model = make_toy()
+    batch = make_batch()
+    fwd = toy_forward(model)
+    with torch.no_grad():
+        before = fwd(batch)
+    step = VillaStep(
+        fwd,
+        vqa_loss,
+        AdversarialConfig(modality="text+image", lr_txt=0.5, lr_img=0.5),
+        text_embedding=model.word,
+        image_input=model.img,
+    )
+    step.step(batch)
+    with torch.no_grad():
+        during = fwd(batch)
+    assert torch.equal(before, during)
+    assert len(model.word._forward_hooks) == 1 and len(model.img._forward_pre_hooks) == 1
+    step.remove_hooks()
+    assert len(model.word._forward_hooks) == 0 and len(model.img._forward_pre_hooks) == 0
+
+
+def test_injection_module_not_called_is_reported():
+    model = make_toy()
+    other = nn.Embedding(3, 8).double()
+    step = VillaStep(toy_forward(model), vqa_loss, AdversarialConfig(), text_embedding=other)
+    with pytest.raises(RuntimeError, match="not called"):
+        step.step(make_batch())
+
+
+# --------------------------------------------------------------------------------------- loss scaler
+
+
+@pytest.mark.parametrize("clean", ["once", "per_step"])
+def test_grad_scaler_scales_params_and_unscales_deltas(clean):
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward=clean)
+    model = make_toy()
+    batch = make_batch()
+    model.zero_grad(set_to_none=True)
+    want_d = toy_reference(model, batch, cfg)
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    res = run_step(model, batch, cfg, scaler=scaler)
+    got = {k: (None if v is None else v / 1024.0) for k, v in grads_of(model).items()}
+    assert_same(got, want, "unscaled param grad")
+    assert_same(res.deltas, want_d, "delta")
+
+
+def test_update_scaler_backs_off_after_a_skipped_step():
+    model = make_toy()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    step = VillaStep(toy_forward(model), vqa_loss, AdversarialConfig(), text_embedding=model.word, scaler=scaler)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    scaler.scale(torch.ones(()))
+    scaler.step(opt)
+    step.update_scaler(torch.tensor(1))
+    assert scaler.get_scale() == 512.0
+    scaler.scale(torch.ones(()))
+    scaler.step(opt)
+    step.update_scaler(torch.tensor(0))
+    assert scaler.get_scale() == 512.0
+
+
+# ----------------------------------------------------------------------------------- non-finite steps
+
+
+class _Poison(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, poison):
+        ctx.poison = poison
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g * float("nan") if ctx.poison else g), None
+
+
+class PoisonToy(Toy):
+    """Toy whose n-th forward (counted from 0) produces a NaN gradient in backward."""
+
+    def __init__(self, poison_at, **kw):
+        super().__init__(**kw)
+        self.poison_at = poison_at
+        self.calls = 0
+
+    def forward(self, *args, **kw):
+        out = super().forward(*args, **kw)
+        poison = self.calls == self.poison_at
+        self.calls += 1
+        return _Poison.apply(out, poison)
+
+
+@pytest.mark.parametrize("clean", ["once", "per_step"])
+@pytest.mark.parametrize("bad_step", [0, 1, 2])
+def test_nonfinite_gradient_is_skipped_and_reported(bad_step, clean):
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward=clean)
+    torch.manual_seed(0)
+    model = PoisonToy(poison_at=-1).double().train()
+    batch = make_batch()
+    model.zero_grad(set_to_none=True)
+    want_d = toy_reference(model, batch, cfg, skip={bad_step})
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    model.calls, model.poison_at = 0, 1 + bad_step  # forward 0 is the clean pass
+    res = run_step(model, batch, cfg)
+    assert int(res.skipped_steps) == 1
+    expected_rows = [4, 4] if bad_step < 2 else [0, 0]  # the last step has no update
+    assert res.skipped_rows.tolist() == expected_rows
+    assert torch.isfinite(res.loss)
+    assert_same(grads_of(model), want, "param grad")
+    assert_same(res.deltas, want_d, "delta")
+
+
+def test_nonfinite_loss_is_skipped():
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, modality="text")
+    model = make_toy()
+    batch = make_batch()
+    model.zero_grad(set_to_none=True)
+    want_d = toy_reference(model, batch, cfg, skip={1})
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    calls = [0]
+
+    def loss_fn(z, b):
+        calls[0] += 1
+        loss = vqa_loss(z, b)
+        return loss * float("inf") if calls[0] == 2 else loss
+
+    step = VillaStep(toy_forward(model), loss_fn, cfg, text_embedding=model.word)
+    res = step.step(batch)
+    assert int(res.skipped_steps) == 1 and torch.isfinite(res.loss)
+    assert_same(grads_of(model), want, "param grad")
+    assert_same(res.deltas, want_d, "delta")
+
+
+# ------------------------------------------------------------------------------------------- precision
+
+
+def test_bf16_autocast_on_cpu_runs_and_stays_finite():
+    torch.manual_seed(0)
+    model = Toy(vocab=50, hidden=16, img_dim=32, n_cls=7, dropout=0.1).train()
+    batch = make_batch(b=3, lt=6, ni=4, vocab=50, img_dim=32, n_cls=7, dtype=torch.float32)
+    cfg = AdversarialConfig(steps=3, lr_txt=1e-3, lr_img=1e-3, modality="text+image", amp_dtype=torch.bfloat16)
+    res = run_step(model, batch, cfg)
+    for p in model.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert torch.isfinite(res.loss)
+    assert res.deltas["text"].dtype == torch.float32 and res.deltas["image"].dtype == torch.float32
+    assert res.logits.dtype == torch.float32
+    s_txt, s_img = res.perturbation_survival["text"].item(), res.perturbation_survival["image"].item()
+    # text: added in fp32 and kept in fp32 (LayerNorm runs in fp32 under autocast): nothing is lost;
+    # image: the projection runs in bf16, tiny perturbations of non-zero features round away (the
+    # ReLU'd features are zero about half the time, where any perturbation survives)
+    assert s_txt == 1.0
+    assert 0.0 <= s_img < 0.9
+    assert int(res.skipped_steps) == 0
+
+
+def test_injection_keeps_fp32_under_autocast_and_model_dtype_outside():
+    from villa_fast.adversarial.hooks import inject, survival
+
+    x = torch.full((2, 3, 4), 0.04, dtype=torch.bfloat16)
+    d = torch.full((2, 3, 4), 1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = inject(x, d)
+    assert y.dtype == torch.float32 and survival(x, d, y, y.dtype).item() == 1.0
+    y2 = inject(x, d)
+    assert y2.dtype == torch.bfloat16 and survival(x, d, y2, y2.dtype).item() == 0.0
+    assert survival(x, torch.zeros_like(d), y2, torch.bfloat16).item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("steps", 0),
+        ("steps", 2.5),
+        ("steps", True),
+        ("lr_txt", -1.0),
+        ("lr_img", float("nan")),
+        ("norm_type", "l1"),
+        ("max_norm", -0.1),
+        ("init_mag", float("inf")),
+        ("kl_weight", "1"),
+        ("modality", "audio"),
+        ("kl_reduction", "sum"),
+        ("clean_backward", "never"),
+        ("amp_dtype", torch.float64),
+        ("amp_dtype", "bf16"),
+        ("skip_nonfinite", 1),
+    ],
+)
+def test_bad_config_is_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        AdversarialConfig(**{field: value})
+
+
+def test_from_villa_config():
+    official = {
+        "adv_training": True,
+        "adv_modality": ["text", "image"],
+        "adv_lr_txt": 0.01,
+        "adv_lr_img": 0.01,
+        "adv_steps": 3,
+        "norm_type": "l2",
+        "adv_max_norm": 0,
+        "adv_init_mag": 0,
+        "adv_kl_weight": 1.5,
+        "learning_rate": 6e-5,
+        "fp16": True,
+    }
+    cfg = AdversarialConfig.from_villa_config(official)
+    assert cfg.modality == "text+image" and cfg.lr_txt == 0.01 and cfg.steps == 3 and cfg.kl_weight == 1.5
+    assert cfg.amp_dtype == torch.float16
+    assert AdversarialConfig.from_villa_config({"adv_modality": ["text"]}).modality == "text"
+    assert AdversarialConfig.from_villa_config({"adv_modality": ["image"]}).modality == "image"
+    assert AdversarialConfig.from_villa_config({"adv_modality": ["text", "image", "alter"]}).modality == "alter"
+    assert AdversarialConfig.from_villa_config({"fp16": True}, amp_dtype=torch.bfloat16).amp_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="adv_modality"):
+        AdversarialConfig.from_villa_config({"adv_modality": ["text", "alter"]})
+    with pytest.raises(ValueError, match="steps"):
+        AdversarialConfig.from_villa_config({"adv_steps": 0})
+
+
+def test_step_needs_the_modules_of_its_modality():
+    model = make_toy()
+    with pytest.raises(ValueError, match="text_embedding"):
+        VillaStep(toy_forward(model), vqa_loss, AdversarialConfig(modality="text"))
+    with pytest.raises(ValueError, match="image_input"):
+        VillaStep(toy_forward(model), vqa_loss, AdversarialConfig(modality="alter"), text_embedding=model.word)
+    with pytest.raises(TypeError, match="config"):
+        VillaStep(toy_forward(model), vqa_loss, {"steps": 3}, text_embedding=model.word)
+
+
+def test_lazy_exports():
+    import villa_fast
+
+    assert villa_fast.VillaStep is VillaStep and villa_fast.AdversarialConfig is AdversarialConfig
+    assert villa_fast.GraphedVillaStep.__name__ == "GraphedVillaStep"
+    assert math.isfinite(AdversarialConfig().kl_weight)

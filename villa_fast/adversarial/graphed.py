@@ -1,0 +1,371 @@
+"""The adversarial step captured whole in one CUDA graph per input shape.
+
+At B = 32 the eager step is bound by the host launching kernels (PERFORMANCE.md); replaying one graph
+removes the launch gaps. What the capture needs (PLATFORM_NOTES.md, CUDA graphs):
+
+- static input buffers, filled with ``copy_`` before each replay; outputs cloned after it;
+- a warm-up on a side stream before capture (Triton JIT, cuBLAS handles, optimizer state), whose effect
+  on the parameters, gradients, optimizer state and loss scale is undone before capturing;
+- no host sync and no data-dependent shapes inside: the step already keeps every decision on the device,
+  the optimizer must be ``fused=True, capturable=True`` with a tensor learning rate (updated in place by
+  the schedule), and clipping uses :func:`clip_grad_norm_capturable_`;
+- dropout draws from the default CUDA generator, which the graph advances at every replay, so masks
+  differ across replays.
+
+Without CUDA, or when a capture fails, the same step runs eagerly and says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from villa_fast.adversarial.config import AdversarialConfig, _real
+from villa_fast.adversarial.step import StepResult, VillaStep
+
+log = logging.getLogger("villa_fast.adversarial")
+
+
+def clip_grad_norm_capturable_(params: Iterable[Tensor], max_norm: float, eps: float = 1e-6) -> Tensor:
+    """Scale gradients so that their total 2-norm is at most ``max_norm``, without a host sync.
+
+    Same rule as ``torch.nn.utils.clip_grad_norm_``: coef = min(1, max_norm / (total + eps)), applied to
+    every gradient; returns the total norm before clipping (0-dim device tensor).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    total = torch.linalg.vector_norm(torch.stack([n.to(acc) for n in norms]))
+    coef = torch.clamp(max_norm / (total + eps), max=1.0)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, gs in by_dtype.items():
+        torch._foreach_mul_(gs, coef.to(dtype))
+    return total
+
+
+class _Graph:
+    """One captured step: the graph, its static inputs and its static outputs."""
+
+    def __init__(self, graph: Any, leaves: list[Tensor | None], masks: tuple, out: StepResult) -> None:
+        self.graph = graph
+        self.leaves = leaves
+        self.masks = masks
+        self.out = out
+
+    def replay(self, leaves: list[Any], masks: tuple) -> StepResult:
+        for static, new in zip(self.leaves, leaves, strict=True):
+            if static is not None:
+                static.copy_(new, non_blocking=True)
+        for static, new in zip(self.masks, masks, strict=True):
+            if static is not None:
+                static.copy_(new, non_blocking=True)
+        self.graph.replay()
+        o = self.out
+        return StepResult(
+            loss=o.loss.clone(),
+            logits=o.logits.clone(),
+            deltas={k: v.clone() for k, v in o.deltas.items()},
+            skipped_rows=o.skipped_rows.clone(),
+            skipped_steps=o.skipped_steps.clone(),
+            perturbation_survival={k: v.clone() for k, v in o.perturbation_survival.items()},
+        )
+
+
+class GraphedVillaStep:
+    """:class:`VillaStep`, optionally followed by clipping and the optimizer step, replayed as one CUDA graph.
+
+    Args:
+        forward_fn, loss_fn, config, text_embedding, image_input, scaler, params, generator: as for
+            :class:`VillaStep`. ``generator`` (init_mag > 0) must be a CUDA generator to be captured.
+        optimizer: optional optimizer stepped inside the graph; on CUDA it must be created with
+            ``fused=True, capturable=True`` and a tensor ``lr`` (a float lr would be frozen into the graph).
+            With a scaler, ``scaler.step`` / ``scaler.update`` run inside the graph as well.
+        max_grad_norm: optional clipping threshold applied before the optimizer step.
+        warmup: eager warm-up steps on a side stream before each capture (their effect is undone).
+
+    ``step(batch, txt_mask, img_mask, optimizer_step=True)`` returns a :class:`StepResult` whose tensors
+    are copies (the graph's own outputs are overwritten by the next replay). One graph is captured per
+    input signature (shapes, dtypes, non-tensor values of the batch, and whether the optimizer steps);
+    non-tensor values in the batch are frozen into the graph. Gradients live in fixed ``.grad`` tensors:
+    with ``optimizer_step=False`` (accumulation) the caller may zero them in place or set them to None.
+    """
+
+    def __init__(
+        self,
+        forward_fn: Callable[[Any], Tensor],
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        config: AdversarialConfig,
+        *,
+        text_embedding: nn.Module | None = None,
+        image_input: nn.Module | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        max_grad_norm: float | None = None,
+        params: Iterable[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        warmup: int = 3,
+    ) -> None:
+        self.eager = VillaStep(
+            forward_fn,
+            loss_fn,
+            config,
+            text_embedding=text_embedding,
+            image_input=image_input,
+            scaler=scaler,
+            params=params,
+            generator=generator,
+        )
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.max_grad_norm = None if max_grad_norm is None else _real("max_grad_norm", max_grad_norm)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
+        self.warmup = warmup
+        self._graphs: dict[Any, _Graph] = {}
+        self._eager_keys: set = set()
+        self._static_grads: list[Tensor] | None = None
+        self._said: set[str] = set()
+
+    @property
+    def config(self) -> AdversarialConfig:
+        return self.eager.config
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return self.eager.scaler
+
+    @property
+    def graphed(self) -> bool:
+        """Whether at least one step has been captured."""
+        return bool(self._graphs)
+
+    def remove_hooks(self) -> None:
+        self.eager.remove_hooks()
+
+    # ------------------------------------------------------------------------------------------- step
+    def step(
+        self,
+        batch: Any,
+        txt_mask: Tensor | None = None,
+        img_mask: Tensor | None = None,
+        *,
+        optimizer_step: bool = True,
+    ) -> StepResult:
+        do_opt = bool(optimizer_step) and self.optimizer is not None
+        why = self._why_eager(batch)
+        if why:
+            self._say_eager(why)
+            return self._full(batch, txt_mask, img_mask, do_opt)
+        leaves, spec = pytree.tree_flatten(batch)
+        key = self._key(leaves, spec, txt_mask, img_mask, do_opt)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key in self._eager_keys:
+                return self._full(batch, txt_mask, img_mask, do_opt)
+            try:
+                entry = self._capture(leaves, spec, txt_mask, img_mask, do_opt)
+            except Exception as exc:  # fall back for this signature, keep training
+                self._eager_keys.add(key)
+                self._say_eager(f"CUDA graph capture failed ({type(exc).__name__}: {exc})")
+                return self._full(batch, txt_mask, img_mask, do_opt)
+            self._graphs[key] = entry
+        self._attach_static_grads()
+        return entry.replay(leaves, (txt_mask, img_mask))
+
+    # -------------------------------------------------------------------------------------- internals
+    def _say_eager(self, why: str) -> None:
+        if why in self._said:
+            return
+        self._said.add(why)
+        warnings.warn(f"GraphedVillaStep runs eagerly: {why}", RuntimeWarning, stacklevel=3)
+        log.info("GraphedVillaStep runs eagerly: %s", why)
+
+    def _why_eager(self, batch: Any) -> str:
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        dev = self.eager._injector.device()
+        if dev is None:
+            leaves = [t for t in pytree.tree_leaves(batch) if isinstance(t, Tensor)]
+            dev = leaves[0].device if leaves else None
+        if dev is None or dev.type != "cuda":
+            return "the model is not on a CUDA device"
+        return ""
+
+    @staticmethod
+    def _key(leaves: list[Any], spec: Any, txt_mask: Tensor | None, img_mask: Tensor | None, do_opt: bool) -> Any:
+        def sig(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return ("T", tuple(x.shape), x.dtype, x.device, x.requires_grad)
+            try:
+                hash(x)
+            except TypeError:
+                return ("R", repr(x))
+            return ("V", type(x).__name__, x)
+
+        return (str(spec), tuple(sig(x) for x in leaves), sig(txt_mask), sig(img_mask), do_opt)
+
+    def _opt_params(self) -> list[Tensor]:
+        if self.optimizer is None:
+            return list(self.eager.params or [])
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _full(self, batch: Any, txt_mask: Tensor | None, img_mask: Tensor | None, do_opt: bool) -> StepResult:
+        """The whole step, eager: adversarial step, then (optionally) unscale, clip, optimizer step, zero."""
+        result = self.eager.step(batch, txt_mask, img_mask)
+        if not do_opt:
+            return result
+        opt = self.optimizer
+        scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
+        params = self._opt_params()
+        if self.max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            clip_grad_norm_capturable_(params, self.max_grad_norm)
+        if scaler is not None:
+            scaler.step(opt)
+            self.eager.update_scaler(result.skipped_steps)
+        else:
+            opt.step()
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)  # in place: the captured graph keeps writing the same tensors
+        return result
+
+    def _all_params(self) -> list[Tensor]:
+        seen, out = set(), []
+        for p in [*(self.eager.params or []), *self._opt_params()]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def _attach_static_grads(self) -> None:
+        """Give every parameter its fixed ``.grad`` tensor again if the caller dropped or replaced it."""
+        if self._static_grads is None:
+            return
+        for p, g in zip(self._all_params(), self._static_grads, strict=True):
+            if p.grad is g:
+                continue
+            if p.grad is None:
+                g.zero_()
+            else:
+                g.copy_(p.grad)
+            p.grad = g
+
+    def _snapshot(self) -> dict[str, Any]:
+        params = self._all_params()
+        snap: dict[str, Any] = {
+            "params": [p.detach().clone() for p in params],
+            "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
+        }
+        if self.optimizer is not None:
+            snap["opt"] = {
+                id(p): {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+                for p, st in self.optimizer.state.items()
+            }
+        if self.scaler is not None and self.scaler.is_enabled():
+            snap["scaler"] = self.scaler.state_dict()
+        if self.eager.generator is not None:
+            snap["gen"] = self.eager.generator.get_state()
+        return snap
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        """Undo the warm-up in place (tensor identities are kept: the graph will use these tensors)."""
+        params = self._all_params()
+        with torch.no_grad():
+            for p, v in zip(params, snap["params"], strict=False):
+                p.copy_(v)
+            for p, g in zip(params, snap["grads"], strict=False):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p) if g is None else g
+                elif g is None:
+                    p.grad.zero_()
+                else:
+                    p.grad.copy_(g)
+            # parameters the snapshot did not know yet (found by the first warm-up step)
+            for p in params[len(snap["params"]) :]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if self.optimizer is not None:
+                old_all = snap["opt"]
+                for p, st in self.optimizer.state.items():
+                    old = old_all.get(id(p), {})
+                    for k, v in st.items():
+                        if isinstance(v, Tensor):
+                            if k in old:
+                                v.copy_(old[k])
+                            else:
+                                v.zero_()  # state born in the warm-up: fresh Adam-style state is all zeros
+                        elif k in old:
+                            st[k] = old[k]
+        if "scaler" in snap:
+            self.scaler.load_state_dict(snap["scaler"])
+        if "gen" in snap:
+            self.eager.generator.set_state(snap["gen"])
+
+    def _check_optimizer(self) -> None:
+        if self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            if not group.get("capturable", False):
+                raise RuntimeError("the optimizer must be created with capturable=True (and fused=True)")
+            if not isinstance(group["lr"], Tensor):
+                self._say_eager_lr()
+                break
+
+    def _say_eager_lr(self) -> None:
+        msg = "the optimizer's lr is a float: it is frozen into the CUDA graph; pass lr=torch.tensor(...)"
+        if msg not in self._said:
+            self._said.add(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def _capture(
+        self, leaves: list[Any], spec: Any, txt_mask: Tensor | None, img_mask: Tensor | None, do_opt: bool
+    ) -> _Graph:
+        if do_opt:
+            self._check_optimizer()
+        if self.eager.params is None:
+            self.eager.discover_params(pytree.tree_unflatten(leaves, spec))
+        static_leaves = [x.detach().clone() if isinstance(x, Tensor) else None for x in leaves]
+        static_batch = pytree.tree_unflatten(
+            [s if s is not None else x for s, x in zip(static_leaves, leaves, strict=True)], spec
+        )
+        static_masks = tuple(None if m is None else m.detach().clone() for m in (txt_mask, img_mask))
+
+        self._attach_static_grads()
+        snap = self._snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._full(static_batch, *static_masks, do_opt)
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+            self._restore(snap)
+        params = self._all_params()
+        if self._static_grads is None:
+            self._static_grads = [p.grad for p in params]
+        elif len(self._static_grads) != len(params):
+            raise RuntimeError("the parameter set changed after the first capture")
+        self._attach_static_grads()
+        torch.cuda.synchronize()
+
+        graph = torch.cuda.CUDAGraph()
+        gen = self.eager.generator
+        if gen is not None and gen.device.type == "cuda" and hasattr(graph, "register_generator_state"):
+            graph.register_generator_state(gen)
+        with torch.cuda.graph(graph):
+            out = self._full(static_batch, *static_masks, do_opt)
+        return _Graph(graph, static_leaves, static_masks, out)

@@ -1,0 +1,119 @@
+"""Perturbation injection by module hooks (VILLA_SPEC section 1), so that any model works without surgery.
+
+The text delta is added to the *output* of the text-embedding module (the word lookup, before position
+embeddings and LayerNorm); the image delta to the *first input* of the image-input module (the raw region
+features, before the feature projection). The hooks stay registered but do nothing unless a step is inside
+one of its forward calls, so the model can be used normally in between.
+
+Precision (VILLA_SPEC section 9): the add is done in the delta's dtype (float32, or float64 for a float64
+model). Under autocast the sum is returned in float32: the ops that follow either promote (the position
+add) or run in float32 anyway (LayerNorm), and matrix multiplies cast it themselves, so nothing is lost at
+the injection point. Outside autocast the sum is cast back to the module's dtype, keeping the model's dtype
+contract (a bf16 model without autocast then rounds small perturbations away; the survival figure shows it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def inject(x: Tensor, delta: Tensor) -> Tensor:
+    """``x + delta`` computed in ``delta.dtype``; stays there under autocast, else back to ``x.dtype``."""
+    y = x.to(delta.dtype) + delta
+    if x.dtype != delta.dtype and not torch.is_autocast_enabled(x.device.type):
+        y = y.to(x.dtype)
+    return y
+
+
+def survival(x: Tensor, delta: Tensor, y: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """Fraction of the non-zero delta elements whose perturbed value, in ``compute_dtype``, differs from the
+    unperturbed one (0-dim float32 on the device; 1.0 when delta is all zero: nothing to lose)."""
+    with torch.no_grad():
+        nonzero = delta != 0
+        changed = (y.to(compute_dtype) != x.to(compute_dtype)) & nonzero
+        n = nonzero.sum(dtype=torch.float32)
+        frac = changed.sum(dtype=torch.float32) / n.clamp(min=1.0)
+        return torch.where(n > 0, frac, torch.ones_like(frac))
+
+
+class Injector:
+    """Owns the hooks of one adversarial step: records shapes during the clean pass, adds deltas after."""
+
+    def __init__(self, text_module: nn.Module | None, image_module: nn.Module | None) -> None:
+        self.text_module = text_module
+        self.image_module = image_module
+        self.recording = False
+        self.measure = False
+        self.deltas: dict[str, Tensor | None] = {"text": None, "image": None}
+        self.recorded: dict[str, tuple[torch.Size, torch.dtype, torch.device] | None] = {"text": None, "image": None}
+        self.survival: dict[str, Tensor] = {}
+        self._handles = []
+        if text_module is not None:
+            self._handles.append(text_module.register_forward_hook(self._text_hook))
+        if image_module is not None:
+            self._handles.append(image_module.register_forward_pre_hook(self._image_hook))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def device(self) -> torch.device | None:
+        for m in (self.text_module, self.image_module):
+            if m is None:
+                continue
+            for t in m.parameters():
+                return t.device
+            for t in m.buffers():
+                return t.device
+        return None
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def _record(self, name: str, x: object) -> None:
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            raise RuntimeError(
+                f"the {name} injection point must see a tensor [B, ..., D], got {type(x).__name__}"
+                + (f" of shape {tuple(x.shape)}" if isinstance(x, Tensor) else "")
+            )
+        meta = (x.shape, x.dtype, x.device)
+        prev = self.recorded[name]
+        if prev is not None and prev[0] != x.shape:
+            raise RuntimeError(
+                f"the {name} injection point was called more than once in one forward with different "
+                f"shapes ({tuple(prev[0])} and {tuple(x.shape)}); hook a module called once per forward"
+            )
+        self.recorded[name] = meta
+
+    def _apply(self, name: str, x: object) -> Tensor | None:
+        delta = self.deltas[name]
+        if delta is None:
+            return None
+        if not isinstance(x, Tensor) or x.shape != delta.shape:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise RuntimeError(f"the {name} delta has shape {tuple(delta.shape)} but the injection point saw {got}")
+        y = inject(x, delta)
+        if self.measure:
+            if name == "image" and torch.is_autocast_enabled(x.device.type):
+                # the image input feeds a projection that autocast runs in the low-precision dtype
+                cd = torch.get_autocast_dtype(x.device.type)
+            else:
+                cd = y.dtype
+            self.survival[name] = survival(x, delta, y, cd)
+        return y
+
+    def _text_hook(self, module: nn.Module, args: tuple, out: object) -> Tensor | None:
+        if self.recording:
+            self._record("text", out)
+            return None
+        return self._apply("text", out)
+
+    def _image_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not self.recording and self.deltas["image"] is None:
+            return None
+        if not args:
+            raise RuntimeError("the image input module must receive the features as its first positional argument")
+        if self.recording:
+            self._record("image", args[0])
+            return None
+        return (self._apply("image", args[0]), *args[1:])

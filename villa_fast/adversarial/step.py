@@ -1,0 +1,429 @@
+"""The eager VILLA adversarial step (VILLA_SPEC section 2), drop-in for any PyTorch model.
+
+Gradient bookkeeping. Each loss_k is differentiated with ``torch.autograd.grad`` with respect to the
+parameters, the deltas and (``clean_backward="once"``) a leaf copy of the clean logits. The fresh
+parameter gradients of step k play the part of the temporary buffer: they are checked for non-finite
+values on the device (one multi-tensor norm), zeroed in place when the step is bad (a masked fill driven
+by a device flag: no host sync), then accumulated. The first good contribution is kept as is, so the
+accumulation costs what ``backward()`` into ``.grad`` costs; the check adds one read and the masked fill
+one read and one write of the gradients per step (``skip_nonfinite=False`` drops both). The caller's
+``.grad`` is touched once, at the end, which keeps gradient accumulation over micro-batches exact and lets
+a bad step be left out without ever writing a NaN into it.
+
+With ``clean_backward="once"`` the upstream gradients of the clean logits are summed over the K steps and
+the clean pass is back-propagated once at the end (backward is linear in its upstream gradient), so the
+clean graph is not retained across steps; ``"per_step"`` retains it and back-propagates it every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from villa_fast.adversarial.config import AdversarialConfig
+from villa_fast.adversarial.hooks import Injector
+from villa_fast.ops import perturb_init, perturb_update_multi_, sym_kl
+
+_MODALITY_INDEX = {"text": 0, "image": 1}
+
+
+@dataclass
+class StepResult:
+    """What one adversarial step returns; every tensor stays on the device (no host sync).
+
+    Attributes:
+        loss: detached total loss, the sum over the K steps of loss_k (each already divided by K or 2K).
+        logits: detached clean logits [N, C] (float32, float64 for a float64 model).
+        deltas: final perturbations by modality ("text": [B, L, H], "image": [B, N, D]), detached.
+        skipped_rows: int64 [2], rows (text, image) whose delta update was skipped for a non-finite gradient
+            (a skipped step skips all its rows).
+        skipped_steps: int64 0-dim, adversarial steps (and the clean backward in "once" mode) left out of the
+            parameter gradients and of the delta update because their loss or gradients were not finite.
+        perturbation_survival: by modality, the fraction of non-zero delta elements that survive the cast to
+            the compute dtype at the injection point, measured in the last adversarial forward.
+    """
+
+    loss: Tensor
+    logits: Tensor
+    deltas: dict[str, Tensor]
+    skipped_rows: Tensor
+    skipped_steps: Tensor
+    perturbation_survival: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> Tensor:
+        """Total skipped delta rows (text + image), a 0-dim int64 device tensor."""
+        return self.skipped_rows.sum()
+
+
+def _loss_dtype(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def find_parameters(roots: Iterable[Tensor], exclude: Iterable[Tensor] = ()) -> list[Tensor]:
+    """The leaf tensors requiring grad that the autograd graphs of ``roots`` reach, in a fixed order."""
+    skip = {id(t) for t in exclude}
+    seen_nodes: set = set()
+    seen: set[int] = set()
+    found: list[Tensor] = []
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        var = getattr(node, "variable", None)
+        if isinstance(var, Tensor):
+            if id(var) not in skip and id(var) not in seen:
+                seen.add(id(var))
+                found.append(var)
+            continue
+        stack.extend(nxt for nxt, _ in reversed(node.next_functions))
+    return found
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def _all_finite(tensors: list[Tensor]) -> Tensor:
+    """0-dim bool on the device: every element of every tensor is finite (NaN and inf propagate into the
+    per-tensor 2-norms; a norm that overflows is treated as non-finite)."""
+    norms = torch._foreach_norm(tensors)
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return torch.isfinite(torch.stack([n.to(dtype) for n in norms]).sum())
+
+
+class VillaStep:
+    """One VILLA adversarial step per micro-batch, added to any model by hooks.
+
+    Args:
+        forward_fn: ``forward_fn(batch) -> logits`` [N, C]; the model must be in the mode the caller wants
+            (train mode for dropout).
+        loss_fn: ``loss_fn(logits, batch) -> scalar`` task loss; receives float32 logits (float64 stays).
+        config: an :class:`AdversarialConfig`.
+        text_embedding: module whose output [B, L, H] receives the text delta (e.g. the word-embedding
+            ``nn.Embedding``); required unless modality is "image".
+        image_input: module whose first input [B, N, D] receives the image delta (e.g. the region-feature
+            ``nn.Linear``); required unless modality is "text".
+        scaler: optional ``torch.amp.GradScaler`` (float16): losses are scaled for backward, parameter
+            gradients accumulate scaled (the caller's ``scaler.step`` unscales them) and delta gradients
+            are unscaled on the device.
+        params: the parameters to differentiate; by default those reached by the first step's graph.
+        generator: torch.Generator for the perturbation init when ``init_mag > 0``.
+
+    The caller owns ``zero_grad``, clipping and the optimizer step, so several steps can accumulate.
+    """
+
+    def __init__(
+        self,
+        forward_fn: Callable[[Any], Tensor],
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        config: AdversarialConfig,
+        *,
+        text_embedding: nn.Module | None = None,
+        image_input: nn.Module | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        params: Iterable[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not callable(forward_fn):
+            raise TypeError("forward_fn must be callable: forward_fn(batch) -> logits")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: loss_fn(logits, batch) -> scalar loss")
+        if not isinstance(config, AdversarialConfig):
+            raise TypeError(f"config must be an AdversarialConfig, got {type(config).__name__}")
+        for name, mod in (("text_embedding", text_embedding), ("image_input", image_input)):
+            if mod is not None and not isinstance(mod, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(mod).__name__}")
+        if config.perturb_text and text_embedding is None:
+            raise ValueError(f"modality {config.modality!r} perturbs text: pass text_embedding=<module>")
+        if config.perturb_image and image_input is None:
+            raise ValueError(f"modality {config.modality!r} perturbs the image: pass image_input=<module>")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        self.forward_fn = forward_fn
+        self.loss_fn = loss_fn
+        self.config = config
+        self.scaler = scaler
+        self.generator = generator
+        self._params = list(params) if params is not None else None
+        if self._params is not None and not all(isinstance(p, Tensor) and p.requires_grad for p in self._params):
+            raise ValueError("params must be tensors that require grad")
+        self._injector = Injector(
+            text_embedding if config.perturb_text else None, image_input if config.perturb_image else None
+        )
+
+    # ------------------------------------------------------------------------------------------ public
+    @property
+    def params(self) -> list[Tensor] | None:
+        """The parameters the step differentiates (None until the first step discovers them)."""
+        return self._params
+
+    def discover_params(self, batch: Any) -> list[Tensor]:
+        """Find the parameters from a clean forward and the task loss on ``batch`` (no gradient is written)."""
+        if self._params is None:
+            autocast = self._autocast(batch)
+            z0 = self._clean(batch, autocast)
+            found = find_parameters([self.loss_fn(z0, batch), z0])
+            if not found:
+                raise RuntimeError("no parameter requiring grad is reached by forward_fn and loss_fn")
+            self._params = found
+        return self._params
+
+    def remove_hooks(self) -> None:
+        """Detach the hooks from the model; the step cannot run afterwards."""
+        self._injector.remove()
+
+    def step(self, batch: Any, txt_mask: Tensor | None = None, img_mask: Tensor | None = None) -> StepResult:
+        """Run section 2 on one micro-batch and add its parameter gradients to ``.grad``.
+
+        Args:
+            batch: whatever ``forward_fn`` and ``loss_fn`` take.
+            txt_mask: optional [B, L] (1 = real token), shapes only the random init.
+            img_mask: optional [B, N] (1 = real region), shapes only the random init.
+        """
+        return self._step(batch, txt_mask, img_mask)
+
+    def update_scaler(self, skipped_steps: Tensor | None = None) -> None:
+        """``scaler.update()``, then back the scale off when a step was left out as non-finite.
+
+        Call it instead of ``scaler.update()`` after ``scaler.step(optimizer)``, with the sum of
+        ``result.skipped_steps`` over the micro-batches: the left-out steps never reach ``.grad``, so the
+        scaler would not see their overflow. Runs on the device (no host sync).
+        """
+        if self.scaler is None:
+            raise RuntimeError("update_scaler needs a scaler")
+        self.scaler.update()
+        if skipped_steps is not None and self.scaler.is_enabled():
+            dev = skipped_steps.device
+            cur = self.scaler.scale(torch.ones((), dtype=torch.float32, device=dev))
+            new = torch.where(skipped_steps > 0, cur * self.scaler.get_backoff_factor(), cur)
+            self.scaler.update(new_scale=new)
+
+    # --------------------------------------------------------------------------------------- internals
+    def _device_type(self, batch: Any) -> str:
+        dev = self._injector.device()
+        if dev is None:
+            t = _first_tensor(batch)
+            dev = t.device if t is not None else torch.device("cpu")
+        return dev.type
+
+    def _autocast(self, batch: Any) -> Callable[[], Any]:
+        dtype = self.config.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext
+        dev_type = self._device_type(batch)
+        return lambda: torch.autocast(dev_type, dtype=dtype)
+
+    def _forward(self, batch: Any, autocast: Any, text: Tensor | None, image: Tensor | None) -> Tensor:
+        inj = self._injector
+        inj.deltas["text"], inj.deltas["image"] = text, image
+        try:
+            with autocast():
+                z = self.forward_fn(batch)
+        finally:
+            inj.deltas["text"] = inj.deltas["image"] = None
+        if not isinstance(z, Tensor) or z.dim() != 2:
+            raise RuntimeError(f"forward_fn must return logits [N, C], got {getattr(z, 'shape', type(z).__name__)}")
+        return _loss_dtype(z)
+
+    def _clean(self, batch: Any, autocast: Any) -> Tensor:
+        inj = self._injector
+        inj.recorded = {"text": None, "image": None}
+        inj.recording = True
+        try:
+            with autocast():
+                z0 = self.forward_fn(batch)
+        finally:
+            inj.recording = False
+        if not isinstance(z0, Tensor) or z0.dim() != 2:
+            raise RuntimeError(f"forward_fn must return logits [N, C], got {getattr(z0, 'shape', type(z0).__name__)}")
+        for name, mod in (("text", inj.text_module), ("image", inj.image_module)):
+            if mod is not None and inj.recorded[name] is None:
+                raise RuntimeError(f"the {name} injection module was not called by forward_fn")
+        return _loss_dtype(z0)
+
+    def _init_delta(self, name: str, mask: Tensor | None) -> Tensor:
+        shape, dtype, device = self._injector.recorded[name]
+        cfg = self.config
+        like = torch.empty((), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device).expand(
+            shape
+        )
+        if mask is not None and mask.device != device:
+            mask = mask.to(device)
+        d = perturb_init(like, mask, init_mag=cfg.init_mag, norm_type=cfg.norm_type, generator=self.generator)
+        return d.requires_grad_()
+
+    def _step(self, batch: Any, txt_mask: Tensor | None, img_mask: Tensor | None) -> StepResult:
+        cfg = self.config
+        K = cfg.steps
+        once = cfg.clean_backward == "once"
+        autocast = self._autocast(batch)
+        inj = self._injector
+        inj.survival = {}
+        z0 = self._clean(batch, autocast)
+        deltas: dict[str, Tensor] = {}
+        if cfg.perturb_text:
+            deltas["text"] = self._init_delta("text", txt_mask)
+        if cfg.perturb_image:
+            deltas["image"] = self._init_delta("image", img_mask)
+        names = list(deltas)
+        delta_list = [deltas[n] for n in names]
+        lrs = [cfg.lr_txt if n == "text" else cfg.lr_img for n in names]
+        z0_ref = z0.detach().requires_grad_() if once else z0
+        device = z0.device
+        scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
+        scale = scaler.scale(torch.ones((), dtype=torch.float32, device=device)) if scaler is not None else None
+
+        params = self._params
+        acc: list[Tensor | None] | None = None
+        g_clean: Tensor | None = None
+        total = torch.zeros((), dtype=z0.dtype, device=device)
+        skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        skipped_rows = torch.zeros(2, dtype=torch.int64, device=device)
+        rows_at = [_MODALITY_INDEX[n] for n in names]
+        div = 2 * K if cfg.modality == "alter" else K
+
+        for k in range(K):
+            last = k == K - 1
+            inj.measure = last
+            try:
+                if cfg.modality == "alter":
+                    z1 = self._forward(batch, autocast, deltas["text"], None)
+                    z2 = self._forward(batch, autocast, None, deltas["image"])
+                    task = self.loss_fn(z1, batch) + self.loss_fn(z2, batch)
+                    kl = sym_kl(z1, z0_ref, cfg.kl_reduction) + sym_kl(z2, z0_ref, cfg.kl_reduction)
+                else:
+                    z = self._forward(batch, autocast, deltas.get("text"), deltas.get("image"))
+                    task = self.loss_fn(z, batch)
+                    kl = sym_kl(z, z0_ref, cfg.kl_reduction)
+            finally:
+                inj.measure = False
+            loss = (task + cfg.kl_weight * kl) / div
+            if params is None:
+                params = find_parameters([loss, z0], exclude=[*delta_list, z0_ref])
+                self._params = params
+                if not params:
+                    raise RuntimeError("no parameter requiring grad is reached by the loss")
+            if acc is None:
+                acc = [None] * len(params)
+            extra = [z0_ref] if once else []
+            out = loss if scaler is None else scaler.scale(loss)
+            grads = torch.autograd.grad(
+                out, [*params, *delta_list, *extra], allow_unused=True, retain_graph=not once and not last
+            )
+            p_grads = _owned(list(grads[: len(params)]), grads[len(params) :])
+            d_grads = list(grads[len(params) : len(params) + len(delta_list)])
+            z_grad = grads[-1] if once else None
+            ok = None
+            if cfg.skip_nonfinite:
+                ok = _all_finite([out.detach(), *(g for g in grads if g is not None)])
+                bad = ~ok
+                for g in p_grads:
+                    if g is not None:
+                        g.masked_fill_(bad, 0.0)
+                if z_grad is not None:
+                    z_grad.masked_fill_(bad, 0.0)
+                skipped_steps += bad
+                total += torch.where(ok, loss.detach(), 0.0)
+            else:
+                total += loss.detach()
+            _accumulate(acc, p_grads)
+            if z_grad is not None:
+                g_clean = z_grad if g_clean is None else g_clean.add_(z_grad)
+            if not last:
+                gs = [g if g is not None else torch.zeros_like(d) for g, d in zip(d_grads, delta_list, strict=True)]
+                gate = scale
+                if ok is not None:
+                    base = scale if scale is not None else torch.ones((), dtype=torch.float32, device=device)
+                    gate = torch.where(ok, base, float("nan"))
+                with torch.no_grad():
+                    counts = perturb_update_multi_(
+                        delta_list, gs, lrs=lrs, norm_type=cfg.norm_type, max_norm=cfg.max_norm, grad_scale=gate
+                    )
+                if len(rows_at) == 2:
+                    skipped_rows += counts
+                else:
+                    skipped_rows[rows_at[0]] += counts[0]
+            del grads, p_grads, d_grads, z_grad, out, loss, task, kl
+
+        if once and g_clean is not None:
+            grads = _owned(list(torch.autograd.grad(z0, params, grad_outputs=g_clean, allow_unused=True)), [])
+            if cfg.skip_nonfinite:
+                present = [g for g in grads if g is not None]
+                if present:
+                    bad = ~_all_finite(present)
+                    for g in present:
+                        g.masked_fill_(bad, 0.0)
+                    skipped_steps += bad
+            _accumulate(acc, grads)
+        _add_to_grad(params, acc)
+
+        return StepResult(
+            loss=total,
+            logits=z0.detach(),
+            deltas={n: d.detach() for n, d in deltas.items()},
+            skipped_rows=skipped_rows,
+            skipped_steps=skipped_steps,
+            perturbation_survival=dict(inj.survival),
+        )
+
+
+def _owned(grads: list[Tensor | None], others: Iterable[Tensor | None]) -> list[Tensor | None]:
+    """Gradients that can be written in place: autograd may hand the same buffer to several inputs (``a + b``)
+    or an expanded view; those are copied, as AccumulateGrad would, so that in-place accumulation is safe."""
+    taken = {t.untyped_storage().data_ptr() for t in others if t is not None}
+    out: list[Tensor | None] = []
+    for g in grads:
+        if g is not None:
+            ptr = g.untyped_storage().data_ptr()
+            if ptr in taken or not g.is_contiguous():
+                g = g.clone(memory_format=torch.contiguous_format)
+                ptr = g.untyped_storage().data_ptr()
+            taken.add(ptr)
+        out.append(g)
+    return out
+
+
+def _accumulate(acc: list[Tensor | None], grads: list[Tensor | None]) -> None:
+    """acc[i] += grads[i]; the first contribution is kept as is (no copy), later ones added multi-tensor."""
+    lhs, rhs = [], []
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if acc[i] is None:
+            acc[i] = g
+        else:
+            lhs.append(acc[i])
+            rhs.append(g)
+    if lhs:
+        torch._foreach_add_(lhs, rhs)
+
+
+def _add_to_grad(params: list[Tensor], acc: list[Tensor | None]) -> None:
+    lhs, rhs = [], []
+    for p, a in zip(params, acc, strict=True):
+        if a is None:
+            continue
+        if p.grad is None:
+            p.grad = a
+        else:
+            lhs.append(p.grad)
+            rhs.append(a.to(p.grad.dtype))
+    if lhs:
+        torch._foreach_add_(lhs, rhs)
