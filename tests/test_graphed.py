@@ -1,0 +1,233 @@
+"""GraphedVillaStep: eager on the CPU (same results as VillaStep), captured in a CUDA graph on a GPU."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from tests.test_adversarial import (
+    assert_same,
+    grads_of,
+    make_batch,
+    make_toy,
+    toy_forward,
+    toy_reference,
+    vqa_loss,
+)
+from villa_fast import AdversarialConfig, GraphedVillaStep, VillaStep
+from villa_fast.adversarial import clip_grad_norm_capturable_
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _graphed(model, cfg, **kw):
+    return GraphedVillaStep(toy_forward(model), vqa_loss, cfg, text_embedding=model.word, image_input=model.img, **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_cpu_runs_eagerly_says_so_once_and_matches_the_released_loop():
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", init_mag=0.1)
+    model = make_toy()
+    batches = [make_batch(seed=2), make_batch(seed=3)]
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(4)
+    want_d = [toy_reference(model, b, cfg, gen=gen) for b in batches]
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    step = _graphed(model, cfg, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(RuntimeWarning, match="runs eagerly: CUDA is not available"):
+        r0 = step.step(batches[0], batches[0]["tmask"], batches[0]["imask"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r1 = step.step(batches[1], batches[1]["tmask"], batches[1]["imask"])
+    assert not step.graphed
+    assert_same(grads_of(model), want, "param grad")
+    assert_same(r0.deltas, want_d[0], "delta")
+    assert_same(r1.deltas, want_d[1], "delta")
+
+
+@pytest.mark.filterwarnings("ignore:GraphedVillaStep runs eagerly")
+def test_optimizer_and_clipping_inside_match_the_manual_loop():
+    cfg = AdversarialConfig(steps=2, lr_txt=0.3, lr_img=0.4, modality="alter")
+    a = make_toy(1)
+    b = copy.deepcopy(a)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.01)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.01)
+    manual = VillaStep(toy_forward(a), vqa_loss, cfg, text_embedding=a.word, image_input=a.img)
+    graphed = _graphed(b, cfg, optimizer=opt_b, max_grad_norm=0.5)
+    for seed in (5, 6, 7):
+        batch = make_batch(seed=seed)
+        manual.step(batch)
+        torch.nn.utils.clip_grad_norm_(a.parameters(), 0.5)
+        opt_a.step()
+        opt_a.zero_grad(set_to_none=True)
+        graphed.step(batch)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa, pb, rtol=1e-12, atol=1e-14), n
+        assert pb.grad is None or not pb.grad.any()
+
+
+@pytest.mark.filterwarnings("ignore:GraphedVillaStep runs eagerly")
+def test_accumulation_without_optimizer_step():
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, modality="text")
+    model = make_toy(2)
+    batches = [make_batch(seed=8), make_batch(seed=9)]
+    model.zero_grad(set_to_none=True)
+    for b in batches:
+        toy_reference(model, b, cfg)
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = GraphedVillaStep(toy_forward(model), vqa_loss, cfg, text_embedding=model.word, optimizer=opt)
+    for b in batches:
+        step.step(b, optimizer_step=False)
+    assert_same(grads_of(model), want, "accumulated grad")
+
+
+def test_capturable_clip_matches_torch():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)) for _ in range(3)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for p, q in zip(ps, qs, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    n1 = clip_grad_norm_capturable_(ps, 1.0)
+    n2 = torch.nn.utils.clip_grad_norm_(qs, 1.0)
+    torch.testing.assert_close(n1, n2)
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+def _cuda_toy(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    from tests.test_adversarial import Toy
+
+    return Toy(vocab=97, hidden=64, img_dim=96, n_cls=31, dropout=dropout).cuda().train()
+
+
+def _cuda_batch(seed=1, b=8):
+    batch = make_batch(b=b, lt=12, ni=9, vocab=97, img_dim=96, n_cls=31, dtype=torch.float32, seed=seed)
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+def _fused_adamw(model, lr=1e-3):
+    return torch.optim.AdamW(
+        model.parameters(), lr=torch.tensor(lr, device="cuda"), fused=True, capturable=True, weight_decay=0.01
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphed_matches_eager_in_bf16():
+    cfg = AdversarialConfig(steps=3, lr_txt=1e-2, lr_img=1e-2, modality="text+image", amp_dtype=torch.bfloat16)
+    a = _cuda_toy()
+    b = copy.deepcopy(a)
+    opt_a, opt_b = _fused_adamw(a), _fused_adamw(b)
+    eager = VillaStep(toy_forward(a), vqa_loss, cfg, text_embedding=a.word, image_input=a.img)
+    graphed = _graphed(b, cfg, optimizer=opt_b, max_grad_norm=2.0)
+    for seed in range(4):
+        batch = _cuda_batch(seed)
+        ra = eager.step(batch, batch["tmask"], batch["imask"])
+        clip_grad_norm_capturable_(list(a.parameters()), 2.0)
+        opt_a.step()
+        opt_a.zero_grad(set_to_none=True)
+        rb = graphed.step(batch, batch["tmask"], batch["imask"])
+        torch.testing.assert_close(rb.loss, ra.loss, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(rb.deltas["text"], ra.deltas["text"], rtol=5e-2, atol=1e-4)
+    assert graphed.graphed
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphed_dropout_differs_across_replays_and_lr_tensor_applies():
+    cfg = AdversarialConfig(steps=2, modality="text", amp_dtype=torch.bfloat16)
+    model = _cuda_toy(dropout=0.3)
+    opt = _fused_adamw(model)
+    step = GraphedVillaStep(toy_forward(model), vqa_loss, cfg, text_embedding=model.word, optimizer=opt)
+    batch = _cuda_batch()
+    r1 = step.step(batch)
+    r2 = step.step(batch)
+    assert step.graphed
+    assert not torch.equal(r1.logits, r2.logits)  # fresh dropout masks at every replay
+    opt.param_groups[0]["lr"].fill_(0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    step.step(batch)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)  # a learning rate of 0 (weight decay scales with lr too): nothing moves
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("graphed", [False, True])
+def test_fp16_with_grad_scaler(graphed):
+    cfg = AdversarialConfig(steps=3, lr_txt=1e-3, lr_img=1e-3, modality="text+image", amp_dtype=torch.float16)
+    model = _cuda_toy()
+    opt = _fused_adamw(model)
+    scaler = torch.amp.GradScaler("cuda")
+    start = [p.detach().clone() for p in model.parameters()]
+    if graphed:
+        step = _graphed(model, cfg, optimizer=opt, scaler=scaler, max_grad_norm=2.0)
+    else:
+        step = VillaStep(
+            toy_forward(model), vqa_loss, cfg, text_embedding=model.word, image_input=model.img, scaler=scaler
+        )
+    for seed in range(3):
+        batch = _cuda_batch(seed)
+        res = step.step(batch, batch["tmask"], batch["imask"])
+        if not graphed:
+            scaler.unscale_(opt)
+            clip_grad_norm_capturable_(list(model.parameters()), 2.0)
+            scaler.step(opt)
+            step.update_scaler(res.skipped_steps)
+            opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(res.loss)
+        assert res.deltas["text"].dtype == torch.float32 and res.deltas["text"].abs().sum() > 0
+        assert int(res.skipped_steps) == 0
+    moved = sum(int(not torch.equal(p, q)) for p, q in zip(model.parameters(), start, strict=True))
+    assert moved > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_no_host_sync_inside_a_step():
+    cfg = AdversarialConfig(steps=3, lr_txt=1e-3, lr_img=1e-3, modality="text+image", amp_dtype=torch.bfloat16)
+    model = _cuda_toy()
+    step = VillaStep(toy_forward(model), vqa_loss, cfg, text_embedding=model.word, image_input=model.img)
+    batch = _cuda_batch()
+    step.step(batch, batch["tmask"], batch["imask"])  # first step: parameter discovery, kernel compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = step.step(batch, batch["tmask"], batch["imask"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(res.loss)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphed_nonfinite_step_is_skipped():
+    from tests.test_adversarial import PoisonToy
+
+    cfg = AdversarialConfig(steps=3, modality="text", amp_dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    model = PoisonToy(poison_at=-1, vocab=97, hidden=64, img_dim=96, n_cls=31).cuda().train()
+    opt = _fused_adamw(model)
+    step = GraphedVillaStep(toy_forward(model), vqa_loss, cfg, text_embedding=model.word, optimizer=opt, warmup=1)
+    batch = _cuda_batch()
+    # poison adversarial step 1 of the capture, so that every replay back-propagates NaN there: forwards are
+    # the discovery pass (1), one warm-up step (clean + 3), then the captured clean pass and step 0
+    model.calls, model.poison_at = 0, 1 + 4 + 1 + 1
+    res = step.step(batch)
+    res = step.step(batch)
+    assert int(res.skipped_steps) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
