@@ -2,9 +2,9 @@
 
 The reader classes keep the authors' names and signatures (``TxtLmdb``,
 ``TxtTokLmdb``, ``DetectFeatLmdb``), so code written against their data modules
-ports by changing the import.  Databases are opened read-only without locks, and
-lazily in each process: a DataLoader worker never reuses an environment opened
-by its parent (LMDB forbids that after ``fork``).
+ports by changing the import.  Databases are opened read-only without locks, once per
+path and process, and each process (a DataLoader worker included) reads through a
+transaction of its own, never one begun by its parent.
 """
 
 from __future__ import annotations
@@ -81,6 +81,10 @@ def nbb_file_name(conf_th: float, max_bb: int, min_bb: int) -> str:
     return f"nbb_th{conf_th}_max{max_bb}_min{min_bb}.json"
 
 
+# (pid, path, inode, device) -> (environment, read transaction), shared by every reader of a path in a process
+_OPEN_ENVS: dict[tuple, tuple] = {}
+
+
 class _LazyEnv:
     """A read-only LMDB environment opened on first use in each process."""
 
@@ -89,7 +93,7 @@ class _LazyEnv:
             raise FileNotFoundError(f"missing LMDB directory: {path}")
         if not os.path.isfile(os.path.join(path, "data.mdb")):
             raise FileNotFoundError(f"not an LMDB directory (no data.mdb): {path}")
-        self.path = path
+        self.path = os.path.realpath(path)
         self.readahead = readahead
         self._pid: int | None = None
         self._env = None
@@ -98,11 +102,23 @@ class _LazyEnv:
     def txn(self):
         pid = os.getpid()
         if self._pid != pid:
-            # never touch a parent's handle after fork: open a fresh one
-            self._env = lmdb.open(
-                self.path, readonly=True, create=False, lock=False, readahead=self.readahead, max_readers=2048
-            )
-            self._txn = self._env.begin(buffers=True)
+            # one read transaction per process (a parent's is never reused after fork)
+            st = os.stat(os.path.join(self.path, "data.mdb"))
+            ident = (self.path, st.st_ino, st.st_dev)
+            entry = _OPEN_ENVS.get((pid, *ident))
+            if entry is None:
+                inherited = next((e for k, e in _OPEN_ENVS.items() if k[1:] == ident), None)
+                if inherited is not None:
+                    # py-lmdb refuses a second handle on a path opened before fork; the inherited
+                    # lock-free read-only handle is safe with a transaction of this process's own
+                    env = inherited[0]
+                else:
+                    env = lmdb.open(
+                        self.path, readonly=True, create=False, lock=False, readahead=self.readahead, max_readers=2048
+                    )
+                entry = (env, env.begin(buffers=True))
+                _OPEN_ENVS[(pid, *ident)] = entry
+            self._env, self._txn = entry
             self._pid = pid
         return self._txn
 
@@ -114,10 +130,8 @@ class _LazyEnv:
             return [bytes(k) for k in cur.iternext(keys=True, values=False)]
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            self._txn = None
-            self._env.close()
-        self._env = None
+        """Forget this handle (the shared environment stays open for other readers of the path)."""
+        self._env = self._txn = None
         self._pid = None
 
     def __getstate__(self):
