@@ -64,7 +64,8 @@ int64_t update_rows_cpu(D* delta, const G* grad, int64_t rows, int64_t n, double
                 acc_t dd = 0;
 #pragma omp simd reduction(+ : dd)
                 for (int64_t j = 0; j < n; ++j) {
-                    const D x = static_cast<D>(static_cast<acc_t>(d[j]) + lr_a * (static_cast<acc_t>(g[j]) / scale) / denom);
+                    const acc_t gj = static_cast<acc_t>(g[j]) / scale;
+                    const D x = static_cast<D>(static_cast<acc_t>(d[j]) + lr_a * gj / denom);
                     d[j] = x;
                     dd += static_cast<acc_t>(x) * static_cast<acc_t>(x);
                 }
@@ -179,7 +180,8 @@ at::Tensor perturb_update_(std::vector<at::Tensor> deltas, std::vector<at::Tenso
                     " but deltas[0] is on ", device);
         TORCH_CHECK(g.device() == device, "perturb_update_: grads[", i, "] is on ", g.device(),
                     " but deltas[0] is on ", device);
-        TORCH_CHECK(d.dim() >= 1, "perturb_update_: deltas[", i, "] must have shape [B, ...] (>= 1 dim), got a 0-dim tensor");
+        TORCH_CHECK(d.dim() >= 1, "perturb_update_: deltas[", i,
+                    "] must have shape [B, ...] (>= 1 dim), got a 0-dim tensor");
         TORCH_CHECK(g.sizes() == d.sizes(), "perturb_update_: grads[", i, "] has shape ", g.sizes(),
                     " but deltas[", i, "] has shape ", d.sizes());
         TORCH_CHECK(d.is_contiguous(), "perturb_update_: deltas[", i, "] must be contiguous");

@@ -40,21 +40,27 @@ __device__ __forceinline__ void store_delta(float* p, const float (&o)[VEC]) {
         *p = o[0];
     } else {
 #pragma unroll
-        for (int i = 0; i < VEC; i += 4) *reinterpret_cast<float4*>(p + i) = make_float4(o[i], o[i + 1], o[i + 2], o[i + 3]);
+        for (int i = 0; i < VEC; i += 4) {
+            *reinterpret_cast<float4*>(p + i) = make_float4(o[i], o[i + 1], o[i + 2], o[i + 3]);
+        }
     }
 }
 
-// Loads VEC grad elements as g = grad / scale (IEEE division, as on the CPU).
+// g = grad / scale with IEEE division (as on the CPU, and not approximated by --use_fast_math);
+// the common unscaled case skips the division.
+__device__ __forceinline__ float unscale(float x, float scale) { return scale == 1.f ? x : __fdiv_rn(x, scale); }
+
+// Loads VEC grad elements as g = grad / scale.
 template <typename G, int VEC>
 __device__ __forceinline__ void load_grad(const G* p, float scale, float (&o)[VEC]) {
     if constexpr (VEC == 1) {
-        o[0] = __fdiv_rn(to_float(*p), scale);
+        o[0] = unscale(to_float(*p), scale);
     } else {
         static_assert(VEC * sizeof(G) == 16, "one 16-byte load per pack");
         const uint4 raw = *reinterpret_cast<const uint4*>(p);
         const G* e = reinterpret_cast<const G*>(&raw);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) o[i] = __fdiv_rn(to_float(e[i]), scale);
+        for (int i = 0; i < VEC; ++i) o[i] = unscale(to_float(e[i]), scale);
     }
 }
 
