@@ -1,0 +1,113 @@
+"""Token-bucket sampler: budget, coverage, determinism, sharding, resume, fixed shapes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.test_data_helpers import IMG_ARGS, make_images, make_txt
+from villa_fast.data import (
+    DetectFeatLmdb,
+    PadBuckets,
+    TokenBucketSampler,
+    TxtTokLmdb,
+    VqaDataset,
+    build_dataloader,
+    count_shapes,
+    vqa_collate,
+)
+
+LENS = [random.Random(7).randint(5, 90) for _ in range(3001)]
+
+
+@pytest.mark.parametrize("budget", [800, 3000])
+@pytest.mark.parametrize("bucket", [64, 8192])
+def test_budget_and_coverage(budget, bucket):
+    s = TokenBucketSampler(LENS, bucket_size=bucket, batch_size=budget, droplast=False, seed=1)
+    batches = list(s)
+    for b in batches:
+        assert max(LENS[i] for i in b) * len(b) <= budget
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(LENS)))
+    # droplast: no duplicates, the dropped count accounts for the rest
+    d = TokenBucketSampler(LENS, bucket_size=bucket, batch_size=budget, droplast=True, seed=1)
+    flat = [i for b in d for i in b]
+    assert len(set(flat)) == len(flat) and len(flat) + d.num_dropped == len(LENS)
+    assert all(len(b) % 8 == 0 for b in d.epoch_batches())
+
+
+def test_budget_too_small_is_an_error():
+    with pytest.raises(ValueError, match="token budget"):
+        list(TokenBucketSampler([100] * 16, batch_size=500))
+
+
+def test_deterministic_per_seed_and_epoch():
+    mk = lambda seed, epoch: TokenBucketSampler(LENS, bucket_size=256, batch_size=2000, seed=seed, epoch=epoch)  # noqa: E731
+    assert list(mk(0, 0)) == list(mk(0, 0))
+    assert list(mk(0, 0)) != list(mk(0, 1))
+    assert list(mk(0, 0)) != list(mk(1, 0))
+    s = mk(0, 0)
+    s.set_epoch(1)
+    assert list(s) == list(mk(0, 1))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_disjoint_and_complete(world):
+    shards = []
+    for r in range(world):
+        s = TokenBucketSampler(LENS, bucket_size=512, batch_size=2000, seed=4, rank=r, world_size=world)
+        shards.append([i for b in s for i in b])
+    seen = [i for sh in shards for i in sh]
+    assert len(seen) == len(set(seen)) == len(LENS)
+    even = [
+        TokenBucketSampler(LENS, bucket_size=512, batch_size=2000, droplast=True, seed=4, rank=r, world_size=world)
+        for r in range(world)
+    ]
+    assert len({len(s) for s in even}) == 1
+    flat = [i for s in even for b in s for i in b]
+    assert len(flat) == len(set(flat)) and len(flat) + sum(s.num_dropped for s in even) == len(LENS)
+
+
+def test_eval_order_keeps_every_example():
+    s = TokenBucketSampler(LENS, bucket_size=100, batch_size=1500, shuffle=False)
+    assert sorted(i for b in s for i in b) == list(range(len(LENS)))
+    assert list(s) == list(TokenBucketSampler(LENS, bucket_size=100, batch_size=1500, shuffle=False, seed=9))
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampler")
+    make_images(root / "img", n=10)
+    make_txt(root / "txt", [f"img{k:03d}.npz" for k in range(10)], n=120, max_len=20)
+    return VqaDataset(10, TxtTokLmdb(root / "txt", -1), DetectFeatLmdb(root / "img", **IMG_ARGS))
+
+
+def test_loader_resume_is_exact(vqa):
+    ld = build_dataloader(vqa, vqa_collate, batch_size_tokens=300, is_train=True, seed=5)
+    full = [b["input_ids"] for b in ld] + [b["input_ids"] for b in ld]  # epochs 0 and 1
+    assert ld.state_dict() == {"epoch": 2, "batch_index": 0, "seed": 5}
+    ld = build_dataloader(vqa, vqa_collate, batch_size_tokens=300, is_train=True, seed=5)
+    it = iter(ld)
+    got = [next(it)["input_ids"] for _ in range(3)]
+    state = ld.state_dict()
+    assert state == {"epoch": 0, "batch_index": 3, "seed": 5}
+    fresh = build_dataloader(vqa, vqa_collate, batch_size_tokens=300, is_train=True, seed=0)
+    fresh.load_state_dict(state)
+    got += [b["input_ids"] for b in fresh] + [b["input_ids"] for b in fresh]
+    assert len(got) == len(full) and all(a.equal(b) for a, b in zip(got, full, strict=True))
+
+
+def test_pad_buckets_fix_shapes(vqa):
+    plain = build_dataloader(vqa, vqa_collate, batch_size_tokens=400, is_train=True, seed=0)
+    pb = PadBuckets(txt=(8, 16, 24), img=(4, 8))
+    fixed = build_dataloader(vqa, vqa_collate, batch_size_tokens=400, is_train=True, seed=0, pad_buckets=pb)
+    a, b = list(plain), list(fixed)
+    shapes = {(x["input_ids"].shape, x["img_feat"].shape[:2]) for x in b}
+    assert count_shapes(b) == len(shapes) <= len(pb.txt) * len(pb.img)
+    for x in b:
+        lt, n = x["input_ids"].size(1), x["img_feat"].size(1)
+        assert lt in pb.txt and n in pb.img and x["attn_masks"].size(1) == lt + n
+        assert x["input_ids"].size(0) * (lt + n) <= 400
+    assert count_shapes(a) >= count_shapes(b)
+    assert sum(len(x["txt_lens"]) for x in b) + fixed.sampler.num_dropped == len(vqa)
