@@ -39,6 +39,9 @@ _SAFE_KINDS = frozenset("biufc")
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
+_SKIPPED = np.empty(0)
+
+
 class DataFormatError(ValueError):
     """A record or side file does not follow the expected format."""
 
@@ -121,13 +124,18 @@ def encode_img_record(arrays: dict[str, np.ndarray], compress: bool) -> bytes:
     return _pack(dict(arrays))
 
 
-def decode_img_record(raw: bytes | memoryview, where: str = "image record") -> dict[str, np.ndarray]:
-    """Decode an image record of either encoding (told apart by the zip magic number)."""
+def decode_img_record(
+    raw: bytes | memoryview, where: str = "image record", keys: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """Decode an image record of either encoding (told apart by the zip magic number).
+
+    ``keys`` limits which ``.npz`` members are parsed (the others are still listed as present
+    with an empty placeholder so key checks see them)."""
     raw = bytes(raw)
     try:
         if raw[:4] == _NPZ_MAGIC:
             with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-                out = {k: npz[k] for k in npz.files}
+                out = {k: (npz[k] if keys is None or k in keys else _SKIPPED) for k in npz.files}
         else:
             out = _unpack(raw)
     except DataFormatError as exc:
@@ -141,6 +149,8 @@ def decode_img_record(raw: bytes | memoryview, where: str = "image record") -> d
     if not isinstance(out, dict):
         raise DataFormatError(f"{where}: expected a map of arrays, found {type(out).__name__}")
     for k, v in out.items():
+        if v is _SKIPPED:
+            continue
         if not isinstance(v, np.ndarray):
             raise DataFormatError(f"{where}: value {k!r} is not an array")
     return out

@@ -328,12 +328,12 @@ class DetectFeatLmdb:
             out[name] = min(compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb), len(conf))
         return out
 
-    def _load(self, file_name: str) -> dict[str, np.ndarray]:
+    def _load(self, file_name: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         raw = self._env.get(file_name.encode("utf-8"))
         where = f"{self.db_path} key {file_name!r}"
         if raw is None:
             raise KeyError(f"{self.db_path}: no image record with key {file_name!r}")
-        dump = decode_img_record(raw, where=where)
+        dump = decode_img_record(raw, where=where, keys=keys)
         if self.strict:
             unknown = set(dump) - IMG_KEYS
             if unknown:
@@ -368,7 +368,7 @@ class DetectFeatLmdb:
 
     def __getitem__(self, file_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         nbb = self._nbb(file_name)
-        dump = self._load(file_name)
+        dump = self._load(file_name, keys=("features", "norm_bb"))
         feat = torch.from_numpy(np.asarray(dump["features"][:nbb], dtype=np.float32))
         bb = torch.from_numpy(np.asarray(dump["norm_bb"][:nbb], dtype=np.float32))
         return feat, bb
