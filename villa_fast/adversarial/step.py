@@ -360,6 +360,8 @@ class VillaStep:
                     skipped_rows += counts
                 else:
                     skipped_rows[rows_at[0]] += counts[0]
+            # drop this step's graph before the next forward (per_step mode retains it until here)
+            z = z1 = z2 = None
             del grads, p_grads, d_grads, z_grad, out, loss, task, kl
 
         if once and g_clean is not None:
