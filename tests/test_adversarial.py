@@ -662,3 +662,21 @@ def test_lazy_exports():
     assert villa_fast.VillaStep is VillaStep and villa_fast.AdversarialConfig is AdversarialConfig
     assert villa_fast.GraphedVillaStep.__name__ == "GraphedVillaStep"
     assert math.isfinite(AdversarialConfig().kl_weight)
+
+
+def test_adversarial_package_knows_no_model_data_or_reference():
+    import ast
+    import pathlib
+
+    import villa_fast.adversarial as adv
+
+    forbidden = ("villa_fast.models", "villa_fast.data", "villa_fast.train", "villa_fast.reference")
+    for path in pathlib.Path(adv.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for n in names:
+                assert not n.startswith(forbidden), f"{path.name} imports {n}"
