@@ -21,14 +21,29 @@ namespace {
 
 enum NormType : int64_t { kL2 = 0, kLinf = 1 };
 
-template <typename D, typename G>
-int64_t update_rows_cpu(D* delta, const G* grad, int64_t rows, int64_t n, double lr, bool l2, double max_norm,
-                        double scale_in) {
+// How g = grad / scale is formed: the loss scales of GradScaler are powers of two, for which
+// multiplying by the exact reciprocal gives the same bits as dividing and vectorises well.
+enum class Unscale { kNone, kMul, kDiv };
+
+template <Unscale kMode, typename D, typename G>
+int64_t update_rows_cpu_impl(D* delta, const G* grad, int64_t rows, int64_t n, double lr, bool l2, double max_norm,
+                             double scale_in) {
     using acc_t = acc_type_t<D>;
     const acc_t scale = static_cast<acc_t>(scale_in);
     const acc_t lr_a = static_cast<acc_t>(lr);
     const acc_t bound = static_cast<acc_t>(max_norm);
     const acc_t eps = static_cast<acc_t>(1e-8);
+    const acc_t inv = acc_t(1) / scale;
+    const auto unscale = [scale, inv](G v) {
+        const acc_t x = static_cast<acc_t>(v);
+        if constexpr (kMode == Unscale::kMul) {
+            return x * inv;
+        } else if constexpr (kMode == Unscale::kDiv) {
+            return x / scale;
+        } else {
+            return x;
+        }
+    };
     std::atomic<int64_t> skipped{0};
     // about 64K elements per task: enough work to amortise the task, rows never split
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(n, 1));
@@ -42,7 +57,7 @@ int64_t update_rows_cpu(D* delta, const G* grad, int64_t rows, int64_t n, double
             if (l2) {
 #pragma omp simd reduction(+ : norm, nonfinite)
                 for (int64_t j = 0; j < n; ++j) {
-                    const acc_t x = static_cast<acc_t>(g[j]) / scale;
+                    const acc_t x = unscale(g[j]);
                     norm += x * x;
                     nonfinite += x - x;
                 }
@@ -50,7 +65,7 @@ int64_t update_rows_cpu(D* delta, const G* grad, int64_t rows, int64_t n, double
             } else {
 #pragma omp simd reduction(max : norm) reduction(+ : nonfinite)
                 for (int64_t j = 0; j < n; ++j) {
-                    const acc_t x = static_cast<acc_t>(g[j]) / scale;
+                    const acc_t x = unscale(g[j]);
                     norm = std::max(norm, std::abs(x));
                     nonfinite += x - x;
                 }
@@ -59,13 +74,13 @@ int64_t update_rows_cpu(D* delta, const G* grad, int64_t rows, int64_t n, double
                 ++local_skipped;
                 continue;
             }
-            const acc_t denom = std::max(norm, eps);
+            const acc_t step = lr_a / std::max(norm, eps);
             if (max_norm > 0 && l2) {
                 acc_t dd = 0;
 #pragma omp simd reduction(+ : dd)
                 for (int64_t j = 0; j < n; ++j) {
-                    const acc_t gj = static_cast<acc_t>(g[j]) / scale;
-                    const D x = static_cast<D>(static_cast<acc_t>(d[j]) + lr_a * gj / denom);
+                    const acc_t gj = unscale(g[j]);
+                    const D x = static_cast<D>(static_cast<acc_t>(d[j]) + step * gj);
                     d[j] = x;
                     dd += static_cast<acc_t>(x) * static_cast<acc_t>(x);
                 }
@@ -78,19 +93,31 @@ int64_t update_rows_cpu(D* delta, const G* grad, int64_t rows, int64_t n, double
             } else if (max_norm > 0) {
 #pragma omp simd
                 for (int64_t j = 0; j < n; ++j) {
-                    const acc_t x = static_cast<acc_t>(d[j]) + lr_a * (static_cast<acc_t>(g[j]) / scale) / denom;
+                    const acc_t x = static_cast<acc_t>(d[j]) + step * unscale(g[j]);
                     d[j] = static_cast<D>(std::min(std::max(x, -bound), bound));
                 }
             } else {
 #pragma omp simd
                 for (int64_t j = 0; j < n; ++j) {
-                    d[j] = static_cast<D>(static_cast<acc_t>(d[j]) + lr_a * (static_cast<acc_t>(g[j]) / scale) / denom);
+                    d[j] = static_cast<D>(static_cast<acc_t>(d[j]) + step * unscale(g[j]));
                 }
             }
         }
         skipped.fetch_add(local_skipped, std::memory_order_relaxed);
     });
     return skipped.load();
+}
+
+template <typename D, typename G>
+int64_t update_rows_cpu(D* delta, const G* grad, int64_t rows, int64_t n, double lr, bool l2, double max_norm,
+                        double scale) {
+    using acc_t = acc_type_t<D>;
+    const acc_t s = static_cast<acc_t>(scale);
+    int exp2 = 0;
+    const bool pow2 = std::frexp(s, &exp2) == acc_t(0.5) && std::isnormal(acc_t(1) / s);
+    if (s == acc_t(1)) return update_rows_cpu_impl<Unscale::kNone>(delta, grad, rows, n, lr, l2, max_norm, scale);
+    if (pow2) return update_rows_cpu_impl<Unscale::kMul>(delta, grad, rows, n, lr, l2, max_norm, scale);
+    return update_rows_cpu_impl<Unscale::kDiv>(delta, grad, rows, n, lr, l2, max_norm, scale);
 }
 
 template <typename D>

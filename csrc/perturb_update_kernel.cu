@@ -46,13 +46,26 @@ __device__ __forceinline__ void store_delta(float* p, const float (&o)[VEC]) {
     }
 }
 
-// g = grad / scale with IEEE division (as on the CPU, and not approximated by --use_fast_math);
-// the common unscaled case skips the division.
-__device__ __forceinline__ float unscale(float x, float scale) { return scale == 1.f ? x : __fdiv_rn(x, scale); }
+// g = grad / scale, bit-identical to IEEE division (as on the CPU, never the --use_fast_math
+// approximation). Loss scales are powers of two, where multiplying by the exact reciprocal
+// (inv != 0) gives the same bits for a fraction of the instructions.
+struct Scale {
+    float scale, inv;
+};
+
+__device__ __forceinline__ float unscale(float x, Scale s) { return s.inv != 0.f ? x * s.inv : __fdiv_rn(x, s.scale); }
+
+__device__ __forceinline__ Scale make_scale(float scale) {
+    const unsigned bits = __float_as_uint(scale);
+    const unsigned expo = (bits >> 23) & 0xffu;
+    // a normal power of two whose reciprocal is normal too
+    const bool pow2 = (bits & 0x7fffffu) == 0 && expo > 1 && expo < 253;
+    return {scale, pow2 ? __fdiv_rn(1.f, scale) : 0.f};
+}
 
 // Loads VEC grad elements as g = grad / scale.
 template <typename G, int VEC>
-__device__ __forceinline__ void load_grad(const G* p, float scale, float (&o)[VEC]) {
+__device__ __forceinline__ void load_grad(const G* p, Scale scale, float (&o)[VEC]) {
     if constexpr (VEC == 1) {
         o[0] = unscale(to_float(*p), scale);
     } else {
@@ -69,7 +82,7 @@ struct RowArgs {
     const void* g;
     int64_t n;
     float lr;
-    float scale;
+    Scale scale;
     bool l2;
     float max_norm;
 };
@@ -243,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) perturb_update_kernel(const PerturbU
             a.d = seg.delta + r * seg.row_len;
             a.n = seg.row_len;
             a.lr = seg.lr;
-            a.scale = scale;
+            a.scale = make_scale(scale);
             a.l2 = p.norm_type == 0;
             a.max_norm = p.max_norm;
             switch (seg.grad_dtype) {

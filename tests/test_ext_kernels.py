@@ -122,10 +122,12 @@ def test_perturb_update_skips_non_finite_rows(device, norm, shape):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("gdtype", [torch.float32, torch.float16])
-def test_perturb_update_grad_scale(device, scale_dtype, gdtype):
-    # an fp16 loss scaler: grads arrive multiplied by the scale, the update must see grad / scale
-    delta, grad = _delta_grad((5, 7, 19), torch.float32, gdtype, device, scale=64.0)
-    scale = torch.tensor([1024.0], dtype=scale_dtype, device=device)
+@pytest.mark.parametrize("value", [1024.0, 3.0, 2.0**-20])
+def test_perturb_update_grad_scale(device, scale_dtype, gdtype, value):
+    # a loss scaler: grads arrive multiplied by the scale, the update must see grad / scale
+    # (powers of two take the reciprocal-multiply path, 3.0 the division path)
+    delta, grad = _delta_grad((5, 7, 19), torch.float32, gdtype, device, scale=min(value, 64.0))
+    scale = torch.tensor([value], dtype=scale_dtype, device=device)
     want, _ = _ref_update(delta, grad, 0.01, "l2", 0.05, grad_scale=scale)
     skipped = C.perturb_update_([delta], [grad], [0.01], NORMS["l2"], 0.05, scale)
     assert skipped.tolist() == [0]
