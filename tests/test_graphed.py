@@ -231,3 +231,33 @@ def test_graphed_nonfinite_step_is_skipped():
     res = step.step(batch)
     assert int(res.skipped_steps) == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:GraphedVillaStep runs eagerly")
+def test_warmup_is_undone_before_capture():
+    """The capture's warm-up runs real steps; the snapshot/restore around it (run here on the CPU) must put
+    parameters, gradients, optimizer state and the init generator back, with the same tensor objects."""
+    cfg = AdversarialConfig(steps=2, lr_txt=0.3, lr_img=0.4, modality="text+image", init_mag=0.1)
+    model = make_toy(4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(11)
+    step = _graphed(model, cfg, optimizer=opt, generator=gen)
+    batch = make_batch(seed=12)
+    step.eager.discover_params(batch)
+    before = [p.detach().clone() for p in model.parameters()]
+    gen_state = gen.get_state()
+    snap = step._snapshot()
+    for _ in range(2):
+        step._full(batch, None, None, True)
+    state_tensors = {id(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)}
+    assert state_tensors
+    step._restore(snap)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    for p in step.eager.params:
+        assert p.grad is not None and not p.grad.any()
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                assert id(v) in state_tensors and not v.any()
+    assert torch.equal(gen.get_state(), gen_state)

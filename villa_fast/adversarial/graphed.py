@@ -17,6 +17,7 @@ Without CUDA, or when a capture fails, the same step runs eagerly and says so on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Iterable
@@ -177,6 +178,10 @@ class GraphedVillaStep:
                 entry = self._capture(leaves, spec, txt_mask, img_mask, do_opt)
             except Exception as exc:  # fall back for this signature, keep training
                 self._eager_keys.add(key)
+                if self.scaler is not None and self.scaler.is_enabled():
+                    # a capture that stopped between unscale_/step and update leaves the scaler mid-iteration
+                    with contextlib.suppress(AssertionError):
+                        self.scaler.update(new_scale=float(self.scaler.get_scale()))
                 self._say_eager(f"CUDA graph capture failed ({type(exc).__name__}: {exc})")
                 return self._full(batch, txt_mask, img_mask, do_opt)
             self._graphs[key] = entry
@@ -242,6 +247,9 @@ class GraphedVillaStep:
             torch._foreach_zero_(grads)  # in place: the captured graph keeps writing the same tensors
         return result
 
+    def _grad_params(self) -> list[Tensor]:
+        return list(self.eager.params or [])
+
     def _all_params(self) -> list[Tensor]:
         seen, out = set(), []
         for p in [*(self.eager.params or []), *self._opt_params()]:
@@ -254,7 +262,7 @@ class GraphedVillaStep:
         """Give every parameter its fixed ``.grad`` tensor again if the caller dropped or replaced it."""
         if self._static_grads is None:
             return
-        for p, g in zip(self._all_params(), self._static_grads, strict=True):
+        for p, g in zip(self._grad_params(), self._static_grads, strict=True):
             if p.grad is g:
                 continue
             if p.grad is None:
@@ -284,17 +292,17 @@ class GraphedVillaStep:
         """Undo the warm-up in place (tensor identities are kept: the graph will use these tensors)."""
         params = self._all_params()
         with torch.no_grad():
-            for p, v in zip(params, snap["params"], strict=False):
+            for p, v, g in zip(params, snap["params"], snap["grads"], strict=True):
                 p.copy_(v)
-            for p, g in zip(params, snap["grads"], strict=False):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p) if g is None else g
-                elif g is None:
-                    p.grad.zero_()
+                if g is None:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = g
                 else:
                     p.grad.copy_(g)
-            # parameters the snapshot did not know yet (found by the first warm-up step)
-            for p in params[len(snap["params"]) :]:
+            # the parameters the step differentiates get fixed gradient tensors (zero = no gradient yet);
+            # the others keep None, so the optimizer skips them exactly as it does eagerly
+            for p in self._grad_params():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             if self.optimizer is not None:
@@ -354,7 +362,7 @@ class GraphedVillaStep:
         finally:
             torch.cuda.current_stream().wait_stream(side)
             self._restore(snap)
-        params = self._all_params()
+        params = self._grad_params()
         if self._static_grads is None:
             self._static_grads = [p.grad for p in params]
         elif len(self._static_grads) != len(params):
