@@ -76,7 +76,9 @@ def _perturb_update_kernel(
         g_row = g1_ptr + row * n1
     inv_scale = 1.0
     if HAS_SCALE:
-        inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        # an infinite scale would turn every gradient into zeros: make it poison the row instead
+        inv_scale = tl.where(tl.abs(scale) == float("inf"), float("nan"), 1.0 / scale)
     offs = tl.arange(0, BLOCK)
     NEED_D: tl.constexpr = PROJECT and NORM_L2
     if SINGLE:

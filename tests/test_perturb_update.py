@@ -106,6 +106,11 @@ def test_grad_scale_divides_on_device(backend):
     c = delta.clone()
     n = ops.perturb_update_(c, grad, lr=0.1, norm_type="l2", grad_scale=torch.zeros(1, device=dev))
     assert int(n) == 4 and torch.equal(c, delta)
+    for bad in (float("inf"), float("nan")):
+        n = ops.perturb_update_(
+            c, grad, lr=0.1, norm_type="l2", max_norm=1e-3, grad_scale=torch.tensor([bad], device=dev)
+        )
+        assert int(n) == 4 and torch.equal(c, delta)
 
 
 def test_two_tensors_in_one_call(backend):

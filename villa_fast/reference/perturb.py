@@ -72,9 +72,13 @@ def perturb_update_(
     acc = _acc_dtype(delta)
     b = delta.shape[0]
     g = grad.reshape(b, -1).to(acc)
+    finite = torch.ones(b, dtype=torch.bool, device=delta.device)
     if grad_scale is not None:
-        g = g / grad_scale.reshape(()).to(acc)
-    finite = torch.isfinite(g).all(dim=1)
+        scale = grad_scale.reshape(()).to(acc)
+        g = g / scale
+        # a zero or non-finite loss scale leaves no trustworthy gradient in any row
+        finite = finite & torch.isfinite(scale) & (scale != 0)
+    finite = finite & torch.isfinite(g).all(dim=1)
     g = torch.where(finite[:, None], g, torch.zeros_like(g))
     if norm_type == "l2":
         n = g.norm(p=2, dim=1)
