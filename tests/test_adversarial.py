@@ -680,3 +680,26 @@ def test_adversarial_package_knows_no_model_data_or_reference():
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             for n in names:
                 assert not n.startswith(forbidden), f"{path.name} imports {n}"
+
+
+@pytest.mark.parametrize("clean", ["once", "per_step"])
+def test_matches_released_loop_with_dropout(clean):
+    """With dropout on, the step draws its masks in the released loop's order (clean pass, then each step),
+    so the same seed gives the same gradients; the clean pass and step 0 see different masks."""
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward=clean)
+    model = make_toy(5, dropout=0.3)
+    batch = make_batch(seed=6)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    want_d = toy_reference(model, batch, cfg)
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    res = run_step(model, batch, cfg)
+    assert_same(grads_of(model), want, "param grad")
+    assert_same(res.deltas, want_d, "delta")
+    torch.manual_seed(123)
+    with torch.no_grad():
+        z_a = model(batch["ids"], batch["feat"], batch["tmask"], batch["imask"])
+        z_b = model(batch["ids"], batch["feat"], batch["tmask"], batch["imask"])
+    assert torch.equal(res.logits, z_a) and not torch.equal(z_a, z_b)
