@@ -225,7 +225,9 @@ class GraphedVillaStep:
             return list(self.eager.params or [])
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _full(self, batch: Any, txt_mask: Tensor | None, img_mask: Tensor | None, do_opt: bool) -> StepResult:
+    def _full(
+        self, batch: Any, txt_mask: Tensor | None, img_mask: Tensor | None, do_opt: bool, *, keep_grads: bool = False
+    ) -> StepResult:
         """The whole step, eager: adversarial step, then (optionally) unscale, clip, optimizer step, zero."""
         result = self.eager.step(batch, txt_mask, img_mask)
         if not do_opt:
@@ -242,9 +244,12 @@ class GraphedVillaStep:
             self.eager.update_scaler(result.skipped_steps)
         else:
             opt.step()
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)  # in place: the captured graph keeps writing the same tensors
+        if keep_grads or self._static_grads is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)  # in place: a captured graph keeps writing the same tensors
+        else:
+            opt.zero_grad(set_to_none=True)
         return result
 
     def _grad_params(self) -> list[Tensor]:
@@ -358,7 +363,7 @@ class GraphedVillaStep:
         try:
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self._full(static_batch, *static_masks, do_opt)
+                    self._full(static_batch, *static_masks, do_opt, keep_grads=True)
         finally:
             torch.cuda.current_stream().wait_stream(side)
             self._restore(snap)
@@ -375,5 +380,5 @@ class GraphedVillaStep:
         if gen is not None and gen.device.type == "cuda" and hasattr(graph, "register_generator_state"):
             graph.register_generator_state(gen)
         with torch.cuda.graph(graph):
-            out = self._full(static_batch, *static_masks, do_opt)
+            out = self._full(static_batch, *static_masks, do_opt, keep_grads=True)
         return _Graph(graph, static_leaves, static_masks, out)
