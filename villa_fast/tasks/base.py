@@ -1,0 +1,164 @@
+"""What every task tells the trainer: model, data, loss, metrics, prediction files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from villa_fast.train.config import ConfigError, dataset_pairs
+
+__all__ = ["DataContext", "Task", "load_model_config"]
+
+
+@dataclass
+class DataContext:
+    """Where the loaders run: seed, rank and world size for sharding, worker count."""
+
+    seed: int = 42
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    device: torch.device | None = None
+
+
+def load_model_config(spec: str | None) -> dict[str, Any]:
+    """A UNITER model config as a dict: from a JSON path, or "base" / "large" (None: base).
+
+    Keys a data set writes beside the model keys (``num_answers``) are left out here.
+    """
+    from villa_fast.models import UniterConfig
+
+    if spec is None or spec == "base":
+        return UniterConfig.base().to_dict()
+    if spec == "large":
+        return UniterConfig.large().to_dict()
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"model_config not found: {spec}")
+    with open(spec, encoding="utf-8") as fh:
+        d = json.load(fh)
+    d.pop("num_answers", None)
+    return d
+
+
+class Task:
+    """Base class. Subclasses set ``name`` and implement the data and metric hooks."""
+
+    name = ""
+    #: KL reduction of the adversarial consistency term for this task's logits (VILLA_SPEC section 2)
+    kl_reduction = "batchmean"
+    #: the headline metric key of :meth:`eval_finish`
+    main_metric = "acc"
+    #: robust evaluation (an embedding-space attack on the task loss) is meaningful
+    supports_robust = True
+    #: the VILLA step applies (the KL needs a distribution over classes)
+    supports_adversarial = True
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.cfg = cfg
+        self._img_dbs: dict[tuple, Any] = {}
+
+    # -- model -------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def model_config(self) -> dict[str, Any]:
+        return load_model_config(self.cfg["model_config"])
+
+    # -- data --------------------------------------------------------------------------------------
+    def img_db(self, path: str, *, conf_th: float | None = None, num_bb: int | None = None):
+        """An image database, opened once per (path, selection) as the authors' ImageLmdbGroup does."""
+        from villa_fast.data import DetectFeatLmdb
+
+        c = self.cfg
+        key = (path, c["conf_th"] if conf_th is None else conf_th, c["num_bb"] if num_bb is None else num_bb)
+        if key not in self._img_dbs:
+            self._img_dbs[key] = DetectFeatLmdb(
+                path, key[1], c["max_bb"], c["min_bb"], key[2], c["compressed_db"]
+            )
+        return self._img_dbs[key]
+
+    def pairs(self, split: str) -> list[tuple[str, str]]:
+        return dataset_pairs(self.cfg, split)
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.cfg.get(f"{split}_txt_db")) and bool(self.cfg.get(f"{split}_img_db"))
+
+    def token_loader(self, dataset, collate, ctx: DataContext, *, train: bool):
+        from villa_fast.data import build_dataloader
+
+        c = self.cfg
+        return build_dataloader(
+            dataset,
+            collate,
+            batch_size_tokens=c["train_batch_size"] if train else c["val_batch_size"],
+            is_train=train,
+            seed=ctx.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            num_workers=ctx.num_workers,
+        )
+
+    def train_loader(self, ctx: DataContext):
+        raise NotImplementedError
+
+    def eval_loader(self, ctx: DataContext, split: str = "val"):
+        raise NotImplementedError
+
+    # -- step --------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, batch: dict) -> dict:
+        """Per-batch fix-ups before the forward (e.g. hard-negative mining)."""
+        return batch
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+        return model(batch)
+
+    def loss(self, model: nn.Module, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        return _unwrap(model).loss(logits, batch)
+
+    def n_examples(self, batch: Mapping[str, Any]) -> int:
+        return int(batch["attn_masks"].size(0))
+
+    def adversarial_for(self, batch: Mapping[str, Any]) -> bool:
+        """Whether this batch takes the VILLA step when adversarial training is on."""
+        return True
+
+    def adv_masks(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor | None]:
+        return batch.get("txt_mask"), batch.get("img_mask")
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def eval_init(self) -> dict[str, Any]:
+        return {"n": 0.0, "correct": 0.0, "loss": 0.0, "pred": []}
+
+    def eval_batch(self, state: dict[str, Any], model: nn.Module, logits: Tensor, batch: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def eval_finish(self, state: dict[str, Any]) -> dict[str, float]:
+        n = max(state["n"], 1.0)
+        return {"acc": state["correct"] / n, "loss": state["loss"] / n, "n": state["n"]}
+
+    #: keys of the eval state summed over ranks (the rest is gathered)
+    sum_keys = ("n", "correct", "loss")
+
+    def write_predictions(self, preds: list, path_prefix: str) -> str | None:
+        """Write the predictions as the authors' inference scripts do; returns the file name."""
+        path = f"{path_prefix}.json"
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(preds, fh)
+        return path
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def require(cfg: Mapping[str, Any], key: str, task: str) -> Any:
+    v = cfg.get(key)
+    if v in (None, "", []):
+        raise ConfigError(f"task {task} needs config key {key!r}")
+    return v

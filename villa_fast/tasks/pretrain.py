@@ -1,0 +1,227 @@
+"""Pre-training: MLM, MRFR, MRC, MRC-kl and ITM (with the optimal-transport alignment term), one task
+per accumulation cycle drawn by mix ratio; MLM and ITM adversarial by default (VILLA_SPEC section 5)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch.nn.functional as F
+
+from villa_fast.tasks.base import DataContext, Task
+from villa_fast.train.config import ConfigError
+
+__all__ = ["MixSource", "PretrainTask"]
+
+_TASK_NAMES = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+
+
+def _norm(task: str) -> str:
+    t = task.replace("-", "").replace("_", "")
+    if t not in _TASK_NAMES:
+        raise ConfigError(f"unknown pre-training task {task!r}; expected one of {list(_TASK_NAMES)}")
+    return t
+
+
+class MixSource:
+    """Batches of several loaders: each accumulation cycle draws one loader by ratio and takes
+    ``accum`` consecutive batches from it (tagged with ``batch["task"]``).
+
+    The draw for cycle ``c`` depends only on ``(seed, c)``, and each loader keeps its own
+    position, so the state is ``{"cycle", "loaders"}``.
+    """
+
+    def __init__(self, loaders: dict[str, tuple[str, Any, float]], accum: int, seed: int):
+        self.loaders = loaders  # key -> (task, loader, ratio)
+        self.accum = accum
+        self.seed = seed
+        self.cycle = 0
+        self._keys = list(loaders)
+        self._weights = [loaders[k][2] for k in self._keys]
+
+    def pick(self, cycle: int) -> str:
+        rng = random.Random((self.seed * 1_000_003 + cycle) & ((1 << 63) - 1))
+        return rng.choices(self._keys, weights=self._weights)[0]
+
+    def batches(self) -> Iterator[dict]:
+        from villa_fast.train.trainer import LoaderSource
+
+        streams = {k: LoaderSource(v[1]).batches() for k, v in self.loaders.items()}
+        while True:
+            key = self.pick(self.cycle)
+            self.cycle += 1  # the state after this cycle's last batch points at the next cycle
+            task = self.loaders[key][0]
+            for _ in range(self.accum):
+                batch = next(streams[key])
+                batch["task"] = task
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"cycle": self.cycle, "loaders": {k: v[1].state_dict() for k, v in self.loaders.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cycle = int(state["cycle"])
+        for k, s in state["loaders"].items():
+            self.loaders[k][1].load_state_dict(s)
+
+
+class _Chain:
+    """Evaluation: every (dataset, task) loader in turn, batches tagged with their task."""
+
+    def __init__(self, parts: list[tuple[str, Any]]):
+        self.parts = parts
+
+    def __iter__(self):
+        for task, loader in self.parts:
+            for batch in loader:
+                batch["task"] = task
+                yield batch
+
+    def load_state_dict(self, state: dict) -> None:
+        for _, loader in self.parts:
+            loader.load_state_dict(state)
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+    kl_reduction = "batchmean"
+    main_metric = "mlm_acc"
+    supports_robust = False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._ot = None
+
+    def build_model(self):
+        from villa_fast.models import UniterForPretraining
+
+        return UniterForPretraining(self.model_config(), ot_weight=self.cfg["itm_ot_lambda"])
+
+    def _dataset(self, task: str, pairs: list[tuple[str, str]], max_len: int):
+        from villa_fast import data as d
+
+        c = self.cfg
+        sets = []
+        for txt, img in pairs:
+            tdb, idb = d.TxtTokLmdb(txt, max_len), self.img_db(img)
+            if task == "mlm":
+                sets.append(d.MlmDataset(tdb, idb, mask_prob=c["mlm_prob"]))
+            elif task == "mrfr":
+                sets.append(d.MrfrDataset(c["mrm_prob"], tdb, idb))
+            elif task in ("mrc", "mrckl"):
+                sets.append(d.MrcDataset(c["mrm_prob"], tdb, idb))
+            else:
+                sets.append(d.ItmDataset(tdb, idb, neg_sample_p=c["itm_neg_prob"]))
+        collate = {
+            "mlm": d.mlm_collate,
+            "mrfr": d.mrfr_collate,
+            "mrc": d.mrc_collate,
+            "mrckl": d.mrc_collate,
+            "itm": d.itm_ot_collate if c["itm_ot_lambda"] > 0 else d.itm_collate,
+        }[task]
+        return (sets[0] if len(sets) == 1 else d.ConcatDatasetWithLens(sets)), collate
+
+    @staticmethod
+    def _entry_pairs(entry: dict, where: str) -> list[tuple[str, str]]:
+        dbs, imgs = list(entry["db"]), list(entry["img"])
+        if len(imgs) == 1 and len(dbs) > 1:
+            imgs = imgs * len(dbs)
+        if len(dbs) != len(imgs):
+            raise ConfigError(f"{where} {entry.get('name', '')!r}: {len(dbs)} text dbs but {len(imgs)} image dbs")
+        return list(zip(dbs, imgs, strict=True))
+
+    def train_source(self, ctx: DataContext) -> MixSource:
+        entries = self.cfg.get("train_datasets")
+        if not entries:
+            raise ConfigError("task pretrain needs config key 'train_datasets'")
+        loaders = {}
+        for i, entry in enumerate(entries):
+            pairs = self._entry_pairs(entry, "train_datasets")
+            ratios = entry.get("mix_ratio") or [1] * len(entry["tasks"])
+            for task, ratio in zip(entry["tasks"], ratios, strict=True):
+                t = _norm(task)
+                ds, collate = self._dataset(t, pairs, self.cfg["max_txt_len"])
+                key = f"{entry.get('name', i)}_{t}"
+                loaders[key] = (t, self.token_loader(ds, collate, ctx, train=True), float(ratio))
+        return MixSource(loaders, self.cfg["gradient_accumulation_steps"], ctx.seed)
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.cfg.get(f"{split}_datasets"))
+
+    def eval_loader(self, ctx: DataContext, split: str = "val"):
+        parts = []
+        for entry in self.cfg.get(f"{split}_datasets") or []:
+            pairs = self._entry_pairs(entry, f"{split}_datasets")
+            for task in entry["tasks"]:
+                t = _norm(task)
+                ds, collate = self._dataset(t, pairs, -1)
+                parts.append((t, self.token_loader(ds, collate, ctx, train=False)))
+        return _Chain(parts)
+
+    # -- step ----------------------------------------------------------------------------------
+    def forward(self, model, batch):
+        out = model(batch)
+        # the ITM loss needs the OT distance of the same forward: kept by the logits' identity
+        # (the newest one when the caller hands the loss a cast copy of the logits)
+        if self._ot is None or len(self._ot) > 8:
+            self._ot = {}
+        self._ot[id(out["logits"])] = self._ot[None] = out.get("ot_dist")
+        return out["logits"]
+
+    def loss(self, model, logits, batch):
+        m = getattr(model, "module", model)
+        ot = self._ot.get(id(logits), self._ot.get(None)) if self._ot else None
+        return m.loss({"task": batch["task"], "logits": logits, "ot_dist": ot}, batch)
+
+    def adversarial_for(self, batch) -> bool:
+        return batch["task"] in {_norm(t) for t in self.cfg["adv_pretrain_tasks"]}
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def eval_init(self):
+        # every counter present from the start, so all ranks reduce the same keys
+        state: dict[str, Any] = {"n": 0.0, "pred": []}
+        for t in _TASK_NAMES:
+            state[f"{t}_n"] = 0.0
+            state[f"{t}_loss" if t == "mrfr" else f"{t}_correct"] = 0.0
+        return state
+
+    def eval_batch(self, state, model, logits, batch) -> None:
+        t = batch["task"]
+        z = logits.float()
+
+        def add(key: str, value: float) -> None:
+            state[key] = state.get(key, 0.0) + float(value)
+
+        if t == "mlm":
+            labels = batch["txt_labels"].to(z.device)
+            labels = labels[labels != -1]
+            add("mlm_correct", (z.argmax(1) == labels).sum())
+            add("mlm_n", labels.numel())
+        elif t == "itm":
+            tgt = batch["targets"].to(z.device).reshape(-1)
+            add("itm_correct", (z.argmax(1) == tgt).sum())
+            add("itm_n", tgt.numel())
+        elif t == "mrfr":
+            add("mrfr_loss", F.mse_loss(z, batch["feat_targets"].float(), reduction="sum") / max(z.size(1), 1))
+            add("mrfr_n", z.size(0))
+        else:
+            soft = batch["label_targets"].float().to(z.device)
+            add(f"{t}_correct", (z[:, 1:].argmax(1) == soft[:, 1:].argmax(1)).sum())
+            add(f"{t}_n", z.size(0))
+        state["n"] += 1
+
+    def eval_finish(self, state) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for t in _TASK_NAMES:
+            n = state.get(f"{t}_n")
+            if not n:
+                continue
+            if f"{t}_correct" in state:
+                out[f"{t}_acc"] = state[f"{t}_correct"] / n
+            if f"{t}_loss" in state:
+                out[f"{t}_loss"] = state[f"{t}_loss"] / n
+        out["n"] = state["n"]
+        return out
+
+

@@ -1,0 +1,97 @@
+"""VCR: Q->A and QA->R as 4-way choices over per-candidate rows; Q->AR is both right."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from villa_fast.tasks.base import DataContext, Task
+
+__all__ = ["VcrTask"]
+
+
+class VcrTask(Task):
+    name = "vcr"
+    kl_reduction = "mean"  # the released loop averages the KL over all [4B, 2] elements
+    main_metric = "acc"
+
+    def build_model(self):
+        from villa_fast.models import UniterForVcr
+
+        return UniterForVcr(self.model_config())
+
+    def _img_dbs(self, spec: str):
+        """``"gt_dir;det_dir"``: the ground-truth-box db (fixed 100 regions) and the detections db."""
+        gt, det = None, None
+        for part in (p for p in spec.split(";") if p):
+            if "gt" in part.rstrip("/").split("/")[-1]:
+                gt = self.img_db(part, conf_th=-1, num_bb=100)
+            else:
+                det = self.img_db(part)
+        return gt, det
+
+    def train_loader(self, ctx: DataContext):
+        from villa_fast.data import ConcatDatasetWithLens, VcrDataset, VcrTxtTokLmdb, vcr_collate
+
+        sets = []
+        for txt, img in self.pairs("train"):
+            gt, det = self._img_dbs(img)
+            for sub in ("qa", "qar"):
+                sets.append(VcrDataset(VcrTxtTokLmdb(txt, self.cfg["max_txt_len"], task=sub), gt, det))
+        return self.token_loader(ConcatDatasetWithLens(sets), vcr_collate, ctx, train=True)
+
+    def eval_loader(self, ctx: DataContext, split: str = "val"):
+        from villa_fast.data import VcrEvalDataset, VcrTxtTokLmdb, vcr_eval_collate
+
+        (txt, img), *_ = self.pairs(split)
+        gt, det = self._img_dbs(img)
+        ds = VcrEvalDataset("val" if split != "test" else "test", VcrTxtTokLmdb(txt, -1, task="qa,qar"), gt, det)
+        return self.token_loader(ds, vcr_eval_collate, ctx, train=False)
+
+    def n_examples(self, batch) -> int:
+        return int(batch["attn_masks"].size(0)) // 4
+
+    def eval_init(self):
+        return {"n": 0.0, "correct": 0.0, "correct_qa": 0.0, "correct_qar": 0.0, "loss": 0.0, "pred": []}
+
+    sum_keys = ("n", "correct", "correct_qa", "correct_qar", "loss")
+
+    def eval_batch(self, state, model, logits, batch) -> None:
+        qids = batch["qids"]
+        scores = logits.float()[:, 1].reshape(len(qids), -1)  # [n, 4 + 4 (val) or 4 + 16 (test)]
+        qa_t = batch["qa_targets"].to(scores.device).reshape(-1)
+        qar_t = batch["qar_targets"].to(scores.device).reshape(-1)
+        if bool((qa_t >= 0).all()):
+            qa_scores = scores[:, :4]
+            if scores.size(1) > 8:  # rationales for every answer: take the gold answer's four
+                idx = 4 + qa_t.unsqueeze(1) * 4 + torch.arange(4, device=scores.device)
+                qar_scores = scores.gather(1, idx)
+            else:
+                qar_scores = scores[:, 4:8]
+            state["loss"] += float(F.cross_entropy(qa_scores, qa_t, reduction="sum"))
+            qa_ok = qa_scores.argmax(1) == qa_t
+            qar_ok = qar_scores.argmax(1) == qar_t
+            state["correct_qa"] += float(qa_ok.sum())
+            state["correct_qar"] += float(qar_ok.sum())
+            state["correct"] += float((qa_ok & qar_ok).sum())
+        state["n"] += len(qids)
+        state["pred"].extend([q, s] for q, s in zip(qids, scores.tolist(), strict=True))
+
+    def eval_finish(self, state):
+        n = max(state["n"], 1.0)
+        return {
+            "acc": state["correct"] / n,  # Q->AR
+            "acc_qa": state["correct_qa"] / n,
+            "acc_qar": state["correct_qar"] / n,
+            "loss": state["loss"] / n,
+            "n": state["n"],
+        }
+
+    def write_predictions(self, preds, path_prefix: str) -> str:
+        # {annot_id: [candidate scores]}, the JSON the authors' VCR inference writes
+        import json
+
+        path = f"{path_prefix}.json"
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(dict(preds), fh)
+        return path

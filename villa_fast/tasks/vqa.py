@@ -1,0 +1,132 @@
+"""VQA (soft-score BCE over the answer vocabulary) and SNLI-VE (the same with 3 classes)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from villa_fast.tasks.base import DataContext, Task
+from villa_fast.train.config import ConfigError
+
+__all__ = ["VeTask", "VqaTask", "vqa_score"]
+
+VE_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row VQA soft score of the arg-max answer: ``targets[i, argmax logits[i]]``."""
+    return targets.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+class VqaTask(Task):
+    name = "vqa"
+    kl_reduction = "batchmean"  # mean over all elements * num_answers == sum over answers, mean over rows
+    main_metric = "acc"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._ans2label: dict[str, int] | None = None
+
+    # -- answers -------------------------------------------------------------------------------
+    @property
+    def ans2label(self) -> dict[str, int]:
+        if self._ans2label is None:
+            path = self.cfg.get("ans2label")
+            if not path:
+                first = self.pairs("train")[0][0] if self._has_train() else self.cfg.get("val_txt_db")
+                path = os.path.join(first or "", "ans2label.json")
+            if not os.path.isfile(path):
+                raise ConfigError(f"task vqa: answer vocabulary not found at {path} (set config key 'ans2label')")
+            with open(path, encoding="utf-8") as fh:
+                self._ans2label = json.load(fh)
+        return self._ans2label
+
+    def _has_train(self) -> bool:
+        return bool(self.cfg.get("train_txt_dbs") or self.cfg.get("train_txt_db"))
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.ans2label)
+
+    @property
+    def label2ans(self) -> dict[int, str]:
+        return {v: k for k, v in self.ans2label.items()}
+
+    # -- model / data ----------------------------------------------------------------------------
+    def build_model(self):
+        from villa_fast.models import UniterForVqa
+
+        return UniterForVqa(self.model_config(), num_answer=self.num_answers)
+
+    def _dataset(self, txt_path: str, img_path: str, max_len: int, eval_: bool):
+        from villa_fast.data import TxtTokLmdb, VqaDataset, VqaEvalDataset
+
+        cls = VqaEvalDataset if eval_ else VqaDataset
+        return cls(self.num_answers, TxtTokLmdb(txt_path, max_len), self.img_db(img_path))
+
+    def _collates(self):
+        from villa_fast.data import vqa_collate, vqa_eval_collate
+
+        return vqa_collate, vqa_eval_collate
+
+    def train_loader(self, ctx: DataContext):
+        from villa_fast.data import ConcatDatasetWithLens
+
+        sets = [self._dataset(t, i, self.cfg["max_txt_len"], False) for t, i in self.pairs("train")]
+        ds = sets[0] if len(sets) == 1 else ConcatDatasetWithLens(sets)
+        return self.token_loader(ds, self._collates()[0], ctx, train=True)
+
+    def eval_loader(self, ctx: DataContext, split: str = "val"):
+        (txt, img), *_ = self.pairs(split)
+        ds = self._dataset(txt, img, -1, True)
+        return self.token_loader(ds, self._collates()[1], ctx, train=False)
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def eval_batch(self, state, model, logits, batch) -> None:
+        logits = logits.float()
+        targets = batch.get("targets")
+        if targets is not None:
+            targets = targets.to(logits.device).float()
+            state["loss"] += float(F.binary_cross_entropy_with_logits(logits, targets, reduction="sum"))
+            state["correct"] += float(vqa_score(logits, targets).sum())
+        state["n"] += logits.size(0)
+        labels = logits.argmax(dim=1).tolist()
+        l2a = self.label2ans
+        state["pred"].extend({"answer": l2a[k], "question_id": q} for k, q in zip(labels, batch["qids"], strict=True))
+
+    def eval_finish(self, state) -> dict[str, float]:
+        n = max(state["n"], 1.0)
+        # the VQA loss is summed over answers, as the authors' validation reports it
+        return {"acc": state["correct"] / n, "loss": state["loss"] / n, "n": state["n"]}
+
+
+class VeTask(VqaTask):
+    """SNLI-VE: three classes (entailment, neutral, contradiction)."""
+
+    name = "ve"
+
+    @property
+    def ans2label(self) -> dict[str, int]:
+        return {a: i for i, a in enumerate(VE_LABELS)}
+
+    def build_model(self):
+        from villa_fast.models import UniterForVqa
+
+        return UniterForVqa(self.model_config(), num_answer=3)
+
+    def _dataset(self, txt_path: str, img_path: str, max_len: int, eval_: bool):
+        from villa_fast.data import TxtTokLmdb, VeDataset, VeEvalDataset
+
+        cls = VeEvalDataset if eval_ else VeDataset
+        return cls(TxtTokLmdb(txt_path, max_len), self.img_db(img_path))
+
+    def _collates(self):
+        from villa_fast.data import ve_collate, ve_eval_collate
+
+        return ve_collate, ve_eval_collate
+
+

@@ -1,0 +1,114 @@
+"""torch.distributed helpers: setup from the ``torchrun`` environment, one gradient all-reduce per step.
+
+Gradients are averaged explicitly once per optimizer step (after all accumulation micro-batches
+and all backward passes of the adversarial step), in flat buckets, instead of through DDP's
+autograd hooks: a VILLA step runs several backward passes per micro-batch, and hooks would
+all-reduce on each unless every one of them sat under ``no_sync``. The effect is DDP's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "all_reduce_grads", "all_reduce_sum", "broadcast_params", "init_distributed"]
+
+_BUCKET_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1); NCCL on
+    GPUs, gloo on CPUs. A single process returns rank 0 of 1 without touching torch.distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    out, cur, size = [], [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if cur and (size + nbytes > _BUCKET_BYTES or t.dtype != cur[0].dtype):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += nbytes
+    if cur:
+        out.append(cur)
+    return out
+
+
+@torch.no_grad()
+def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, average: bool = True) -> None:
+    """Sum (``average=False``, as the authors' scripts do) or average ``p.grad`` over the process
+    group; parameters without a gradient count as zero."""
+    if world_size <= 1:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    for bucket in _buckets(grads):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat)
+        if average:
+            flat.div_(world_size)
+        offset = 0
+        for g in bucket:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
+
+
+@torch.no_grad()
+def broadcast_params(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank starts from rank ``src``'s weights and buffers."""
+    if not dist.is_initialized():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few Python numbers over the group (evaluation counters)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_objects(obj):
+    """Every rank's ``obj`` as a list (rank order); only JSON-like data is exchanged."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

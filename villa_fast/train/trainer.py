@@ -1,0 +1,446 @@
+"""The training loop: standard or VILLA adversarial fine-tuning and pre-training.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches per process. As in the
+authors' scripts, micro-batch gradients are summed (not averaged) and so are the processes'
+gradients (one all-reduce per optimizer step), then the schedule sets the learning rates,
+gradients are clipped to ``grad_norm`` and AdamW steps. A VILLA micro-batch runs the
+adversarial step (``villa_fast.VillaStep``), which does its own backward passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from villa_fast.tasks import DataContext, Task, build_task
+from villa_fast.train import distributed as vdist
+from villa_fast.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from villa_fast.train.config import to_json
+from villa_fast.train.optim import WarmupLinear, build_optimizer, set_dropout
+from villa_fast.train.robust import EmbeddingAttack
+
+__all__ = ["LoaderSource", "Trainer", "resolve_device", "set_seed"]
+
+logger = logging.getLogger("villa_fast.train")
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _epoch_iter(loader) -> Iterator[dict]:
+    """One epoch of ``loader``. Creating a DataLoader iterator draws a seed from the global torch
+    generator; that draw is kept out of the training RNG stream, so a run resumed mid-epoch (which
+    creates its iterator at a different point) sees the same random numbers as an uninterrupted one."""
+    it = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        first = next(it, None)
+    if first is None:
+        return
+    yield first
+    yield from it
+
+
+class LoaderSource:
+    """An endless stream of batches over epochs of one resumable loader."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def batches(self) -> Iterator[dict]:
+        while True:
+            empty = True
+            for batch in _epoch_iter(self.loader):
+                empty = False
+                yield batch
+            if empty:
+                raise RuntimeError("the training loader yields no batch: too few examples for the token budget?")
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+class Trainer:
+    """Builds model, optimizer, data and (optionally) the VILLA step from a resolved config.
+
+    Args:
+        cfg: a configuration from :func:`villa_fast.train.config.resolve_config`.
+        task: the task glue (default: from ``cfg["task"]``).
+        resume: continue from the newest checkpoint in ``output_dir/ckpt`` (if any).
+        quiet: no progress bar and no log lines (the history is still recorded).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], *, task: Task | None = None, resume: bool = False, quiet: bool = False):
+        self.cfg = dict(cfg)
+        self.task = task or build_task(self.cfg)
+        self.quiet = quiet
+        dev = resolve_device(self.cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
+        self.dist = vdist.init_distributed(dev.type)
+        self.device = resolve_device(self.cfg["device"], self.dist.local_rank)
+        set_seed(self.cfg["seed"])
+        self.ctx = DataContext(
+            seed=self.cfg["seed"],
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=self.cfg["n_workers"],
+            device=self.device,
+        )
+        self.model = self._build_model()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.schedule = WarmupLinear(
+            self.optimizer, self.cfg["learning_rate"], self.cfg["warmup_steps"], self.cfg["num_train_steps"]
+        )
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.adv_step = self._build_adv_step() if self.cfg["adv_training"] else None
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.output_dir = Path(self.cfg["output_dir"]) if self.cfg.get("output_dir") else None
+        self._source = None
+        self._eval_loaders: dict[str, Any] = {}
+        self._tb = None
+        self._resume = resume
+
+    # -- construction ------------------------------------------------------------------------------
+    def _build_model(self) -> nn.Module:
+        from villa_fast.models import load_pretrained
+
+        model = self.task.build_model()
+        ckpt = self.cfg.get("checkpoint")
+        if ckpt:
+            report = load_pretrained(model, ckpt)
+            self._log(f"loaded {ckpt}: {report}")
+        set_dropout(model, self.cfg["dropout"])
+        model.to(self.device)
+        vdist.broadcast_params(model)
+        model.train()
+        return model
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self.cfg["bf16"]:
+            return torch.bfloat16
+        if self.cfg["fp16"]:
+            if self.device.type == "cuda":
+                return torch.float16
+            self._log("fp16 needs a GPU: training in float32 on the CPU")
+        return None
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _build_adv_step(self):
+        try:
+            from villa_fast.adversarial import AdversarialConfig, GraphedVillaStep, VillaStep
+        except ImportError as exc:  # pragma: no cover - depends on the installed package
+            raise RuntimeError(f"adv_training needs villa_fast.adversarial ({exc})") from exc
+        if not self.task.supports_adversarial:
+            raise ValueError(f"task {self.task.name} has no adversarial training")
+        c = self.cfg
+        acfg = AdversarialConfig.from_villa_config(
+            c,
+            kl_reduction=c["adv_kl_reduction"] or self.task.kl_reduction,
+            clean_backward=c["adv_clean_backward"],
+            amp_dtype=self.amp_dtype,
+        )
+        m = self.model
+        cls = GraphedVillaStep if c["adv_graphed"] else VillaStep
+        return cls(
+            lambda b: self.task.forward(m, b),
+            lambda z, b: self.task.loss(m, z, b),
+            acfg,
+            text_embedding=m.uniter.embeddings.word_embeddings,
+            image_input=m.uniter.img_embeddings.img_linear,
+            scaler=self.scaler,
+            # every trainable parameter: pre-training tasks reach different heads
+            params=self.params,
+        )
+
+    # -- logging -----------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.dist.is_main:
+            logger.info(msg)
+
+    def _tensorboard(self):
+        if self._tb is None and self.cfg["tensorboard"] and self.output_dir and self.dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # pragma: no cover
+                self.cfg["tensorboard"] = False
+                return None
+            self._tb = SummaryWriter(str(self.output_dir / "log"))
+        return self._tb
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        tb = self._tensorboard()
+        if tb is not None:
+            for k, v in entry.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    tb.add_scalar(k, v, entry["step"])
+        if self.output_dir and self.dist.is_main:
+            with open(self.output_dir / "log" / "history.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    # -- data --------------------------------------------------------------------------------------
+    def _to_device(self, batch):
+        from villa_fast.data import move_to_device
+
+        return move_to_device(batch, self.device) if self.device.type != "cpu" else batch
+
+    def source(self):
+        if self._source is None:
+            make = getattr(self.task, "train_source", None)
+            self._source = make(self.ctx) if make else LoaderSource(self.task.train_loader(self.ctx))
+        return self._source
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def micro_step(self, batch: dict) -> Tensor:
+        """Forward and backward of one micro-batch (standard or adversarial); returns the detached loss."""
+        batch = self.task.prepare(self.model, batch)
+        use_adv = self.adv_step is not None and self.task.adversarial_for(batch)
+        if use_adv:
+            txt_mask, img_mask = self.task.adv_masks(batch)
+            result = self.adv_step.step(batch, txt_mask=txt_mask, img_mask=img_mask)
+            return result.loss.detach().float()
+        with self._autocast():
+            logits = self.task.forward(self.model, batch)
+            loss = self.task.loss(self.model, logits, batch)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss.detach().float()
+
+    def optimizer_step(self) -> dict[str, float | Tensor]:
+        """All-reduce, schedule, clip, step, zero: once per ``gradient_accumulation_steps`` micro-batches."""
+        vdist.all_reduce_grads(self.params, self.dist.world_size, average=False)
+        lr = self.schedule.step()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm: Tensor | float = float("nan")
+        if self.cfg["grad_norm"] > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_norm"])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return {"lr": lr, "grad_norm": grad_norm}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _ckpt_dir(self) -> Path | None:
+        return self.output_dir / "ckpt" if self.output_dir else None
+
+    def save(self) -> Path | None:
+        """A training checkpoint of the current step (all ranks call it; rank 0 writes)."""
+        if self._ckpt_dir() is None:
+            return None
+        rngs = vdist.all_gather_objects(rng_state())
+        if not self.dist.is_main:
+            return None
+        state = {
+            "step": self.global_step,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "rng": rngs,
+            "data": self.source().state_dict(),
+            "history": self.history,
+            "world_size": self.dist.world_size,
+            "config": to_json(self.cfg),
+        }
+        return save_checkpoint(self._ckpt_dir(), self.global_step, self.model, state, keep=self.cfg["keep_checkpoints"])
+
+    def load(self, path: str | os.PathLike) -> None:
+        state = load_checkpoint(path, self.model, map_location=self.device)
+        if state["world_size"] != self.dist.world_size:
+            raise RuntimeError(
+                f"{path} was written by a run with {state['world_size']} processes; resume with the same number"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.source().load_state_dict(state["data"])
+        self.global_step = int(state["step"])
+        self.history = list(state["history"])
+        set_rng_state(state["rng"][self.dist.rank])
+        self._log(f"resumed from {path} at step {self.global_step}")
+
+    # -- training ----------------------------------------------------------------------------------
+    def _prepare_output(self) -> None:
+        if self.output_dir and self.dist.is_main:
+            for sub in ("ckpt", "log", "results"):
+                (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "log" / "hps.json").write_text(to_json(self.cfg), encoding="utf-8")
+            mc = self.model.uniter.config.to_dict()
+            (self.output_dir / "log" / "model.json").write_text(json.dumps(mc, indent=2), encoding="utf-8")
+
+    def train(self) -> list[dict[str, Any]]:
+        """Train to ``num_train_steps``, validating and checkpointing every ``valid_steps`` /
+        ``save_steps``; returns the history (one entry per log / validation)."""
+        c = self.cfg
+        self._prepare_output()
+        if self._resume and self._ckpt_dir() is not None:
+            last = latest_checkpoint(self._ckpt_dir())
+            if last is not None:
+                self.load(last)
+        total, accum = c["num_train_steps"], c["gradient_accumulation_steps"]
+        save_every = c["save_steps"] or c["valid_steps"]
+        pbar = None
+        if c["progress"] and self.dist.is_main and not self.quiet:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=total, initial=self.global_step, desc=f"{self.task.name}", dynamic_ncols=True)
+        self.model.train()
+        running = torch.zeros((), device=self.device)
+        n_micro, n_ex, t0 = 0, 0, time.perf_counter()
+        stream = self.source().batches()
+        while self.global_step < total:
+            for _ in range(accum):
+                batch = self._to_device(next(stream))
+                n_ex += self.task.n_examples(batch)
+                running += self.micro_step(batch)
+                n_micro += 1
+            info = self.optimizer_step()
+            step = self.global_step
+            if step % c["log_steps"] == 0 or step == total:
+                dt = time.perf_counter() - t0
+                loss = float(running) / max(n_micro, 1)
+                ex_s = n_ex * self.dist.world_size / max(dt, 1e-9)
+                gn = info["grad_norm"]
+                entry = {"step": step, "loss": loss, "lr": info["lr"], "ex_per_s": ex_s, "grad_norm": float(gn)}
+                self._record(entry)
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_s:.0f}")
+                running.zero_()
+                n_micro, n_ex, t0 = 0, 0, time.perf_counter()
+            if pbar is not None:
+                pbar.update(1)
+            if step % c["valid_steps"] == 0 or step == total:
+                if self.task.has_split("val"):
+                    metrics = self.evaluate("val", write_predictions=True)
+                    self._record({"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+                    self._log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                t0 = time.perf_counter()  # validation time is not training throughput
+            if step % save_every == 0 or step == total:
+                self.save()
+        if pbar is not None:
+            pbar.close()
+        if self._tb is not None:
+            self._tb.flush()
+        if self.output_dir and self.dist.is_main:
+            from villa_fast.models import save_safetensors
+
+            save_safetensors(self.model, self.output_dir / "ckpt" / "model_final.safetensors")
+        return self.history
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def eval_loader(self, split: str):
+        if split not in self._eval_loaders:
+            self._eval_loaders[split] = self.task.eval_loader(self.ctx, split)
+        return self._eval_loaders[split]
+
+    def attack(self) -> EmbeddingAttack:
+        c = self.cfg
+        m = self.model
+        return EmbeddingAttack(
+            m.uniter.embeddings.word_embeddings,
+            m.uniter.img_embeddings.img_linear,
+            steps=c["attack_steps"],
+            eps=c["attack_eps"],
+            lr=c["attack_lr"],
+            modalities=c["attack_modality"],
+            norm_type=c["norm_type"],
+        )
+
+    def evaluate(self, split: str = "val", *, robust: bool = False, write_predictions: bool = False) -> dict:
+        """Metrics on ``split`` (all ranks take part; every rank returns the same numbers).
+
+        With ``robust``, also the metrics under :class:`EmbeddingAttack`, keys prefixed ``robust_``.
+        """
+        task, model = self.task, self.model
+        if robust and not task.supports_robust:
+            raise ValueError(f"task {task.name} has no robust evaluation")
+        was_training = model.training
+        model.eval()
+        attack = self.attack() if robust else None
+        clean, adv = task.eval_init(), task.eval_init()
+        limit = self.cfg["max_val_examples"]
+        try:
+            for batch in _epoch_iter(self.eval_loader(split)):
+                batch = task.prepare(model, self._to_device(batch))
+                with torch.no_grad(), self._autocast():
+                    logits = task.forward(model, batch)
+                task.eval_batch(clean, model, logits, batch)
+                if attack is not None:
+                    with self._autocast():
+                        z = attack(lambda b: task.forward(model, b), lambda z, b: task.loss(model, z, b), batch)
+                    task.eval_batch(adv, model, z, batch)
+                if limit and clean["n"] >= limit:
+                    break
+        finally:
+            model.train(was_training)
+            self.eval_loader(split).load_state_dict({"epoch": 0, "batch_index": 0})
+        out = task.eval_finish(self._reduce(clean))
+        if attack is not None:
+            out.update({f"robust_{k}": v for k, v in task.eval_finish(self._reduce(adv)).items() if k != "n"})
+        if write_predictions and self.output_dir and self.dist.is_main:
+            prefix = self.output_dir / "results" / f"results_{self.global_step}"
+            task.write_predictions(clean["pred"], str(prefix))
+        return _plain(out)
+
+    def _reduce(self, state: dict) -> dict:
+        if not self.dist.enabled:
+            return state
+        keys = [k for k, v in state.items() if isinstance(v, int | float)]
+        sums = vdist.all_reduce_sum([float(state[k]) for k in keys], self.device)
+        out = dict(state)
+        out.update(zip(keys, sums, strict=True))
+        for k, v in state.items():
+            if isinstance(v, list):
+                out[k] = [x for part in vdist.all_gather_objects(v) for x in part]
+        return out
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
