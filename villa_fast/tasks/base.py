@@ -78,9 +78,7 @@ class Task:
         c = self.cfg
         key = (path, c["conf_th"] if conf_th is None else conf_th, c["num_bb"] if num_bb is None else num_bb)
         if key not in self._img_dbs:
-            self._img_dbs[key] = DetectFeatLmdb(
-                path, key[1], c["max_bb"], c["min_bb"], key[2], c["compressed_db"]
-            )
+            self._img_dbs[key] = DetectFeatLmdb(path, key[1], c["max_bb"], c["min_bb"], key[2], c["compressed_db"])
         return self._img_dbs[key]
 
     def pairs(self, split: str) -> list[tuple[str, str]]:
@@ -120,6 +118,10 @@ class Task:
 
     def loss(self, model: nn.Module, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
         return _unwrap(model).loss(logits, batch)
+
+    def attack_loss(self, model: nn.Module, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        """The loss the robust-evaluation attack ascends, on an evaluation batch."""
+        return self.loss(model, logits, batch)
 
     def n_examples(self, batch: Mapping[str, Any]) -> int:
         return int(batch["attn_masks"].size(0))

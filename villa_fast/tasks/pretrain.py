@@ -223,5 +223,3 @@ class PretrainTask(Task):
                 out[f"{t}_loss"] = state[f"{t}_loss"] / n
         out["n"] = state["n"]
         return out
-
-

@@ -49,7 +49,9 @@ class ReTask(Task):
         pred = logits.argmax(dim=1)
         state["correct"] += float((pred == targets).sum())
         state["n"] += targets.numel()
-        state["pred"].extend({"sent_id": q, "pred_region": int(p)} for q, p in zip(batch["qids"], pred.tolist(), strict=True))
+        state["pred"].extend(
+            {"sent_id": q, "pred_region": int(p)} for q, p in zip(batch["qids"], pred.tolist(), strict=True)
+        )
 
 
 class _WithIds:

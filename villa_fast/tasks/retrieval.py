@@ -40,6 +40,8 @@ class RetrievalTask(Task):
     name = "retrieval"
     main_metric = "r_mean"
     supports_robust = False
+    # a single rank score per row: the symmetric KL of the VILLA step needs a distribution over classes
+    supports_adversarial = False
 
     def build_model(self):
         from villa_fast.models import build_model

@@ -20,7 +20,7 @@ class VcrTask(Task):
 
         return UniterForVcr(self.model_config())
 
-    def _img_dbs(self, spec: str):
+    def _gt_det_dbs(self, spec: str):
         """``"gt_dir;det_dir"``: the ground-truth-box db (fixed 100 regions) and the detections db."""
         gt, det = None, None
         for part in (p for p in spec.split(";") if p):
@@ -35,7 +35,7 @@ class VcrTask(Task):
 
         sets = []
         for txt, img in self.pairs("train"):
-            gt, det = self._img_dbs(img)
+            gt, det = self._gt_det_dbs(img)
             for sub in ("qa", "qar"):
                 sets.append(VcrDataset(VcrTxtTokLmdb(txt, self.cfg["max_txt_len"], task=sub), gt, det))
         return self.token_loader(ConcatDatasetWithLens(sets), vcr_collate, ctx, train=True)
@@ -44,12 +44,31 @@ class VcrTask(Task):
         from villa_fast.data import VcrEvalDataset, VcrTxtTokLmdb, vcr_eval_collate
 
         (txt, img), *_ = self.pairs(split)
-        gt, det = self._img_dbs(img)
+        gt, det = self._gt_det_dbs(img)
         ds = VcrEvalDataset("val" if split != "test" else "test", VcrTxtTokLmdb(txt, -1, task="qa,qar"), gt, det)
         return self.token_loader(ds, vcr_eval_collate, ctx, train=False)
 
     def n_examples(self, batch) -> int:
         return int(batch["attn_masks"].size(0)) // 4
+
+    @staticmethod
+    def _split_scores(logits, batch):
+        qids = batch["qids"]
+        scores = logits.float()[:, 1].reshape(len(qids), -1)  # [n, 4 + 4 (val) or 4 + 16 (test)]
+        qa_t = batch["qa_targets"].to(scores.device).reshape(-1)
+        qar_t = batch["qar_targets"].to(scores.device).reshape(-1)
+        qa_scores = scores[:, :4]
+        if scores.size(1) > 8:  # rationales for every answer: take the gold answer's four
+            idx = 4 + qa_t.clamp(min=0).unsqueeze(1) * 4 + torch.arange(4, device=scores.device)
+            qar_scores = scores.gather(1, idx)
+        else:
+            qar_scores = scores[:, 4:8]
+        return scores, qa_scores, qar_scores, qa_t, qar_t
+
+    def attack_loss(self, model, logits, batch):
+        # the attack ascends the Q->A and QA->R cross-entropies over each question's candidates
+        _, qa, qar, qa_t, qar_t = self._split_scores(logits, batch)
+        return F.cross_entropy(qa, qa_t) + F.cross_entropy(qar, qar_t)
 
     def eval_init(self):
         return {"n": 0.0, "correct": 0.0, "correct_qa": 0.0, "correct_qar": 0.0, "loss": 0.0, "pred": []}
@@ -58,16 +77,8 @@ class VcrTask(Task):
 
     def eval_batch(self, state, model, logits, batch) -> None:
         qids = batch["qids"]
-        scores = logits.float()[:, 1].reshape(len(qids), -1)  # [n, 4 + 4 (val) or 4 + 16 (test)]
-        qa_t = batch["qa_targets"].to(scores.device).reshape(-1)
-        qar_t = batch["qar_targets"].to(scores.device).reshape(-1)
+        scores, qa_scores, qar_scores, qa_t, qar_t = self._split_scores(logits, batch)
         if bool((qa_t >= 0).all()):
-            qa_scores = scores[:, :4]
-            if scores.size(1) > 8:  # rationales for every answer: take the gold answer's four
-                idx = 4 + qa_t.unsqueeze(1) * 4 + torch.arange(4, device=scores.device)
-                qar_scores = scores.gather(1, idx)
-            else:
-                qar_scores = scores[:, 4:8]
             state["loss"] += float(F.cross_entropy(qa_scores, qa_t, reduction="sum"))
             qa_ok = qa_scores.argmax(1) == qa_t
             qar_ok = qar_scores.argmax(1) == qar_t

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,5 +127,3 @@ class VeTask(VqaTask):
         from villa_fast.data import ve_collate, ve_eval_collate
 
         return ve_collate, ve_eval_collate
-
-

@@ -32,7 +32,9 @@ def run_bench(steps: int = 20, device: str = "auto", batch_size: int = 64) -> di
     from villa_fast.models import UniterForVqa
     from villa_fast.train.report import format_table
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     mc = demo_model_config()
     num_answers = mc.pop("num_answers")
     model = UniterForVqa(mc, num_answer=num_answers).to(dev)
@@ -56,7 +58,9 @@ def run_bench(steps: int = 20, device: str = "auto", batch_size: int = 64) -> di
                 text_embedding=model.uniter.embeddings.word_embeddings,
                 image_input=model.uniter.img_embeddings.img_linear,
             )
-            variants[f"VILLA K={k}"] = lambda s=step: s.step(batch, txt_mask=batch["txt_mask"], img_mask=batch["img_mask"])
+            variants[f"VILLA K={k}"] = lambda s=step: s.step(
+                batch, txt_mask=batch["txt_mask"], img_mask=batch["img_mask"]
+            )
     except ImportError:
         pass
 

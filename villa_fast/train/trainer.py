@@ -413,7 +413,7 @@ class Trainer:
                 task.eval_batch(clean, model, logits, batch)
                 if attack is not None:
                     with self._autocast():
-                        z = attack(lambda b: task.forward(model, b), lambda z, b: task.loss(model, z, b), batch)
+                        z = attack(lambda b: task.forward(model, b), lambda z, b: task.attack_loss(model, z, b), batch)
                     task.eval_batch(adv, model, z, batch)
                 if limit and clean["n"] >= limit:
                     break

@@ -1,0 +1,118 @@
+"""Config parsing: every shipped config resolves, official values survive, bad keys are named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from villa_fast.train.config import SCHEMA, ConfigError, infer_task, load_config, resolve_config, to_json
+
+CONFIGS = sorted(
+    p for p in (Path(__file__).parent.parent / "configs").glob("*.json") if not p.name.startswith("uniter")
+)
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    for task in ("vqa-base-4gpu", "vqa-large-8gpu", "nlvr2-base-1gpu", "nlvr2-large-2gpu", "ve-base-2gpu"):
+        assert f"train-{task}-adv.json" in names
+    assert {"train-ve-large-4gpu-adv.json", "train-vcr-base-4gpu-adv.json", "train-vcr-large-4gpu-adv.json"} <= names
+    assert any(n.startswith("pretrain") for n in names) and any(n.startswith("demo") for n in names)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    cfg = resolve_config(path)
+    assert cfg["task"] is not None
+    again = resolve_config(None, json.loads(to_json(cfg)))
+    assert again == cfg
+    if cfg["adv_training"]:
+        from villa_fast.adversarial import AdversarialConfig
+
+        AdversarialConfig.from_villa_config(cfg)
+
+
+def test_official_values_survive():
+    from villa_fast.adversarial import AdversarialConfig
+
+    root = Path(__file__).parent.parent / "configs"
+    vqa = resolve_config(root / "train-vqa-base-4gpu-adv.json")
+    assert vqa["task"] == "vqa"
+    assert (vqa["train_batch_size"], vqa["gradient_accumulation_steps"], vqa["learning_rate"]) == (5120, 5, 8e-5)
+    assert (vqa["lr_mul"], vqa["num_train_steps"], vqa["warmup_steps"]) == (10.0, 6000, 600)
+    assert (vqa["adv_lr_txt"], vqa["adv_kl_weight"], vqa["adv_steps"]) == (1e-3, 1.5, 3)
+    assert vqa["betas"] == [0.9, 0.98] and vqa["grad_norm"] == 2.0 and vqa["fp16"] is True
+    assert AdversarialConfig.from_villa_config(vqa).modality == "text"
+    vcr = resolve_config(root / "train-vcr-large-4gpu-adv.json")
+    assert vcr["task"] == "vcr" and vcr["adv_lr_txt"] == 0.1 and vcr["max_txt_len"] == 220
+    assert AdversarialConfig.from_villa_config(vcr).modality == "text+image"
+    nlvr2 = resolve_config(root / "train-nlvr2-base-1gpu-adv.json")
+    assert (nlvr2["model"], nlvr2["seed"], nlvr2["train_batch_size"]) == ("paired-attn", 77, 10240)
+    pre = resolve_config(root / "pretrain-alldata-large-16gpu.json")
+    assert pre["task"] == "pretrain" and pre["train_datasets"][0]["mix_ratio"] == [6, 8, 4, 4]
+
+
+def test_task_from_file_name():
+    assert infer_task("x/train-vqa-base-4gpu-adv.json") == "vqa"
+    assert infer_task("train-itm-flickr-base-16gpu-hn.json") == "retrieval"
+    assert infer_task("train-refcoco+-base-1gpu.json") == "re"
+    assert infer_task("pretrain-indomain-base-8gpu.json") == "pretrain"
+    assert infer_task("my.json") is None
+
+
+def _write(tmp_path, obj) -> Path:
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(obj))
+    return p
+
+
+@pytest.mark.parametrize(
+    "obj, words",
+    [
+        ({"learning_rte": 1e-4}, ["learning_rte", "learning_rate"]),
+        ({"learning_rate": "fast"}, ["learning_rate", "number"]),
+        ({"train_batch_size": 10.5}, ["train_batch_size", "integer"]),
+        ({"fp16": "yes"}, ["fp16", "true or false"]),
+        ({"optim": "sgd"}, ["optim", "adamw"]),
+        ({"adv_modality": ["txt"]}, ["adv_modality"]),
+        ({"adv_modality": ["text", "alter"]}, ["adv_modality", "alter"]),
+        ({"betas": [0.9]}, ["betas"]),
+        ({"gradient_accumulation_steps": 0}, ["gradient_accumulation_steps"]),
+        ({"task": "captioning"}, ["task"]),
+        ({"train_datasets": [{"db": [], "img": []}]}, ["train_datasets", "tasks"]),
+        ({"train_datasets": [{"db": [], "img": [], "tasks": ["mlm"], "mix": [1]}]}, ["train_datasets", "mix"]),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, obj, words):
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(_write(tmp_path, obj))
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_not_json_and_missing_file(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text("{oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.json")
+
+
+def test_precedence_defaults_json_flags(tmp_path):
+    p = _write(tmp_path, {"task": "vqa", "learning_rate": 8e-5, "seed": 1})
+    cfg = resolve_config(p, {"seed": 2})
+    assert cfg["learning_rate"] == 8e-5 and cfg["seed"] == 2
+    assert cfg["warmup_steps"] == SCHEMA["warmup_steps"].default
+
+
+def test_demo_config_file_matches_the_demo():
+    from villa_fast.train.demo import DEMO_CONFIG
+
+    shipped = load_config(Path(__file__).parent.parent / "configs" / "demo-vqa-adv.json")
+    for key, value in DEMO_CONFIG.items():
+        if key != "adv_training":
+            assert shipped[key] == value, key
+    assert shipped["adv_training"] is True

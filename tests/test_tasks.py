@@ -1,0 +1,124 @@
+"""A tiny end-to-end run (train, validate, predictions, robust evaluation) for every task."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from tests.test_train_fixtures import task_config
+from villa_fast.train.config import resolve_config
+from villa_fast.train.trainer import Trainer
+
+FINETUNE = ["vqa", "ve", "nlvr2", "vcr", "retrieval", "re"]
+
+
+def _run(tmp_path, task, **changes):
+    cfg = resolve_config(None, task_config(tmp_path, task, **changes))
+    trainer = Trainer(cfg, quiet=True)
+    history = trainer.train()
+    return trainer, history, cfg
+
+
+@pytest.mark.parametrize("adv", [False, True], ids=["standard", "villa"])
+@pytest.mark.parametrize("task", FINETUNE)
+def test_finetune_end_to_end(tmp_path, task, adv):
+    if task == "retrieval" and adv:
+        with pytest.raises(ValueError, match="no adversarial training"):
+            _run(tmp_path, task, adv_training=adv)
+        return
+    trainer, history, cfg = _run(tmp_path, task, adv_training=adv)
+    out = trainer.output_dir
+    steps = [e for e in history if "loss" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in steps)
+    # warmup 1 step, then linear decay to 0 at step 4
+    assert [round(e["lr"], 8) for e in steps] == [1e-3, round(2e-3 / 3, 8), round(1e-3 / 3, 8), 0.0]
+    vals = [e for e in history if any(k.startswith("val/") for k in e)]
+    assert [e["step"] for e in vals] == [2, 4]
+    main = f"val/{trainer.task.main_metric}"
+    assert 0.0 <= vals[-1][main] <= 1.0
+    assert (out / "ckpt" / "step_4" / "model.safetensors").is_file()
+    assert (out / "ckpt" / "model_final.safetensors").is_file()
+    assert json.loads((out / "log" / "hps.json").read_text())["task"] == task
+    preds = sorted((out / "results").iterdir())
+    assert [p.stem for p in preds] == ["results_2", "results_4"]
+    if trainer.task.supports_robust:
+        m = trainer.evaluate("val", robust=True)
+        assert 0.0 <= m["robust_acc"] <= 1.0 and m["n"] == 24
+
+
+def test_prediction_formats(tmp_path):
+    trainer, _, _ = _run(tmp_path / "vqa", "vqa")
+    preds = json.loads((trainer.output_dir / "results" / "results_4.json").read_text())
+    assert len(preds) == 24 and set(preds[0]) == {"answer", "question_id"}
+    assert preds[0]["answer"] in {f"a{k}" for k in range(5)}
+
+    trainer, _, _ = _run(tmp_path / "nlvr2", "nlvr2")
+    rows = list(csv.reader(open(trainer.output_dir / "results" / "results_4.csv")))
+    assert len(rows) == 24 and all(r[1] in ("True", "False") for r in rows)
+
+    trainer, _, _ = _run(tmp_path / "vcr", "vcr")
+    preds = json.loads((trainer.output_dir / "results" / "results_4.json").read_text())
+    assert len(preds) == 24 and all(len(v) == 8 for v in preds.values())  # 4 answers + 4 rationales
+
+
+def test_vqa_score_is_soft():
+    from villa_fast.tasks.vqa import vqa_score
+
+    logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]])
+    targets = torch.tensor([[0.0, 0.6, 1.0], [0.3, 1.0, 0.0]])
+    assert vqa_score(logits, targets).tolist() == pytest.approx([0.6, 0.3])
+
+
+def test_recall_at_k():
+    from villa_fast.tasks.retrieval import recall_at_k
+
+    # 3 texts, 2 images; texts 0, 1 -> image a, text 2 -> image b
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    r = recall_at_k(scores, ["t0", "t1", "t2"], ["a", "b"], {"t0": "a", "t1": "a", "t2": "b"}, ks=(1, 2))
+    assert r["img_r1"] == pytest.approx(2 / 3)  # t1 ranks image a second
+    assert r["img_r2"] == 1.0
+    assert r["txt_r1"] == pytest.approx(0.5)  # image a's best text t0 ranks first; image b's t2 ranks second
+    assert r["txt_r2"] == 1.0
+
+
+@pytest.mark.parametrize("adv", [False, True], ids=["standard", "villa"])
+def test_pretrain_end_to_end(tmp_path, adv):
+    trainer, history, _ = _run(tmp_path, "pretrain", adv_training=adv, num_train_steps=6, valid_steps=3)
+    vals = [e for e in history if "val/itm_acc" in e]
+    assert [e["step"] for e in vals] == [3, 6]
+    assert {"val/mlm_acc", "val/mrfr_loss", "val/mrckl_acc"} <= set(vals[-1])
+    # the tasks drawn by ratio: one task per step, reproducible from the seed
+    src = trainer.source()
+    picks = [src.pick(c) for c in range(200)]
+    share = {k: picks.count(k) / 200 for k in set(picks)}
+    assert share["tiny_mlm"] > share["tiny_mrfr"] and share["tiny_itm"] > share["tiny_mrckl"]
+    assert picks == [src.pick(c) for c in range(200)]
+
+
+def test_pretrain_adversarial_only_on_mlm_and_itm(tmp_path):
+    cfg = resolve_config(None, task_config(tmp_path, "pretrain", adv_training=True))
+    trainer = Trainer(cfg, quiet=True)
+    calls = []
+    step = trainer.adv_step.step
+    trainer.adv_step.step = lambda batch, **kw: calls.append(batch["task"]) or step(batch, **kw)
+    stream = trainer.source().batches()
+    seen = []
+    for _ in range(12):
+        b = next(stream)
+        seen.append(b["task"])
+        trainer.micro_step(b)
+    assert set(calls) == {t for t in seen if t in ("mlm", "itm")}
+    assert any(t in ("mrfr", "mrckl") for t in seen)
+
+
+def test_retrieval_hard_negatives_train_on_top_k(tmp_path):
+    cfg = resolve_config(None, task_config(tmp_path, "retrieval"))
+    trainer = Trainer(cfg, quiet=True)
+    batch = next(trainer.source().batches())
+    assert batch["attn_masks"].size(0) == 5  # the positive and negative_size=4 sampled negatives
+    mined = trainer.task.prepare(trainer.model, batch)
+    assert mined["attn_masks"].size(0) == 3 and mined["sample_size"] == 3  # positive + hard_neg_size=2

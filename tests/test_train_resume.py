@@ -1,0 +1,103 @@
+"""Exact resume: a training process killed midway and resumed ends bitwise equal to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_train_fixtures import task_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "villa_fast", "train", "--config", str(config), *extra]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _config(tmp_path: Path, name: str, data_root: Path) -> Path:
+    cfg = task_config(data_root, "vqa", adv_training=True)
+    cfg.update(
+        output_dir=str(tmp_path / name),
+        num_train_steps=300,
+        warmup_steps=30,
+        save_steps=20,
+        keep_checkpoints=0,
+        log_steps=10,
+        gradient_accumulation_steps=2,
+        dropout=0.1,
+    )
+    for key in ("val_txt_db", "val_img_db"):
+        cfg.pop(key)
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_is_bitwise_equal(tmp_path):
+    data_root = tmp_path / "data"
+    ref_cfg = _config(tmp_path, "ref", data_root)
+    run_cfg = _config(tmp_path, "run", data_root)
+    subprocess.run(_cmd(ref_cfg), check=True, env=_env(), cwd=ROOT, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_cmd(run_cfg), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "run" / "ckpt"
+    deadline = time.monotonic() + 300
+    while not (ckpt / "step_40").is_dir():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "ckpt" / "model_final.safetensors").exists()
+    killed_at = max(int(p.name.split("_")[1]) for p in ckpt.glob("step_*"))
+    assert killed_at < 300
+
+    res = subprocess.run(
+        _cmd(run_cfg, "--resume", "-v"), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from {ckpt / f'step_{killed_at}'} at step {killed_at}" in res.stderr
+
+    a = load_file(str(tmp_path / "ref" / "ckpt" / "model_final.safetensors"))
+    b = load_file(str(tmp_path / "run" / "ckpt" / "model_final.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the resumed history continues the uninterrupted one
+    ref_hist = [json.loads(x) for x in (tmp_path / "ref" / "log" / "history.jsonl").read_text().splitlines()]
+    state = torch.load(ckpt / "step_300" / "train_state.pt", weights_only=True)
+    assert [e["loss"] for e in state["history"]] == [e["loss"] for e in ref_hist]
+
+
+def test_checkpoint_state_loads_with_weights_only(tmp_path):
+    from villa_fast.train.config import resolve_config
+    from villa_fast.train.trainer import Trainer
+
+    cfg = resolve_config(None, task_config(tmp_path, "nlvr2", adv_training=True, num_train_steps=2, valid_steps=2))
+    trainer = Trainer(cfg, quiet=True)
+    trainer.train()
+    path = tmp_path / "out" / "ckpt" / "step_2"
+    state = torch.load(path / "train_state.pt", weights_only=True)
+    assert set(state) >= {"step", "optimizer", "schedule", "scaler", "rng", "data", "history"}
+    assert state["step"] == 2 and state["data"]["batch_index"] >= 2
+    # no stray temporary files from the atomic writes
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "train_state.pt"]
+    assert not [p for p in (tmp_path / "out" / "ckpt").iterdir() if p.name.startswith(".")]
