@@ -38,8 +38,15 @@ deps: venv
 	fi
 	$(PYTHON) -m pip install -q $(BUILD_DEPS) $(RUNTIME_DEPS) $(TEST_DEPS)
 
-install: deps
+# rebuilt only when the build inputs change (or the environment does: the stamp names its prefix)
+STAMP := build/.installed-$(shell $(PY) -c "import hashlib,os,sys; print(hashlib.sha1(os.path.abspath(sys.argv[1]).encode()).hexdigest()[:12])" "$(PYTHON)")
+EXT_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+
+install: deps $(STAMP)
+
+$(STAMP): $(EXT_INPUTS)
 	MAX_JOBS=$(MAX_JOBS) $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	@mkdir -p build && touch $@
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
