@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cmd(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "villa_fast", "train", "--config", str(config), *extra]
+    return [sys.executable, "-m", "villa_fast", "-v", "train", "--config", str(config), *extra]
 
 
 def _env() -> dict:
@@ -29,8 +29,8 @@ def _env() -> dict:
     return env
 
 
-def _config(tmp_path: Path, name: str, data_root: Path) -> Path:
-    cfg = task_config(data_root, "vqa", adv_training=True)
+def _config(tmp_path: Path, name: str, base: dict) -> Path:
+    cfg = dict(base)
     cfg.update(
         output_dir=str(tmp_path / name),
         num_train_steps=300,
@@ -50,9 +50,9 @@ def _config(tmp_path: Path, name: str, data_root: Path) -> Path:
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_is_bitwise_equal(tmp_path):
-    data_root = tmp_path / "data"
-    ref_cfg = _config(tmp_path, "ref", data_root)
-    run_cfg = _config(tmp_path, "run", data_root)
+    base = task_config(tmp_path / "data", "vqa", adv_training=True)
+    ref_cfg = _config(tmp_path, "ref", base)
+    run_cfg = _config(tmp_path, "run", base)
     subprocess.run(_cmd(ref_cfg), check=True, env=_env(), cwd=ROOT, capture_output=True, timeout=600)
 
     proc = subprocess.Popen(_cmd(run_cfg), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -70,9 +70,7 @@ def test_killed_and_resumed_run_is_bitwise_equal(tmp_path):
     killed_at = max(int(p.name.split("_")[1]) for p in ckpt.glob("step_*"))
     assert killed_at < 300
 
-    res = subprocess.run(
-        _cmd(run_cfg, "--resume", "-v"), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    res = subprocess.run(_cmd(run_cfg, "--resume"), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resumed from {ckpt / f'step_{killed_at}'} at step {killed_at}" in res.stderr
 

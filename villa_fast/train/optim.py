@@ -115,6 +115,9 @@ def set_dropout(model: nn.Module, p: float) -> None:
             m.p = p
         elif isinstance(m, nn.MultiheadAttention):
             m.dropout = p
+        # attention that calls scaled_dot_product_attention keeps its probability as a float
+        if isinstance(getattr(m, "dropout_p", None), float):
+            m.dropout_p = p
 
 
 def trainable(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

@@ -71,12 +71,14 @@ class LoaderSource:
         self.loader = loader
 
     def batches(self) -> Iterator[dict]:
+        empty = 0
         while True:
-            empty = True
+            # an epoch resumed right after its last batch yields nothing; two empty epochs in a row cannot
+            empty += 1
             for batch in _epoch_iter(self.loader):
-                empty = False
+                empty = 0
                 yield batch
-            if empty:
+            if empty > 1:
                 raise RuntimeError("the training loader yields no batch: too few examples for the token budget?")
 
     def state_dict(self) -> dict:
