@@ -443,6 +443,12 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        """Flush the logs and leave the process group (a gloo group left open aborts at exit)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        import torch.distributed as dist
+
+        if self.dist.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
