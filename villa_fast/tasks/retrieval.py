@@ -1,15 +1,50 @@
 """Image-text retrieval: rank scores with a hinge loss over sampled (or mined hard) negatives;
-recall@1/5/10 in both directions over the full text x image score matrix."""
+recall@1/5/10 in both directions over the full text x image score matrix.
+
+Batches come in groups: row 0 of each group is the positive (text, image) pair, the other rows its
+negatives (``sample_size`` rows per group; with hard negatives one group per micro-batch, the
+positive and the ``hard_neg_size`` highest-scoring of ``negative_size`` sampled negatives, mined
+without gradient in eval mode as UNITER's ``train_itm_hard_negatives.py`` does). The task's logits
+are the rank scores of a group laid out as one row, ``[groups, sample_size]``, not the model's
+``[rows, 1]``.
+
+Adversarial fine-tuning. The authors' repository (zhegan27/VILLA) ships adversarial training scripts
+for VQA, VCR, NLVR2 and SNLI-VE only (``train_{vqa,vcr,nlvr2,ve}_adv.py``); for retrieval it has the
+inference script ``inf_itm.py`` alone, so the retrieval recipe behind the paper's Flickr30k numbers is
+not public. This task runs the VILLA step of VILLA_SPEC section 2 unchanged on the group layout:
+
+* task loss: UNITER's rank loss, mean over groups and negatives of
+  ``max(0, margin + sigmoid(s_neg) - sigmoid(s_pos))`` (margin 0.2 in the released configs);
+* consistency term: ``symKL(z_adv, z_clean)`` between the softmax distributions of the raw rank
+  scores over each group (which candidate matches), summed over the group and averaged over
+  groups (``batchmean``), alpha = ``adv_kl_weight``.
+
+A single score per row has no distribution of its own; over the group the scores form one, and it is
+the quantity the ranking is about: the KL penalises perturbations that reorder or reweight the
+candidates, which is what the hinge loss trains. Each row (a text paired with one candidate image)
+gets its own delta, normalised per row, as the candidate rows of VCR do.
+
+Robust evaluation (``evaluate --robust``) attacks each validation query (a text against every
+image, its image first) with the embedding attack of :mod:`villa_fast.train.robust`, per row, and
+reports the recalls under the attack (``robust_img_r1`` is text-to-image recall@1). The attack
+ascends the listwise ranking loss ``-log softmax(scores)[gt]`` over the query's candidates rather than
+the training hinge: the hinge is flat (zero gradient) for every query whose positive already leads
+each negative by the margin after the sigmoid, so an attack on it would leave exactly the confident
+queries untouched and report them as robust.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from villa_fast.tasks.base import DataContext, Task
+from villa_fast.tasks.base import DataContext, Task, _unwrap
 
-__all__ = ["RetrievalTask", "recall_at_k"]
+__all__ = ["RetrievalTask", "group_scores", "rank_hinge_loss", "rank_attack_loss", "recall_at_k"]
 
 
 def recall_at_k(
@@ -36,12 +71,36 @@ def recall_at_k(
     return out
 
 
+def group_scores(scores: Tensor, batch: Mapping[str, Any]) -> Tensor:
+    """Rank scores [rows, 1] -> [groups, sample_size] (the whole batch is one group without ``sample_size``)."""
+    flat = scores.reshape(-1)
+    size = int(batch.get("sample_size") or flat.numel())
+    if flat.numel() % size:
+        raise ValueError(f"{flat.numel()} rows are not whole groups of sample_size={size}")
+    return flat.reshape(-1, size)
+
+
+def rank_hinge_loss(scores: Tensor, margin: float) -> Tensor:
+    """UNITER's rank loss on group scores [G, S] (positive in column 0): the mean over groups and
+    negatives of ``max(0, margin + sigmoid(neg) - sigmoid(pos))``; float32 at least (float64 stays)."""
+    p = torch.sigmoid(scores if scores.dtype == torch.float64 else scores.float())
+    return torch.clamp(margin + p[:, 1:] - p[:, :1], min=0.0).mean()
+
+
+def rank_attack_loss(scores: Tensor) -> Tensor:
+    """The loss the robust-evaluation attack ascends: ``-log softmax(scores)[:, 0]`` averaged over
+    groups, the listwise ranking loss of the positive in column 0 (smooth, never flat)."""
+    s = scores if scores.dtype == torch.float64 else scores.float()
+    return F.cross_entropy(s, torch.zeros(s.size(0), dtype=torch.long, device=s.device))
+
+
 class RetrievalTask(Task):
     name = "retrieval"
     main_metric = "r_mean"
-    supports_robust = False
-    # a single rank score per row: the symmetric KL of the VILLA step needs a distribution over classes
-    supports_adversarial = False
+    supports_robust = True
+    supports_adversarial = True
+    #: symKL summed over a group's candidates, averaged over groups
+    kl_reduction = "batchmean"
 
     def build_model(self):
         from villa_fast.models import build_model
@@ -104,6 +163,16 @@ class RetrievalTask(Task):
         if model.training and self.cfg["hard_neg_size"] > 0:
             return m.hard_negative_batch(batch, self.cfg["hard_neg_size"])
         return batch
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+        """Rank scores as ``[groups, sample_size]``: what the loss, the VILLA step's KL and the attack see."""
+        return group_scores(model(batch), batch)
+
+    def loss(self, model: nn.Module, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        return rank_hinge_loss(group_scores(logits, batch), _unwrap(model).margin)
+
+    def attack_loss(self, model: nn.Module, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        return rank_attack_loss(group_scores(logits, batch))
 
     def n_examples(self, batch) -> int:
         size = int(batch.get("sample_size") or 1)
