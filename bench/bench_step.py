@@ -1,22 +1,28 @@
 """Time and peak memory per optimizer step of the VILLA adversarial step against its baselines.
 
-Variants, all on the same UNITER-like encoder (SDPA attention, VQA head), K = 3, text + image perturbed,
-adv lr 1e-3, alpha 1.5, AdamW, one optimizer step per micro-batch:
+Model (``--model``): ``uniter`` (default) is the library's ``villa_fast.models.UniterForVqa``, what users
+train; ``local`` is a self-contained UNITER-like encoder defined here (SDPA attention, VQA head), kept for
+comparison with earlier runs. Both read the same batch dict (the UNITER data modules' keys: input_ids,
+position_ids, img_feat, img_pos_feat, attn_masks, gather_index, targets), 24 text tokens + 36 regions per
+row, no padding. Every variant trains its own copy of one model (same initial weights), K = 3, text + image
+perturbed, adv lr 1e-3, alpha 1.5, gradient clipping at 2.0, AdamW, one optimizer step per micro-batch.
+The text delta is added to the output of the word embedding, the image delta to the raw region features
+(the input of the image linear layer), in every variant.
 
-  released    the released loop transcribed (VILLA_SPEC section 2): clean logits kept in the graph,
-              backward with retain_graph at every step; on a GPU fp16 autocast + GradScaler with the
-              loss scale read back from the host as the released code does
+  released    the released loop transcribed (VILLA_SPEC section 2): zero init, clean logits kept in the
+              graph, backward with retain_graph at every step; on a GPU fp16 autocast + GradScaler with
+              the loss scale read back from the host as the released code does
   villa-once  VillaStep, clean_backward="once" (the default)
   villa-per   VillaStep, clean_backward="per_step" (same gradients, released cost)
-  graphed     GraphedVillaStep with the fused capturable AdamW inside the graph (eager on the CPU)
-  standard    one non-adversarial step: forward, task loss, backward, AdamW
+  graphed     GraphedVillaStep with clipping and the fused capturable AdamW inside the graph (eager on CPU)
+  standard    one non-adversarial step: forward, task loss, backward, clipping, AdamW
 
 Runs alternate between variants (one timed step each per round) and the median over rounds is reported,
 with the ratio of the released loop's time to each variant (speed-up) and of each variant's time to the
 standard step (cost). GPU: UNITER-base size at B = 32 and 128, bf16 for villa_fast and the standard step;
-CPU: a 4 x 256 model at B = 16 in fp32. Results go to bench/out/bench_step.{csv,md}.
+CPU: a 4 x 256 model at B = 16 in fp32. Results go to bench/out/bench_step_<model>.{csv,md}.
 
-    python -m bench.bench_step [--rounds N] [--batches 32,128] [--tiny] [--threads N]
+    python -m bench.bench_step [--model uniter|local] [--rounds N] [--batches 32,128] [--tiny] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import copy
 import csv
 import datetime
+import functools
 import math
 import os
 import platform
@@ -35,15 +42,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from villa_fast import AdversarialConfig, GraphedVillaStep, VillaStep
+from villa_fast.models import UniterConfig, UniterForVqa
 
-# ------------------------------------------------------------------------------------------------ model
+MODELS = ("uniter", "local")
+TXT_LEN, N_REGIONS = 24, 36
+K, LR_ADV, ALPHA, CLIP = 3, 1e-3, 1.5, 2.0
+
+# ------------------------------------------------------------------------------------------------ models
 
 
 @dataclass
 class ModelCfg:
+    """Sizes shared by both models; the defaults are UNITER-base (``UniterConfig.base()``) with the VQA head."""
+
     hidden: int = 768
     layers: int = 12
     heads: int = 12
@@ -53,6 +67,31 @@ class ModelCfg:
     box_dim: int = 7
     n_ans: int = 3129
     dropout: float = 0.1
+
+
+def model_cfg(size: str) -> ModelCfg:
+    """``gpu``: UNITER-base; ``cpu``: 4 x 256 (same vocabulary, image and answer sizes); ``tiny``: 2 x 64."""
+    if size == "gpu":
+        return ModelCfg()
+    if size == "cpu":
+        return ModelCfg(hidden=256, layers=4, heads=4, ffn=1024)
+    if size == "tiny":
+        return ModelCfg(hidden=64, layers=2, heads=4, ffn=128, vocab=500, img_dim=96, n_ans=50)
+    raise ValueError(f"unknown size {size!r}")
+
+
+def uniter_config(c: ModelCfg) -> UniterConfig:
+    return UniterConfig.base(
+        vocab_size=c.vocab,
+        hidden_size=c.hidden,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        intermediate_size=c.ffn,
+        hidden_dropout_prob=c.dropout,
+        attention_probs_dropout_prob=c.dropout,
+        img_dim=c.img_dim,
+        pos_dim=c.box_dim,
+    )
 
 
 class Block(nn.Module):
@@ -70,7 +109,7 @@ class Block(nn.Module):
         self.ln_ffn = nn.LayerNorm(c.hidden, eps=1e-12)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(
@@ -83,8 +122,7 @@ class Block(nn.Module):
 class UniterLike(nn.Module):
     """Single-stream text + region encoder of UNITER's shape (VILLA_SPEC section 4), with a VQA head.
 
-    ``d_txt`` / ``d_img`` let the released-loop transcription pass perturbations explicitly; villa_fast
-    injects them by hooks on ``word`` and ``img_proj`` instead.
+    Perturbations enter by hooks on ``word`` (output) and ``img_proj`` (input).
     """
 
     def __init__(self, c: ModelCfg) -> None:
@@ -106,14 +144,10 @@ class UniterLike(nn.Module):
             nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=1e-12), nn.Linear(2 * h, c.n_ans)
         )
 
-    def forward(self, ids, img, box, mask, d_txt=None, d_img=None):
+    def forward(self, ids: Tensor, img: Tensor, box: Tensor, mask: Tensor) -> Tensor:
         w = self.word(ids)
-        if d_txt is not None:
-            w = w + d_txt
         pos = torch.arange(ids.shape[1], device=ids.device)
         t = self.drop(self.txt_ln(w + self.pos(pos) + self.typ.weight[0]))
-        if d_img is not None:
-            img = img + d_img
         i = self.img_ln(self.img_proj(img)) + self.box_ln(self.box_proj(box)) + self.typ.weight[1]
         x = torch.cat([t, self.drop(self.img_out_ln(i))], 1)
         bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
@@ -122,29 +156,88 @@ class UniterLike(nn.Module):
         return self.head(torch.tanh(self.pooler(x[:, 0])))
 
 
-def make_batch(c: ModelCfg, b: int, lt: int, ni: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _uniter_forward(model: UniterForVqa, batch: dict) -> Tensor:
+    return model(batch)
+
+
+def _local_forward(model: UniterLike, batch: dict) -> Tensor:
+    return model(batch["input_ids"], batch["img_feat"], batch["img_pos_feat"], batch["attn_masks"])
+
+
+@dataclass
+class Setup:
+    """One model to benchmark: the base weights every variant copies, and where its perturbations enter."""
+
+    kind: str
+    cfg: ModelCfg
+    model: nn.Module
+    forward: Callable[[nn.Module, dict], Tensor]
+    text_module: Callable[[nn.Module], nn.Module]
+    image_module: Callable[[nn.Module], nn.Module]
+
+    def describe(self) -> str:
+        return describe(self.kind, self.cfg)
+
+
+def describe(kind: str, c: ModelCfg) -> str:
+    if kind == "uniter":
+        u = uniter_config(c)
+        emb = "fp32 embedding block" if u.fp32_embeddings else "embeddings under autocast"
+        what = f"villa_fast.models.UniterForVqa (attention {u.attn_impl}, {emb})"
+    else:
+        what = "local UniterLike (bench/bench_step.py)"
+    return f"model {what}, {c.layers} x {c.hidden}, img_dim {c.img_dim}, {c.n_ans} answers"
+
+
+def build_setup(kind: str, c: ModelCfg, device: torch.device, dtype: torch.dtype = torch.float32) -> Setup:
+    """The base model (train mode) of ``kind``; seed the global generator first for reproducible weights."""
+    if kind == "uniter":
+        with torch.device(device):
+            model = UniterForVqa(uniter_config(c), num_answer=c.n_ans)
+        return Setup(
+            kind,
+            c,
+            model.to(dtype=dtype).train(),
+            _uniter_forward,
+            lambda m: m.uniter.embeddings.word_embeddings,
+            lambda m: m.uniter.img_embeddings.img_linear,
+        )
+    if kind == "local":
+        with torch.device(device):
+            model = UniterLike(c)
+        return Setup(kind, c, model.to(dtype=dtype).train(), _local_forward, lambda m: m.word, lambda m: m.img_proj)
+    raise ValueError(f"unknown model {kind!r}; choose one of {MODELS}")
+
+
+def make_batch(c: ModelCfg, b: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """B rows of 24 text tokens + 36 regions, no padding, in the UNITER data modules' batch format."""
     g = torch.Generator().manual_seed(0)
-    return {
-        "ids": torch.randint(min(1000, c.vocab // 2), c.vocab, (b, lt), generator=g).to(device),
-        "img": torch.randn(b, ni, c.img_dim, generator=g).relu().to(device),
-        "box": torch.rand(b, ni, c.box_dim, generator=g).to(device),
-        "mask": torch.ones(b, lt + ni, device=device),
-        "target": (torch.rand(b, c.n_ans, generator=g) < 2.0 / c.n_ans).float().to(device),
+    total = TXT_LEN + N_REGIONS
+    batch = {
+        "input_ids": torch.randint(min(100, c.vocab // 2), c.vocab, (b, TXT_LEN), generator=g),
+        "position_ids": torch.arange(TXT_LEN).unsqueeze(0),
+        "img_feat": torch.rand(b, N_REGIONS, c.img_dim, generator=g, dtype=dtype) * 2.0,
+        "img_pos_feat": torch.rand(b, N_REGIONS, c.box_dim, generator=g, dtype=dtype),
+        "attn_masks": torch.ones(b, total, dtype=torch.long),
+        "gather_index": torch.arange(total).unsqueeze(0).repeat(b, 1),
+        "targets": (torch.rand(b, c.n_ans, generator=g) < 2.0 / c.n_ans).to(dtype),
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def vqa_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    t = batch["target"]
-    return F.binary_cross_entropy_with_logits(logits.float(), t) * t.shape[1]
+def _logits(z: Tensor) -> Tensor:
+    """Logits for the losses: float32 (float64 stays float64)."""
+    return z if z.dtype == torch.float64 else z.float()
 
 
-def forward_of(model: UniterLike) -> Callable[[dict], torch.Tensor]:
-    return lambda b: model(b["ids"], b["img"], b["box"], b["mask"])
+def vqa_loss(logits: Tensor, batch: dict) -> Tensor:
+    """``UniterForVqa.loss``: BCE-with-logits (mean) x number of answers, in float32 (float64 stays)."""
+    z = _logits(logits)
+    t = batch["targets"]
+    return F.binary_cross_entropy_with_logits(z, t.to(z.dtype)) * t.shape[1]
 
 
 # ------------------------------------------------------------------------------------- the variants
-
-K, LR_ADV, ALPHA = 3, 1e-3, 1.5
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -153,21 +246,55 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def released_step(model, opt, scaler, dtype, batch, device):
-    """The released loop: zero init, clean logits in the graph, retain_graph every step, loss scale read back."""
-    ids, img = batch["ids"], batch["img"]
-    dt = torch.zeros(ids.shape[0], ids.shape[1], model.word.embedding_dim, device=device)
-    di = torch.zeros_like(img)
-    with _autocast(device, dtype):
-        clean = model(ids, img, batch["box"], batch["mask"]).float()
+class ReleasedInjection:
+    """The released code's injection points on the transcription's own model copy: the text delta is added
+    to the word-embedding output, the image delta to the raw region features entering the image linear
+    layer. The hooks add nothing while no delta is set (the clean pass)."""
+
+    def __init__(self, text_module: nn.Embedding, image_module: nn.Module) -> None:
+        self.hidden = text_module.embedding_dim
+        self.text: Tensor | None = None
+        self.image: Tensor | None = None
+        text_module.register_forward_hook(self._text)
+        image_module.register_forward_pre_hook(self._image)
+
+    def _text(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+        return None if self.text is None else out + self.text
+
+    def _image(self, module: nn.Module, args: tuple) -> tuple | None:
+        return None if self.image is None else (args[0] + self.image, *args[1:])
+
+
+def released_grads(
+    model: nn.Module,
+    forward: Callable[[nn.Module, dict], Tensor],
+    inj: ReleasedInjection,
+    scaler: torch.amp.GradScaler | None,
+    amp_dtype: torch.dtype | None,
+    batch: dict,
+) -> None:
+    """The released loop's gradient part (VILLA_SPEC section 2): zero init, clean logits in the graph,
+    retain_graph every step, the loss scale read back from the host; parameter gradients go to ``.grad``."""
+    ids, img = batch["input_ids"], batch["img_feat"]
+    device = ids.device
+    ddt = torch.float64 if img.dtype == torch.float64 else torch.float32
+    dt = torch.zeros(*ids.shape, inj.hidden, dtype=ddt, device=device)
+    di = torch.zeros(img.shape, dtype=ddt, device=device)
+    with _autocast(device, amp_dtype):
+        clean = _logits(forward(model, batch))
     clean_p, clean_lp = F.softmax(clean, 1), F.log_softmax(clean, 1)
-    n_ans = batch["target"].shape[1]
+    target = batch["targets"].to(clean.dtype)
+    n_ans = target.shape[1]
     for step in range(K):
         dt.requires_grad_()
         di.requires_grad_()
-        with _autocast(device, dtype):
-            out = model(ids, img, batch["box"], batch["mask"], dt, di).float()
-        task = F.binary_cross_entropy_with_logits(out, batch["target"]) * n_ans
+        inj.text, inj.image = dt, di
+        try:
+            with _autocast(device, amp_dtype):
+                out = _logits(forward(model, batch))
+        finally:
+            inj.text = inj.image = None
+        task = F.binary_cross_entropy_with_logits(out, target) * n_ans
         kl = F.kl_div(F.log_softmax(out, 1), clean_p, reduction="none") + F.kl_div(
             clean_lp, F.softmax(out, 1), reduction="none"
         )
@@ -183,23 +310,28 @@ def released_step(model, opt, scaler, dtype, batch, device):
             break
         new = []
         for d in (dt, di):
-            g = d.grad.detach().float() / amp_scale
-            den = torch.norm(g.view(g.shape[0], -1), dim=1).view(-1, 1, 1).clamp(min=1e-8)
+            g = d.grad.detach() / amp_scale
+            den = torch.norm(g.reshape(g.shape[0], -1), dim=1).view(-1, 1, 1).clamp(min=1e-8)
             new.append((d + LR_ADV * g / den).detach())
         dt, di = new
+
+
+def standard_grads(model: nn.Module, forward: Callable, amp_dtype: torch.dtype | None, batch: dict) -> None:
+    with _autocast(batch["input_ids"].device, amp_dtype):
+        logits = forward(model, batch)
+    vqa_loss(logits, batch).backward()
+
+
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Clip at 2.0 (after unscaling), AdamW step, zero grads: the released code's accumulation boundary."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
     else:
         opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def standard_step(model, opt, dtype, batch, device):
-    with _autocast(device, dtype):
-        logits = model(batch["ids"], batch["img"], batch["box"], batch["mask"])
-    vqa_loss(logits, batch).backward()
-    opt.step()
     opt.zero_grad(set_to_none=True)
 
 
@@ -216,81 +348,122 @@ def villa_cfg(clean: str, dtype: torch.dtype | None) -> AdversarialConfig:
     )
 
 
-def build_variants(base: UniterLike, batch: dict, device: torch.device) -> dict[str, tuple[Callable, nn.Module]]:
+@dataclass
+class Variant:
+    """One way of training a copy of the base model.
+
+    ``run()`` is one whole optimizer step; ``grads()`` is its gradient part only (added to ``.grad``, no
+    clipping, no optimizer step), for checking that the variants compute the same gradients.
+    """
+
+    model: nn.Module
+    run: Callable[[], object]
+    grads: Callable[[], object]
+
+
+def build_variants(setup: Setup, batch: dict, device: torch.device) -> dict[str, Variant]:
+    """Every variant on its own deep copy of ``setup.model`` (same initial weights)."""
     cuda = device.type == "cuda"
     low = torch.bfloat16 if cuda else None
-    variants: dict[str, tuple[Callable, nn.Module]] = {}
+    fwd = setup.forward
+    variants: dict[str, Variant] = {}
 
-    def adamw(m, capturable=False):
+    def adamw(m: nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
         if cuda and capturable:
             return torch.optim.AdamW(m.parameters(), lr=torch.tensor(5e-5, device=device), fused=True, capturable=True)
         return torch.optim.AdamW(m.parameters(), lr=5e-5, fused=cuda)
 
-    m = copy.deepcopy(base)
+    m = copy.deepcopy(setup.model)
     opt = torch.optim.AdamW(m.parameters(), lr=5e-5)
     scaler = torch.amp.GradScaler("cuda") if cuda else None
-    variants["released"] = (
-        lambda m=m, o=opt, s=scaler: released_step(m, o, s, torch.float16 if cuda else None, batch, device),
-        m,
-    )
+    inj = ReleasedInjection(setup.text_module(m), setup.image_module(m))
+    grads = functools.partial(released_grads, m, fwd, inj, scaler, torch.float16 if cuda else None, batch)
+
+    def run_released(grads=grads, m=m, opt=opt, scaler=scaler):
+        grads()
+        optimizer_step(m, opt, scaler)
+
+    variants["released"] = Variant(m, run_released, grads)
+
     for name, clean in (("villa-once", "once"), ("villa-per", "per_step")):
-        m = copy.deepcopy(base)
+        m = copy.deepcopy(setup.model)
         opt = adamw(m)
-        vs = VillaStep(forward_of(m), vqa_loss, villa_cfg(clean, low), text_embedding=m.word, image_input=m.img_proj)
+        vs = VillaStep(
+            functools.partial(fwd, m),
+            vqa_loss,
+            villa_cfg(clean, low),
+            text_embedding=setup.text_module(m),
+            image_input=setup.image_module(m),
+        )
+        grads = functools.partial(vs.step, batch)
 
-        def run(vs=vs, o=opt):
-            vs.step(batch)
-            o.step()
-            o.zero_grad(set_to_none=True)
+        def run_villa(grads=grads, m=m, opt=opt):
+            grads()
+            optimizer_step(m, opt)
 
-        variants[name] = (run, m)
-    m = copy.deepcopy(base)
-    opt = adamw(m, capturable=True)
+        variants[name] = Variant(m, run_villa, grads)
+
+    m = copy.deepcopy(setup.model)
     gs = GraphedVillaStep(
-        forward_of(m), vqa_loss, villa_cfg("once", low), text_embedding=m.word, image_input=m.img_proj, optimizer=opt
+        functools.partial(fwd, m),
+        vqa_loss,
+        villa_cfg("once", low),
+        text_embedding=setup.text_module(m),
+        image_input=setup.image_module(m),
+        optimizer=adamw(m, capturable=True),
+        max_grad_norm=CLIP,
     )
-    variants["graphed" if cuda else "graphed (eager on CPU)"] = (lambda gs=gs: gs.step(batch), m)
-    m = copy.deepcopy(base)
+    variants["graphed" if cuda else "graphed (eager on CPU)"] = Variant(
+        m, functools.partial(gs.step, batch), functools.partial(gs.step, batch, optimizer_step=False)
+    )
+
+    m = copy.deepcopy(setup.model)
     opt = adamw(m)
-    variants["standard"] = (lambda m=m, o=opt: standard_step(m, o, low, batch, device), m)
+    grads = functools.partial(standard_grads, m, fwd, low, batch)
+
+    def run_standard(grads=grads, m=m, opt=opt):
+        grads()
+        optimizer_step(m, opt)
+
+    variants["standard"] = Variant(m, run_standard, grads)
     return variants
 
 
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def time_variants(variants: dict, rounds: int, warmup: int, device: torch.device) -> dict[str, dict]:
+def time_variants(variants: dict[str, Variant], rounds: int, warmup: int, device: torch.device) -> dict[str, dict]:
     cuda = device.type == "cuda"
-    for fn, _ in variants.values():
+    for v in variants.values():
         for _ in range(warmup):
-            fn()
+            v.run()
     if cuda:
         torch.cuda.synchronize()
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu_times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {}
     for r in range(rounds):
-        for name, (fn, model) in variants.items():
+        for name, v in variants.items():
             if cuda:
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                v.run()
                 end.record()
                 torch.cuda.synchronize()
                 times[name].append(start.elapsed_time(end))
                 if r == 0:
                     # this variant's parameters, gradients and optimizer state (16 B per fp32 parameter with
                     # AdamW) plus the transient peak of its step above what was allocated before it
-                    params = sum(p.numel() for p in model.parameters())
+                    params = sum(p.numel() for p in v.model.parameters())
                     extra = torch.cuda.max_memory_allocated() - before
-                    static_grads = sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None)
+                    static_grads = sum(p.grad.numel() * 4 for p in v.model.parameters() if p.grad is not None)
                     peaks[name] = (params * 12 + static_grads + extra) / 2**30
             else:
                 t0, c0 = time.perf_counter(), time.process_time()
-                fn()
+                v.run()
                 times[name].append((time.perf_counter() - t0) * 1e3)
                 cpu_times[name].append((time.process_time() - c0) * 1e3)
     out = {}
@@ -306,28 +479,23 @@ def time_variants(variants: dict, rounds: int, warmup: int, device: torch.device
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=MODELS, default="uniter", help="the library's UniterForVqa or the local model")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10 on GPU, 7 on CPU)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 32,128 GPU; 16 CPU)")
     ap.add_argument("--tiny", action="store_true", help="a 2 x 64 model, for a quick check")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a shared machine)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    if a.tiny:
-        c = ModelCfg(hidden=64, layers=2, heads=4, ffn=128, vocab=500, img_dim=96, n_ans=50)
-    elif cuda:
-        c = ModelCfg()
-    else:
-        c = ModelCfg(hidden=256, layers=4, heads=4, ffn=1024)
+    c = model_cfg("tiny" if a.tiny else "gpu" if cuda else "cpu")
     rounds = a.rounds or (10 if cuda else 7)
     warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     batches = [int(x) for x in (a.batches or ("32,128" if cuda else "16")).split(",")]
-    lt, ni = 24, 36
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         dev_name = torch.cuda.get_device_name()
@@ -335,17 +503,18 @@ def main() -> None:
         dev_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (
-        f"device: {dev_name}; torch {torch.__version__}; {stamp}; model {c.layers} x {c.hidden}, "
-        f"{lt} text + {ni} regions, K={K}, text+image; "
+        f"device: {dev_name}; torch {torch.__version__}; {stamp}; {describe(a.model, c)}; "
+        f"{TXT_LEN} text + {N_REGIONS} regions, K={K}, text+image, clip {CLIP}; "
         + ("released: fp16 + GradScaler, villa_fast and standard: bf16" if cuda else "fp32")
     )
     print(header, flush=True)
     rows = []
     for b in batches:
         torch.manual_seed(0)
-        base = UniterLike(c).to(device).train()
-        batch = make_batch(c, b, lt, ni, device)
-        variants = build_variants(base, batch, device)
+        setup = build_setup(a.model, c, device)
+        batch = make_batch(c, b, device)
+        variants = build_variants(setup, batch, device)
+        del setup
         res = time_variants(variants, rounds, warmup, device)
         # on a CPU shared with other jobs the process's CPU time (one thread) is steadier than the wall clock:
         # the ratios use it there; both are reported
@@ -354,6 +523,7 @@ def main() -> None:
         for name, r in res.items():
             rows.append(
                 {
+                    "model": a.model,
                     "batch": b,
                     "variant": name,
                     **r,
@@ -361,7 +531,7 @@ def main() -> None:
                     "cost_vs_standard": r[key] / std,
                 }
             )
-        del variants, base
+        del variants, batch
         if cuda:
             torch.cuda.empty_cache()
     md = [
@@ -378,12 +548,12 @@ def main() -> None:
             f"{cpu} | {peak} | {r['speedup_vs_released']:.2f}x | {r['cost_vs_standard']:.2f} |"
         )
     text = "\n".join(md)
-    print(text, flush=True)
+    print("\n" + text, flush=True)
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench_step.md"), "w") as f:
+    with open(os.path.join(out_dir, f"bench_step_{a.model}.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(out_dir, "bench_step.csv"), "w", newline="") as f:
+    with open(os.path.join(out_dir, f"bench_step_{a.model}.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["device", "torch", "date", *rows[0].keys()])
         w.writeheader()
         for r in rows:

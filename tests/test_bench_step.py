@@ -1,0 +1,80 @@
+"""The whole-step benchmark compares like with like: its variants run, and the released-loop transcription and
+VillaStep give the same parameter gradients on both of its models."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from bench import bench_step as bs
+
+TINY = bs.ModelCfg(hidden=32, layers=2, heads=4, ffn=64, vocab=100, img_dim=16, n_ans=20)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _variants(kind: str, dtype: torch.dtype, dropout: float, b: int = 3) -> dict[str, bs.Variant]:
+    c = bs.ModelCfg(**{**TINY.__dict__, "dropout": dropout})
+    torch.manual_seed(0)
+    setup = bs.build_setup(kind, c, CPU, dtype)
+    return bs.build_variants(setup, bs.make_batch(c, b, CPU, dtype), CPU)
+
+
+@pytest.mark.parametrize("kind", bs.MODELS)
+def test_variants_run(kind):
+    variants = _variants(kind, torch.float32, 0.1)
+    assert set(variants) == {"released", "villa-once", "villa-per", "graphed (eager on CPU)", "standard"}
+    start = [p.detach().clone() for p in variants["released"].model.parameters()]
+    assert len({id(v.model) for v in variants.values()}) == len(variants)
+    for v in variants.values():  # one model, one set of initial weights, separate copies
+        assert all(torch.equal(p, q) for p, q in zip(v.model.parameters(), start, strict=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "GraphedVillaStep runs eagerly", RuntimeWarning)
+        res = bs.time_variants(variants, rounds=2, warmup=1, device=CPU)
+    for name, r in res.items():
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0, name
+    for v in variants.values():  # each variant stepped its own copy: weights moved, stayed finite
+        assert all(p.grad is None for p in v.model.parameters())
+        assert all(torch.isfinite(p).all() for p in v.model.parameters())
+        assert any(not torch.equal(p, q) for p, q in zip(v.model.parameters(), start, strict=True))
+
+
+def _grads(v: bs.Variant) -> list[torch.Tensor | None]:
+    v.model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "GraphedVillaStep runs eagerly", RuntimeWarning)
+        v.grads()
+    return [None if p.grad is None else p.grad.detach().clone() for p in v.model.parameters()]
+
+
+@pytest.mark.parametrize("kind", bs.MODELS)
+def test_released_and_villa_step_same_gradients(kind):
+    """float64, dropout 0: one step of each variant from the same weights gives the same parameter gradients."""
+    variants = _variants(kind, torch.float64, 0.0)
+    want = _grads(variants["released"])
+    assert sum(g is not None for g in want) > 10
+    names = [n for n in variants if n.startswith(("villa-", "graphed"))]
+    assert len(names) == 3
+    for name in names:
+        got = _grads(variants[name])
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            if w is None or g is None:  # a parameter no loss reaches: no gradient, or an all-zero one
+                assert (g is None or not g.any()) and (w is None or not w.any()), (name, i)
+                continue
+            scale = w.abs().max().clamp(min=1e-30)
+            err = (g - w).abs().max() / scale
+            assert err <= 1e-8, (name, i, tuple(w.shape), float(err))
+    # the adversarial gradients differ from a plain step's: the comparison above is not vacuous
+    std = _grads(variants["standard"])
+    diff = max(float((s - w).abs().max()) for s, w in zip(std, want, strict=True) if s is not None and w is not None)
+    assert diff > 1e-6
