@@ -1,9 +1,12 @@
-"""Robust evaluation: accuracy under a K-step attack in the embedding space.
+"""Robust evaluation: a task's metrics (accuracy; recall@k for retrieval) under a K-step attack in
+the embedding space.
 
 The attack is VILLA's perturbation turned against a fixed model: a delta added to the word
 embeddings (and/or the raw region features, before the image linear layer), K steps of
-normalised gradient ascent on the task loss, projected onto a per-example l2 ball of radius
-``eps`` (or an l-inf box), in eval mode. Hooks attach only for the duration of one call.
+normalised gradient ascent on the loss the task names (``Task.attack_loss``: the task loss, or for
+retrieval the listwise ranking loss of the query's ground truth), projected onto a per-example
+(per-row) l2 ball of radius ``eps`` (or an l-inf box), in eval mode. Hooks attach only for the
+duration of one call.
 """
 
 from __future__ import annotations
