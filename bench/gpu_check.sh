@@ -1,59 +1,112 @@
 #!/usr/bin/env bash
-# The one script for a lent GPU (H100/H200): build the CUDA extension, run the GPU tests,
-# then the op, model and whole-step benchmarks; the tables are printed last.
-# Logs and CSVs go to $OUT (default bench/out). Budget: under 8 minutes in all.
+# The one script for a lent GPU (H100/H200): build the CUDA extension, run the GPU tests, then the
+# whole-step, op and model benchmarks; the tables are printed last (the whole-step table at the end).
+# Logs and CSVs go to $OUT (default bench/out). Runs offline. The whole run stays under BUDGET seconds
+# (default 470): each phase gets at most what is left after the phases behind it have their share.
 #
 #   bash bench/gpu_check.sh            # everything
-#   QUICK=1 bash bench/gpu_check.sh    # tests and the op benchmark only
+#   QUICK=1 bash bench/gpu_check.sh    # build, tests and the UNITER whole-step benchmark only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT" bench/out
+OUT="$(cd "$OUT" && pwd)"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
+export FORCE_CUDA="${FORCE_CUDA:-1}"
 export PYTHONDONTWRITEBYTECODE=1
 PY="${PYTHON:-python3}"
+BUDGET="${BUDGET:-470}"
+# benchmark arguments (override for a quick dry run on a CPU)
+STEP_ARGS="${STEP_ARGS:---batches 32,128 --rounds 10 --warmup 3}"
+LOCAL_ARGS="${LOCAL_ARGS:---batches 128 --rounds 5 --warmup 2}"
+OPS_ARGS="${OPS_ARGS:-}"
+MODEL_ARGS="${MODEL_ARGS:---batches 32,128 --iters 10}"
 start=$SECONDS
 stamp() { echo "== [$((SECONDS - start)) s] $*"; }
+# seconds a phase may take: at most $1, leaving $2 for the phases after it (0 = no time left)
+allow() {
+  local left=$((BUDGET - (SECONDS - start) - $2))
+  if ((left < 20)); then echo 0; elif ((left < $1)); then echo "$left"; else echo "$1"; fi
+}
+# run a phase under its allowance: run_phase MAX RESERVE LOG CMD...
+run_phase() {
+  local t
+  t=$(allow "$1" "$2")
+  local log=$3
+  shift 3
+  if ((t == 0)); then
+    echo "skipped: no time left in the ${BUDGET} s budget" | tee "$log"
+    return 124
+  fi
+  timeout "$t" "$@" >"$log" 2>&1
+  local rc=$?
+  ((rc == 124)) && echo "stopped after its ${t} s allowance" | tee -a "$log"
+  return $rc
+}
 
 stamp "environment"
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  nvcc --version | tail -n 1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version 2>&1 | tail -n 1
 } | tee "$OUT/env.txt"
 
-stamp "build (FORCE_CUDA=1, arch $TORCH_CUDA_ARCH_LIST)"
-if ! FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1; then
-  echo "pip install failed; trying an in-place build" | tee -a "$OUT/build.log"
-  FORCE_CUDA=1 "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 || { tail -n 60 "$OUT/build.log"; exit 1; }
+stamp "build (FORCE_CUDA=$FORCE_CUDA, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
+run_phase 240 200 "$OUT/build.log" "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .
+rc=$?
+if ((rc != 0)); then
+  # a compile error would fail the same way again; anything else (old setuptools, pip) gets an in-place build
+  if ((rc != 124)) && ! grep -qE '^FAILED: |\): error|: error:' "$OUT/build.log"; then
+    echo "pip install failed (exit $rc); trying an in-place build" | tee -a "$OUT/build.log"
+    run_phase 240 200 "$OUT/build_inplace.log" "$PY" setup.py build_ext --inplace
+    tail -n 5 "$OUT/build_inplace.log"
+  else
+    echo "build failed (exit $rc):"
+    grep -E '^FAILED: |\): error|: error:' "$OUT/build.log" | head -n 20
+  fi
+fi
+grep -h "villa_fast setup" "$OUT"/build*.log 2>/dev/null | tail -n 2
+if ! "$PY" -c "import villa_fast.kernels" 2>/dev/null; then
+  # no editable install: serve the Triton kernels from the source tree
   ln -sfn ../kernels villa_fast/kernels
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-grep -E "villa_fast setup" "$OUT/build.log" | tail -n 2
-"$PY" -c "import villa_fast._C as c; assert c.with_cuda, 'villa_fast._C has no CUDA kernels'; print('villa_fast._C with CUDA')" \
-  || { tail -n 60 "$OUT/build.log"; exit 1; }
+# torch first: the extension links against torch's shared libraries
+"$PY" -c "import torch, villa_fast._C as c; assert c.with_cuda; print('villa_fast._C with CUDA kernels')" 2>&1 \
+  || echo "WARNING: no CUDA build of villa_fast._C: the CUDA backend is skipped, Triton serves the GPU"
 
 stamp "GPU tests (CUDA and Triton backends vs reference, graphed vs eager, fp16 scaler, no host sync)"
 TESTS=(tests/test_perturb_update.py tests/test_sym_kl.py tests/test_perturb_init.py tests/test_opcheck.py
-       tests/test_backend.py tests/test_ext_kernels.py)
-for f in tests/test_adversarial*.py tests/test_graphed*.py; do [ -f "$f" ] && TESTS+=("$f"); done
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs "${TESTS[@]}" >"$OUT/tests.log" 2>&1
+  tests/test_backend.py tests/test_ext_kernels.py tests/test_adversarial.py tests/test_graphed.py
+  tests/test_bench_step.py)
+run_phase 200 150 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs --durations=10 "${TESTS[@]}"
 echo "pytest exit code $?"
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
+grep -E "(passed|failed|error)" "$OUT/tests.log" | tail -n 1
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
 
-stamp "op benchmark"
-timeout 150 "$PY" -m bench.bench_ops >"$OUT/bench_ops.md" 2>"$OUT/bench_ops.err" || tail -n 20 "$OUT/bench_ops.err"
+stamp "whole-step benchmark, UniterForVqa (UNITER-base, B=32 and 128)"
+run_phase 180 $([ -z "${QUICK:-}" ] && echo 100 || echo 0) "$OUT/bench_step_uniter.log" \
+  "$PY" -m bench.bench_step --model uniter $STEP_ARGS || tail -n 20 "$OUT/bench_step_uniter.log"
 
 if [ -z "${QUICK:-}" ]; then
-  stamp "whole-step benchmark"
-  timeout 210 "$PY" -m bench.bench_step >"$OUT/bench_step.md" 2>"$OUT/bench_step.err" || tail -n 20 "$OUT/bench_step.err"
+  stamp "op benchmark"
+  run_phase 120 60 "$OUT/bench_ops.log" "$PY" -m bench.bench_ops $OPS_ARGS || tail -n 20 "$OUT/bench_ops.log"
+  stamp "model forward+backward benchmark"
+  run_phase 50 40 "$OUT/bench_model.log" "$PY" -m bench.bench_model $MODEL_ARGS --out "$OUT" \
+    || tail -n 20 "$OUT/bench_model.log"
+  stamp "whole-step benchmark, local model (B=128)"
+  run_phase 90 0 "$OUT/bench_step_local.log" \
+    "$PY" -m bench.bench_step --model local $LOCAL_ARGS || tail -n 20 "$OUT/bench_step_local.log"
 fi
-cp bench/out/*.csv "$OUT"/ 2>/dev/null || true
+cp bench/out/*.csv bench/out/*.md "$OUT"/ 2>/dev/null || true
 
 stamp "tables"
-cat "$OUT/bench_ops.md"
-[ -f "$OUT/bench_step.md" ] && cat "$OUT/bench_step.md"
+[ -f "$OUT/bench_ops.log" ] && sed -n '/^bench_ops on/,$p' "$OUT/bench_ops.log"
+[ -f "$OUT/bench_model.log" ] && echo && sed -n '/^| B |/,/^$/p' "$OUT/bench_model.log"
+for m in local uniter; do
+  [ -f "bench/out/bench_step_$m.md" ] && [ "bench/out/bench_step_$m.md" -nt "$OUT/env.txt" ] && echo && cat "bench/out/bench_step_$m.md"
+done
 stamp "done"
