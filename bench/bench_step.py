@@ -37,6 +37,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -353,12 +354,14 @@ class Variant:
     """One way of training a copy of the base model.
 
     ``run()`` is one whole optimizer step; ``grads()`` is its gradient part only (added to ``.grad``, no
-    clipping, no optimizer step), for checking that the variants compute the same gradients.
+    clipping, no optimizer step), for checking that the variants compute the same gradients. ``note()``, if
+    given, says after the timing how the variant ran when that differs from its name.
     """
 
     model: nn.Module
     run: Callable[[], object]
     grads: Callable[[], object]
+    note: Callable[[], str] | None = None
 
 
 def build_variants(setup: Setup, batch: dict, device: torch.device) -> dict[str, Variant]:
@@ -414,7 +417,10 @@ def build_variants(setup: Setup, batch: dict, device: torch.device) -> dict[str,
         max_grad_norm=CLIP,
     )
     variants["graphed" if cuda else "graphed (eager on CPU)"] = Variant(
-        m, functools.partial(gs.step, batch), functools.partial(gs.step, batch, optimizer_step=False)
+        m,
+        functools.partial(gs.step, batch),
+        functools.partial(gs.step, batch, optimizer_step=False),
+        note=lambda gs=gs: "" if gs.graphed or not cuda else "capture failed: ran eagerly",
     )
 
     m = copy.deepcopy(setup.model)
@@ -435,7 +441,7 @@ def build_variants(setup: Setup, batch: dict, device: torch.device) -> dict[str,
 def time_variants(variants: dict[str, Variant], rounds: int, warmup: int, device: torch.device) -> dict[str, dict]:
     cuda = device.type == "cuda"
     for v in variants.values():
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1)):  # at least once: first-call costs (graph capture, JIT) stay out
             v.run()
     if cuda:
         torch.cuda.synchronize()
@@ -501,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
         dev_name = torch.cuda.get_device_name()
     else:
         dev_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        # the table's variant name says so already
+        warnings.filterwarnings("ignore", "GraphedVillaStep runs eagerly: CUDA is not available", RuntimeWarning)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         f"device: {dev_name}; torch {torch.__version__}; {stamp}; {describe(a.model, c)}; "
@@ -516,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         variants = build_variants(setup, batch, device)
         del setup
         res = time_variants(variants, rounds, warmup, device)
+        notes = {name: v.note() for name, v in variants.items() if v.note is not None}
         # on a CPU shared with other jobs the process's CPU time (one thread) is steadier than the wall clock:
         # the ratios use it there; both are reported
         key = "median_ms" if cuda else "cpu_ms"
@@ -525,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
                 {
                     "model": a.model,
                     "batch": b,
-                    "variant": name,
+                    "variant": f"{name} ({notes[name]})" if notes.get(name) else name,
                     **r,
                     "speedup_vs_released": ref / r[key],
                     "cost_vs_standard": r[key] / std,
@@ -534,6 +543,14 @@ def main(argv: list[str] | None = None) -> None:
         del variants, batch
         if cuda:
             torch.cuda.empty_cache()
+        # written after every batch size, so a run stopped part-way keeps what it measured
+        text = write_results(rows, header, a.model, dev_name, stamp)
+        print(f"B={b} done", flush=True)
+    print("\n" + text, flush=True)
+
+
+def write_results(rows: list[dict], header: str, model: str, dev_name: str, stamp: str) -> str:
+    """bench/out/bench_step_<model>.{md,csv}; returns the markdown."""
     md = [
         header,
         "",
@@ -548,16 +565,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{cpu} | {peak} | {r['speedup_vs_released']:.2f}x | {r['cost_vs_standard']:.2f} |"
         )
     text = "\n".join(md)
-    print("\n" + text, flush=True)
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"bench_step_{a.model}.md"), "w") as f:
+    with open(os.path.join(out_dir, f"bench_step_{model}.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(out_dir, f"bench_step_{a.model}.csv"), "w", newline="") as f:
+    with open(os.path.join(out_dir, f"bench_step_{model}.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["device", "torch", "date", *rows[0].keys()])
         w.writeheader()
         for r in rows:
             w.writerow({"device": dev_name, "torch": torch.__version__, "date": stamp, **r})
+    return text
 
 
 if __name__ == "__main__":
