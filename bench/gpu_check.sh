@@ -49,7 +49,8 @@ run_phase() {
 
 stamp "environment"
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   nvcc --version 2>&1 | tail -n 1
 } | tee "$OUT/env.txt"
