@@ -209,6 +209,23 @@ def test_re_image_hidden_matches_per_row_slices():
     assert (scores[2, NBB[2] :] == -1e4).all()
 
 
+def test_re_accepts_uint8_and_bool_obj_masks():
+    """re_collate emits obj_masks as uint8; the model takes it as it is, the same as a bool mask."""
+    torch.manual_seed(0)
+    cfg = _cfg()
+    model = UniterForReferringExpression(cfg).eval()
+    batch = _batch_for("re", cfg, model)
+    as_u8 = dict(batch, obj_masks=batch["obj_masks"].to(torch.uint8))
+    with torch.no_grad():
+        ref = model(batch)
+    got = model(as_u8)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    model.train()
+    loss = model(as_u8, compute_loss=True)
+    loss.backward()
+    assert torch.isfinite(loss) and model.re_output.weight.grad.abs().sum() > 0
+
+
 # -- pre-training ------------------------------------------------------------------------------------
 
 

@@ -292,7 +292,8 @@ class UniterForImageTextRetrieval(_TaskModel):
 class UniterForReferringExpression(_TaskModel):
     """Referring expression comprehension: a score per region of the image part.
 
-    forward -> scores [B, max_bb], -1e4 at padded regions (``obj_masks`` [B, max_bb] True = padding);
+    forward -> scores [B, max_bb], -1e4 at padded regions (``obj_masks`` [B, max_bb], True or 1 = padding;
+    bool or any integer dtype, as ``re_collate`` emits uint8);
     loss cross-entropy (mean) vs ``targets`` [B] (index of the referred region).
     Needs ``txt_lens`` (list or [B] tensor) to find each row's regions; derived from
     ``gather_index`` when absent.
@@ -323,9 +324,15 @@ class UniterForReferringExpression(_TaskModel):
         # the first packed position that reads from the image block
         return (gi >= lt).long().argmax(dim=1)
 
+    @staticmethod
+    def _obj_masks(batch: Mapping[str, Any]) -> Tensor:
+        """``obj_masks`` as a bool tensor (True = padding), whatever dtype the batch holds."""
+        m = batch["obj_masks"]
+        return m if m.dtype == torch.bool else m != 0
+
     def image_hidden(self, seq: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """seq [B, L, H] -> [B, max_bb, H]: each row's region outputs, zero at padding."""
-        obj_masks = batch["obj_masks"]
+        obj_masks = self._obj_masks(batch).to(seq.device)
         nbb = obj_masks.size(1)
         start = self._txt_lens(batch, seq.device)
         idx = (start.unsqueeze(1) + torch.arange(nbb, device=seq.device)).clamp(max=seq.size(1) - 1)
@@ -334,7 +341,7 @@ class UniterForReferringExpression(_TaskModel):
 
     def logits(self, batch: Mapping[str, Any]) -> Tensor:
         hid = self.image_hidden(_run_uniter(self.uniter, batch), batch)
-        return self.re_output(hid).squeeze(-1).masked_fill(batch["obj_masks"], -1e4)
+        return self.re_output(hid).squeeze(-1).masked_fill(self._obj_masks(batch).to(hid.device), -1e4)
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
         return F.cross_entropy(logits.float(), batch["targets"].reshape(-1).long())

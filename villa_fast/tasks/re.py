@@ -37,11 +37,6 @@ class ReTask(Task):
         ds = self._dataset(txt, img, -1)
         return self.token_loader(_WithIds(ds), _ReCollate(re_collate, with_ids=True), ctx, train=False)
 
-    def prepare(self, model, batch):
-        batch = dict(batch)
-        batch["obj_masks"] = batch["obj_masks"].bool()
-        return batch
-
     def eval_batch(self, state, model, logits, batch) -> None:
         logits = logits.float()
         targets = batch["targets"].to(logits.device).reshape(-1)
