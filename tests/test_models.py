@@ -170,6 +170,35 @@ def test_gather_packs_each_row_text_then_regions():
         torch.testing.assert_close(x[i, tl : tl + nbb], img[i, :nbb], rtol=0, atol=0)
 
 
+def test_each_row_output_sees_its_own_regions():
+    """The CLS output of every row depends on each of its regions (features and boxes) and on no
+    other row's; padded regions get no gradient and img_linear / pos_linear get a gradient."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = UniterModel(cfg).eval()
+    batch = make_batch(cfg, [5, 3, 7], [4, 6, 2])
+    feat = batch["img_feat"].clone().requires_grad_(True)
+    pos = batch["img_pos_feat"].clone().requires_grad_(True)
+    for i, (tl, nbb) in enumerate(zip(batch["txt_lens"], batch["num_bbs"], strict=True)):
+        model.zero_grad()
+        out = model(batch["input_ids"], batch["position_ids"], feat, pos, batch["attn_masks"], batch["gather_index"])
+        assert batch["attn_masks"][i, tl : tl + nbb].eq(1).all()
+        g_feat, g_pos = torch.autograd.grad(out[i, 0].square().sum(), [feat, pos])
+        for g in (g_feat, g_pos):
+            assert (g[i, :nbb].abs().sum(-1) > 0).all(), "a region of the row does not reach its CLS output"
+            assert g[i, nbb:].abs().sum() == 0, "a padded region reaches the CLS output"
+            assert g[torch.arange(3) != i].abs().sum() == 0, "another row's regions reach this row"
+    out = model(batch["input_ids"], batch["position_ids"], feat, pos, batch["attn_masks"], batch["gather_index"])
+    out[:, 0].square().sum().backward()
+    emb = model.img_embeddings
+    assert emb.img_linear.weight.grad.abs().sum() > 0 and emb.pos_linear.weight.grad.abs().sum() > 0
+    # another image changes the output of the row, not the text positions' embeddings
+    with torch.no_grad():
+        other = dict(batch, img_feat=batch["img_feat"].flip(-1))
+        a, b = run_encoder(model, batch), run_encoder(model, other)
+    assert not torch.allclose(a[:, 0], b[:, 0], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("attn_impl", ["sdpa", "plain"])
 def test_padding_does_not_change_a_row(attn_impl):
     torch.manual_seed(0)
