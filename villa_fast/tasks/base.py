@@ -28,10 +28,7 @@ class DataContext:
 
 
 def load_model_config(spec: str | None) -> dict[str, Any]:
-    """A UNITER model config as a dict: from a JSON path, or "base" / "large" (None: base).
-
-    Keys a data set writes beside the model keys (``num_answers``) are left out here.
-    """
+    """A UNITER model config as a dict: from a JSON path, or "base" / "large" (None: base)."""
     from villa_fast.models import UniterConfig
 
     if spec is None or spec == "base":
@@ -41,9 +38,7 @@ def load_model_config(spec: str | None) -> dict[str, Any]:
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"model_config not found: {spec}")
     with open(spec, encoding="utf-8") as fh:
-        d = json.load(fh)
-    d.pop("num_answers", None)
-    return d
+        return json.load(fh)
 
 
 class Task:

@@ -28,7 +28,7 @@ def _batch(b: int, lt: int, nbb: int, vocab: int, img_dim: int, num_answers: int
 
 
 def run_bench(steps: int = 20, device: str = "auto", batch_size: int = 64) -> dict[str, float]:
-    from villa_fast.data.demo import demo_model_config
+    from villa_fast.data.demo import ANSWERS, demo_model_config
     from villa_fast.models import UniterForVqa
     from villa_fast.train.report import format_table
 
@@ -36,7 +36,7 @@ def run_bench(steps: int = 20, device: str = "auto", batch_size: int = 64) -> di
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
     mc = demo_model_config()
-    num_answers = mc.pop("num_answers")
+    num_answers = len(ANSWERS)
     model = UniterForVqa(mc, num_answer=num_answers).to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
