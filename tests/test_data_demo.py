@@ -10,6 +10,7 @@ import torch
 
 from villa_fast.data import DetectFeatLmdb, TxtTokLmdb, VqaDataset, vqa_collate
 from villa_fast.data.demo import ANSWERS, build_demo_data, demo_model_config, demo_vocab
+from villa_fast.models import UniterConfig
 
 
 def _content(paths: dict) -> dict:
@@ -40,6 +41,7 @@ def test_demo_is_deterministic_and_written_once(tmp_path):
         build_demo_data(tmp_path / "a", seed=5, **kw)
     cfg = json.loads((tmp_path / "a/model_config.json").read_text())
     assert cfg == demo_model_config() and cfg["vocab_size"] == len(demo_vocab())
+    UniterConfig.from_dict(cfg)  # model keys only: the trainer reads the file as it is
     assert cfg["img_dim"] == a["img_dim"] == DetectFeatLmdb(a["img_db"], **a["img_db_args"]).img_dim
     assert json.loads((tmp_path / "a/txt_db/train/meta.json").read_text())["img_dim"] == cfg["img_dim"]
 
