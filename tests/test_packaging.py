@@ -11,7 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup(*args, env=None, pre=""):
-    code = f"import sys; {pre}sys.argv = ['setup.py', *{list(args)!r}]; __file__ = 'setup.py'; exec(open('setup.py').read())"
+    code = (
+        f"import sys; {pre}sys.argv = ['setup.py', *{list(args)!r}]; "
+        "__file__ = 'setup.py'; exec(open('setup.py').read())"
+    )
     full = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=full, timeout=120)
 

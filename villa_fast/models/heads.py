@@ -51,6 +51,11 @@ def _run_uniter(uniter: UniterModel, batch: Mapping[str, Any], **extra: Any) -> 
     )
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in float32, or float64 when the model runs in float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class _TaskModel(nn.Module):
     """Common plumbing: ``.uniter``, init, ``forward(batch, compute_loss)``."""
 
@@ -109,8 +114,9 @@ class UniterForVqa(_TaskModel):
         return self.vqa_output(self.uniter.pooler(_run_uniter(self.uniter, batch)))
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        targets = batch["targets"].float()
-        return F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.size(1)
+        logits = _fp32(logits)
+        targets = batch["targets"].to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, targets) * targets.size(1)
 
 
 # -- NLVR2 ---------------------------------------------------------------------------------------
@@ -128,7 +134,7 @@ class _Nlvr2Base(_TaskModel):
             self.uniter.resize_embedding("token_type_embeddings", 3, {2: 1})
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        return F.cross_entropy(logits.float(), batch["targets"].reshape(-1).long())
+        return F.cross_entropy(_fp32(logits), batch["targets"].reshape(-1).long())
 
 
 class UniterForNlvr2Paired(_Nlvr2Base):
@@ -216,7 +222,7 @@ class UniterForVcr(_TaskModel):
         return self.vcr_output(self.uniter.pooler(_run_uniter(self.uniter, batch)))
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        return F.cross_entropy(logits.float(), batch["targets"].reshape(-1).long())
+        return F.cross_entropy(_fp32(logits), batch["targets"].reshape(-1).long())
 
 
 # -- image-text retrieval ------------------------------------------------------------------------
@@ -251,7 +257,7 @@ class UniterForImageTextRetrieval(_TaskModel):
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
         size = int(batch.get("sample_size") or logits.size(0))
-        scores = torch.sigmoid(logits.float()).reshape(-1, size)
+        scores = torch.sigmoid(_fp32(logits)).reshape(-1, size)
         return torch.clamp(self.margin + scores[:, 1:] - scores[:, :1], min=0.0).mean()
 
     @torch.no_grad()
@@ -344,7 +350,7 @@ class UniterForReferringExpression(_TaskModel):
         return self.re_output(hid).squeeze(-1).masked_fill(self._obj_masks(batch).to(hid.device), -1e4)
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        return F.cross_entropy(logits.float(), batch["targets"].reshape(-1).long())
+        return F.cross_entropy(_fp32(logits), batch["targets"].reshape(-1).long())
 
 
 # -- pre-training --------------------------------------------------------------------------------
