@@ -96,8 +96,13 @@ def save_checkpoint(
         atomic_save_weights(model, tmp / "model.safetensors")
         atomic_save(train_state, tmp / "train_state.pt")
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # set the old one aside rather than deleting it first: an interruption never loses both
+            stale = ckpt_dir / f".stale_step_{step}.{os.getpid()}"
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
