@@ -174,6 +174,10 @@ def test_retrieval_hard_negatives_keep_the_top_scores():
     picked = {i for i in range(1, 6) if any(torch.equal(batch["img_feat"][i], f) for f in hard["img_feat"][1:])}
     assert picked == top
     assert torch.equal(hard["img_feat"][0], batch["img_feat"][0])
+    kept = [0] + sorted(
+        picked, key=lambda i: [torch.equal(batch["img_feat"][i], f) for f in hard["img_feat"]].index(True)
+    )
+    assert hard["num_bbs"] == [batch["num_bbs"][i] for i in kept] and len(hard["txt_lens"]) == 3
     # two groups of three: the top negative of each group is kept
     two = dict(full, sample_size=3)
     hard2 = model.hard_negative_batch(two, 1)

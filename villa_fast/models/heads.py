@@ -288,6 +288,9 @@ class UniterForImageTextRetrieval(_TaskModel):
         for key, v in batch.items():
             if isinstance(v, Tensor) and v.dim() > 0 and v.size(0) == rows and key != "position_ids":
                 out[key] = v.index_select(0, keep.to(v.device))
+            elif isinstance(v, (list, tuple)) and len(v) == rows:
+                # per-row lists (txt_lens, num_bbs) follow the rows they describe
+                out[key] = [v[i] for i in keep.tolist()]
             else:
                 out[key] = v
         out["sample_size"] = k + 1
