@@ -64,7 +64,8 @@ def _ext_modules():
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # no -std flag: torch's BuildExtension passes the standard its headers need (C++17 or C++20)
+    cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if with_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "(torch default)")
@@ -78,7 +79,7 @@ def _ext_modules():
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx_flags + ["-DWITH_CUDA"],
-                "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"],
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
             },
             extra_link_args=link_flags,
         )
