@@ -37,6 +37,16 @@ def backend(request, monkeypatch):
     return name
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny models: the thread pool's overhead dominates them,
+    and grows large on a busy machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

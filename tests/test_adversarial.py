@@ -20,13 +20,7 @@ from villa_fast import AdversarialConfig, StepResult, VillaStep
 REL = 1e-10  # float64, dropout 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread avoids thread-pool overhead (large on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -15,12 +15,7 @@ TINY = bs.ModelCfg(hidden=32, layers=2, heads=4, ffn=64, vocab=100, img_dim=16, 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _variants(kind: str, dtype: torch.dtype, dropout: float, b: int = 3) -> dict[str, bs.Variant]:

@@ -11,14 +11,7 @@ from torch import nn
 from villa_fast.models import UniterConfig, UniterModel
 from villa_fast.models import layers as layers_mod
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: intra-op threading only adds synchronisation cost (large on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- shared helpers (also imported by the other test_models_* files) --------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_models import _one_thread, make_batch, run_encoder, tiny_config  # noqa: F401
+from tests.test_models import make_batch, run_encoder, tiny_config
 from villa_fast.models import (
     CheckpointShapeError,
     UniterConfig,
@@ -22,6 +22,8 @@ from villa_fast.models import (
     official_state_dict,
     save_safetensors,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # -- official names, written out independently of the library -------------------------------------
 

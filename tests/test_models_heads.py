@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_models import _one_thread, make_batch, tiny_config  # noqa: F401
+from tests.test_models import make_batch, tiny_config
 from villa_fast.models import (
     UniterForImageTextRetrieval,
     UniterForNlvr2Paired,
@@ -18,6 +18,8 @@ from villa_fast.models import (
     build_model,
     optimal_transport_dist,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TXT, NBB = [5, 3, 6, 4], [4, 6, 2, 5]
 
