@@ -27,7 +27,7 @@ from villa_fast.data import (
     count_shapes,
     vqa_collate,
 )
-from villa_fast.data.demo import build_demo_data
+from villa_fast.data.demo import build_demo_data, demo_data_version
 
 
 def _epoch(ds, workers: int, tokens: int, epoch: int, device) -> tuple[float, int]:
@@ -58,7 +58,9 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     p.add_argument("--device", default=None, help="e.g. cuda to include the side-stream copy")
     args = p.parse_args(argv)
-    root = Path(args.root) if args.root else Path(tempfile.gettempdir()) / "villa_fast_demo_bench"
+    # the default cache folder is named after the demo data's version, so a newer generator never meets old data
+    default = Path(tempfile.gettempdir()) / f"villa_fast_demo_bench_v{demo_data_version()}"
+    root = Path(args.root) if args.root else default
     paths = build_demo_data(root)
     img = DetectFeatLmdb(paths["img_db"], **paths["img_db_args"])
     ds = VqaDataset(paths["num_answers"], TxtTokLmdb(paths["train_txt_db"], -1), img)

@@ -269,6 +269,11 @@ def _write(root: Path, params: dict) -> None:
                 txt_w.extra_json["ans2label.json"] = ans2label
 
 
+def demo_data_version() -> int:
+    """Version of the demo data's generator: data built by another version is not reused."""
+    return _VERSION
+
+
 def build_demo_data(
     root: str | Path,
     seed: int = 0,
