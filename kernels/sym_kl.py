@@ -78,8 +78,11 @@ def _sym_kl_kernel(
             b = tl.where(m, tl.load(b_row + o, mask=m, other=0.0).to(tl.float32), float("-inf"))
             na = tl.maximum(ma, tl.max(a, axis=0))
             nb = tl.maximum(mb, tl.max(b, axis=0))
-            sa = sa * tl.exp(ma - na) + tl.sum(tl.exp(a - na), axis=0)
-            sb = sb * tl.exp(mb - nb) + tl.sum(tl.exp(b - nb), axis=0)
+            # shift by 0 while every class so far is -inf: -inf - -inf would make the sums NaN
+            sha = tl.where(na == float("-inf"), 0.0, na)
+            shb = tl.where(nb == float("-inf"), 0.0, nb)
+            sa = sa * tl.exp(ma - sha) + tl.sum(tl.exp(a - sha), axis=0)
+            sb = sb * tl.exp(mb - shb) + tl.sum(tl.exp(b - shb), axis=0)
             ma = na
             mb = nb
         la = ma + tl.log(sa)

@@ -158,6 +158,26 @@ def test_perturb_update_zero_grad_row_and_zero_lr(device):
     assert torch.equal(delta2, before)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("n", [8188, 8192, 8193, 8200], ids=lambda n: f"n{n}")
+def test_perturb_update_row_length_and_alignment(device, gdtype, offset, n):
+    # rows around the on-chip limit (8192), lengths that do or do not allow 16-byte packs, base pointers one
+    # element off 16 bytes (views into a flat buffer), and a non-finite row on every path
+    rows = 5
+    d_buf = torch.randn(rows * n + offset, dtype=torch.float64, device=device).mul_(0.02).float()
+    g_buf = torch.randn(rows * n + offset, dtype=torch.float64, device=device).to(gdtype)
+    delta, grad = d_buf[offset:].view(rows, n), g_buf[offset:].view(rows, n)
+    grad[2, n // 2] = float("nan")
+    grad[4, n - 1] = float("inf")
+    for norm in ("l2", "linf"):
+        want, want_skipped = _ref_update(delta, grad, 0.05, norm, 0.5)
+        skipped = C.perturb_update_([delta], [grad], [0.05], NORMS[norm], 0.5, None)
+        assert skipped.tolist() == [want_skipped] == [2]
+        torch.testing.assert_close(delta, want, atol=1e-7, rtol=1e-5)
+
+
 # ---- perturb_init_ -----------------------------------------------------------------------
 
 
@@ -188,6 +208,17 @@ def test_perturb_init_matches_reference(device, dtype, atol, rtol, norm, mask_ki
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
     if mask is not None:
         assert (got[1] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_perturb_init_more_examples_than_grid_rows(device):
+    # B above 65535: the examples must all be scaled even where one grid dimension cannot cover them
+    b, p, d = 70001, 2, 3
+    noise = (torch.rand(b, p, d) * 2 - 1).to(device)
+    mask = (torch.rand(b, p) > 0.3).float().to(device)
+    want = ref.perturb_init_scale_(noise.clone(), mask, init_mag=0.3, norm_type="l2")
+    C.perturb_init_(noise, mask, 0.3, NORMS["l2"])
+    torch.testing.assert_close(noise, want, atol=1e-7, rtol=1e-6)
 
 
 # ---- sym_kl_fwd --------------------------------------------------------------------------
@@ -257,6 +288,41 @@ def test_sym_kl_matches_autograd_and_is_deterministic(device):
     torch.testing.assert_close(gb, b.grad)
     again = C.sym_kl_fwd(a.detach(), b.detach(), 0)
     assert torch.equal(loss, again[0]) and torch.equal(ga, again[1]) and torch.equal(gb, again[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n, c", [(37, 3), (9, 256), (9, 257), (3, 8192), (3, 8193)])
+def test_sym_kl_path_limits(device, n, c):
+    # the warp path up to 256 classes, the block path up to 8192, the online path above
+    a, b = _logits(n, c, torch.float32, device)
+    _check_kl(C.sym_kl_fwd(a, b, 0), ref.sym_kl_fwd(a, b, "batchmean"), n, torch.float32, 1e-6, 1e-5, 1e-6, 1e-4)
+
+
+def _leading_masked(c, device):
+    # leading classes masked on both sides, over more than one chunk of the long-row paths
+    a, b = _logits(3, c, torch.float32, "cpu")
+    a[:, :2048] = b[:, :2048] = float("-inf")
+    a[1, :4100] = b[1, :4100] = float("-inf")
+    return a.to(device), b.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [9001, 28996])
+def test_sym_kl_leading_masked_classes(device, c):
+    a, b = _leading_masked(c, device)
+    got = C.sym_kl_fwd(a, b, 0)
+    assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
+    _check_kl(got, ref.sym_kl_fwd(a, b, "batchmean"), 3, torch.float32, 1e-6, 1e-5, 1e-6, 1e-4)
+
+
+def test_triton_sym_kl_leading_masked_classes():
+    # the Triton long-row path (C > 8192) rescales its running sums chunk by chunk
+    pytest.importorskip("triton")
+    kernel = pytest.importorskip("villa_fast.kernels.sym_kl")
+    a, b = _leading_masked(9001, "cuda" if torch.cuda.is_available() else "cpu")
+    got = kernel.sym_kl(a=a, b=b, reduction="batchmean", need_grad=True)
+    assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
+    _check_kl(got, ref.sym_kl_fwd(a, b, "batchmean"), 3, torch.float32, 1e-5, 1e-5, 1e-4, 1e-4)
 
 
 def test_sym_kl_identical_inputs_give_zero():
