@@ -48,10 +48,15 @@ def test_train_then_evaluate_robust(tmp_path, capsys):
     assert "vqa after 4 steps" in out and "acc" in out
     assert (tmp_path / "out" / "log" / "training_curves.png").stat().st_size > 1000
     ckpt = tmp_path / "out" / "ckpt" / "step_4"
-    rc = main(["evaluate", "--config", str(p), "--weights", str(ckpt), "--robust", "--attack_steps", "2"])
+    pred = tmp_path / "pred"
+    argv = ["evaluate", "--config", str(p), "--weights", str(ckpt), "--robust", "--attack_steps", "2"]
+    rc = main([*argv, "--predictions", str(pred)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "robust_acc" in out and "2-step l2 attack" in out
+    rows = json.loads((tmp_path / "pred.json").read_text())
+    metrics = json.loads((tmp_path / "pred.metrics.json").read_text())
+    assert rows and {"question_id", "answer"} <= set(rows[0]) and len(rows) == metrics["n"]
 
 
 def test_tensorboard_logs(tmp_path):

@@ -43,7 +43,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="a checkpoint directory (ckpt/step_N), .safetensors or official .pt file")
     p.add_argument("--split", default="val", choices=["val", "test"], help="which split")
     p.add_argument("--robust", action="store_true", help="also report accuracy under a K-step embedding attack")
-    p.add_argument("--predictions", help="write predictions to this path prefix")
+    p.add_argument(
+        "--predictions",
+        help="path prefix: write the clean predictions as the authors' inference scripts do, and the metrics as JSON",
+    )
 
     sub.add_parser("convert", help="build txt_db / img_db from raw data (see `convert --help`)", add_help=False)
 
@@ -131,10 +134,7 @@ def _cmd_evaluate(args) -> int:
             report = load_pretrained(trainer.model, w)
             if report.missing:
                 raise SystemExit(f"error: {w} lacks weights the model needs: {report.missing[:5]} ...")
-    metrics = trainer.evaluate(args.split, robust=args.robust, write_predictions=False)
-    if args.predictions and trainer.dist.is_main:
-        # evaluate again without the attack only to collect predictions would waste time: keep them
-        pass
+    metrics = trainer.evaluate(args.split, robust=args.robust, predictions_prefix=args.predictions)
     if trainer.dist.is_main:
         title = f"{cfg['task']} on {args.split}"
         if args.robust:

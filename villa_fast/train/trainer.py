@@ -394,10 +394,19 @@ class Trainer:
             norm_type=c["norm_type"],
         )
 
-    def evaluate(self, split: str = "val", *, robust: bool = False, write_predictions: bool = False) -> dict:
+    def evaluate(
+        self,
+        split: str = "val",
+        *,
+        robust: bool = False,
+        write_predictions: bool = False,
+        predictions_prefix: str | None = None,
+    ) -> dict:
         """Metrics on ``split`` (all ranks take part; every rank returns the same numbers).
 
         With ``robust``, also the metrics under :class:`EmbeddingAttack`, keys prefixed ``robust_``.
+        ``write_predictions`` writes the clean predictions under ``output_dir/results``;
+        ``predictions_prefix`` writes them to that path prefix instead (the task picks the extension).
         """
         task, model = self.task, self.model
         if robust and not task.supports_robust:
@@ -425,9 +434,9 @@ class Trainer:
         out = task.eval_finish(self._reduce(clean))
         if attack is not None:
             out.update({f"robust_{k}": v for k, v in task.eval_finish(self._reduce(adv)).items() if k != "n"})
-        if write_predictions and self.output_dir and self.dist.is_main:
-            prefix = self.output_dir / "results" / f"results_{self.global_step}"
-            task.write_predictions(clean["pred"], str(prefix))
+        if self.dist.is_main and (predictions_prefix or (write_predictions and self.output_dir)):
+            prefix = predictions_prefix or str(self.output_dir / "results" / f"results_{self.global_step}")
+            task.write_predictions(clean["pred"], prefix)
         return _plain(out)
 
     def _reduce(self, state: dict) -> dict:
