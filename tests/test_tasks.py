@@ -79,6 +79,10 @@ def test_recall_at_k():
     assert r["img_r2"] == 1.0
     assert r["txt_r1"] == pytest.approx(0.5)  # image a's best text t0 ranks first; image b's t2 ranks second
     assert r["txt_r2"] == 1.0
+    # evaluation stopped early: image c has no evaluated text and is left out of image -> text recall
+    wide = torch.cat([scores, torch.tensor([[0.0], [0.0], [0.95]])], dim=1)
+    r = recall_at_k(wide, ["t0", "t1", "t2"], ["a", "b", "c"], {"t0": "a", "t1": "a", "t2": "b"}, ks=(1, 2))
+    assert r["txt_r1"] == pytest.approx(0.5) and r["img_r1"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("adv", [False, True], ids=["standard", "villa"])

@@ -63,9 +63,13 @@ def recall_at_k(
     rank_of.scatter_(0, order, torch.arange(scores.size(0)).unsqueeze(1).expand_as(order))
     best = torch.full((scores.size(1),), scores.size(0), dtype=torch.long)
     best = best.scatter_reduce(0, gt_img, rank_of[torch.arange(len(txt_ids)), gt_img], reduce="amin")
+    # image -> text recall is over the images that have a gt text among the evaluated ones (all of them in a
+    # full evaluation; fewer when max_val_examples stops it early)
+    has_text = torch.zeros(scores.size(1), dtype=torch.bool)
+    has_text[gt_img] = True
     out = {}
     for k in ks:
-        out[f"txt_r{k}"] = float((best < k).float().mean())
+        out[f"txt_r{k}"] = float((best[has_text] < k).float().mean())
         out[f"img_r{k}"] = float((img_rank < k).float().mean())
     out["r_mean"] = sum(out.values()) / len(out)
     return out
