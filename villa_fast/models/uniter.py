@@ -13,6 +13,8 @@ Both modules are always *called* (never bypassed through their weights) so the h
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,11 +88,30 @@ class UniterImageEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(im + pos + type_embeddings))
 
 
+def _run_layer(layer: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
+    return layer(x, mask)
+
+
+# one compiled runner per set of torch.compile options, shared by every layer of every model: the layers
+# have the same code and parameter shapes, so they share one compiled graph (parameters are its inputs)
+_COMPILED_RUNNERS: dict[tuple, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {}
+
+
+def _compiled_runner(options: dict[str, Any]) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+    fn = _COMPILED_RUNNERS.get(key)
+    if fn is None:
+        fn = _COMPILED_RUNNERS[key] = torch.compile(_run_layer, **options)
+    return fn
+
+
 class UniterEncoder(nn.Module):
     def __init__(self, config: UniterConfig):
         super().__init__()
         self.impl = config.attn_impl
         self.layer = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+        # torch.compile options for the layers (UniterModel.compile_layers), None = eager
+        self.compile_options: dict[str, Any] | None = None
 
     def forward(self, x: Tensor, attn_masks: Tensor) -> Tensor:
         """x [B, L, H]; attn_masks [B, L] (1 = valid). Returns the last layer's output."""
@@ -98,8 +119,9 @@ class UniterEncoder(nn.Module):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         mask = attention_bias(attn_masks, dtype)
+        run = _run_layer if self.compile_options is None else _compiled_runner(self.compile_options)
         for layer in self.layer:
-            x = layer(x, mask)
+            x = run(layer, x, mask)
         return x
 
 
@@ -115,6 +137,28 @@ class UniterModel(nn.Module):
         self.encoder = UniterEncoder(config)
         self.pooler = Pooler(config)
         self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def compile_layers(self, enabled: bool = True, **options: Any) -> UniterModel:
+        """Run every encoder layer through ``torch.compile(**options)`` (``enabled=False`` goes back to eager).
+
+        Only the encoder layers are compiled: the embedding block, where the adversarial step's hooks add
+        the perturbations, stays eager, so :class:`~villa_fast.adversarial.VillaStep` and
+        :class:`~villa_fast.adversarial.GraphedVillaStep` work unchanged (the compiled kernels are
+        captured in the step's CUDA graph; leave ``mode`` at its default, whose kernels need no CUDA
+        graphs of their own). All layers share one compiled graph, so compiling costs one layer's
+        forward and backward per input shape. The choice is not part of the weights or the config:
+        ``copy.deepcopy`` keeps it, ``state_dict`` does not see it. Returns ``self``.
+        """
+        if not enabled:
+            self.encoder.compile_options = None
+            return self
+        if "mode" in options and options["mode"] in ("reduce-overhead", "max-autotune"):
+            raise ValueError(
+                f"compile_layers: mode={options['mode']!r} records CUDA graphs of its own, which cannot be "
+                "captured inside GraphedVillaStep's graph; use the default mode or 'max-autotune-no-cudagraphs'"
+            )
+        self.encoder.compile_options = dict(options)
+        return self
 
     # -- embeddings ------------------------------------------------------------------------------
     def txt_embeddings(self, input_ids: Tensor, position_ids: Tensor, txt_type_ids: Tensor | None = None) -> Tensor:
