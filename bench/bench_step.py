@@ -15,7 +15,13 @@ The text delta is added to the output of the word embedding, the image delta to 
   villa-once  VillaStep, clean_backward="once" (the default)
   villa-per   VillaStep, clean_backward="per_step" (same gradients, released cost)
   graphed     GraphedVillaStep with clipping and the fused capturable AdamW inside the graph (eager on CPU)
+  graphed+compile
+              the same on a copy whose encoder layers run through torch.compile (UniterModel.compile_layers;
+              ``uniter`` model only; on by default on a GPU, ``--extra compile`` on the CPU)
   standard    one non-adversarial step: forward, task loss, backward, clipping, AdamW
+  standard (graphed)
+              the same step captured in one CUDA graph with the capturable AdamW (GPU only): the like-for-like
+              baseline of the graphed VILLA step, where the eager standard step is bound by kernel launches
 
 Runs alternate between variants (one timed step each per round) and the median over rounds is reported,
 with the ratio of the released loop's time to each variant (speed-up) and of each variant's time to the
@@ -23,6 +29,7 @@ standard step (cost). GPU: UNITER-base size at B = 32 and 128, bf16 for villa_fa
 CPU: a 4 x 256 model at B = 16 in fp32. Results go to bench/out/bench_step_<model>.{csv,md}.
 
     python -m bench.bench_step [--model uniter|local] [--rounds N] [--batches 32,128] [--tiny] [--threads N]
+                               [--extra compile] [--only graphed,standard]
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from villa_fast import AdversarialConfig, GraphedVillaStep, VillaStep
+from villa_fast.adversarial.graphed import clip_grad_norm_capturable_
 from villa_fast.models import UniterConfig, UniterForVqa
 
 MODELS = ("uniter", "local")
@@ -364,9 +372,22 @@ class Variant:
     note: Callable[[], str] | None = None
 
 
-def build_variants(setup: Setup, batch: dict, device: torch.device) -> dict[str, Variant]:
-    """Every variant on its own deep copy of ``setup.model`` (same initial weights)."""
+EXTRAS = ("compile",)
+
+
+def build_variants(
+    setup: Setup, batch: dict, device: torch.device, extra: tuple[str, ...] | None = None
+) -> dict[str, Variant]:
+    """Every variant on its own deep copy of ``setup.model`` (same initial weights).
+
+    ``extra``: optional variants (``compile``); default: all of them on a GPU, none on the CPU.
+    """
     cuda = device.type == "cuda"
+    if extra is None:
+        extra = EXTRAS if cuda else ()
+    unknown = set(extra) - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"unknown extra variant(s) {sorted(unknown)}; choose from {EXTRAS}")
     low = torch.bfloat16 if cuda else None
     fwd = setup.forward
     variants: dict[str, Variant] = {}
@@ -406,22 +427,28 @@ def build_variants(setup: Setup, batch: dict, device: torch.device) -> dict[str,
 
         variants[name] = Variant(m, run_villa, grads)
 
-    m = copy.deepcopy(setup.model)
-    gs = GraphedVillaStep(
-        functools.partial(fwd, m),
-        vqa_loss,
-        villa_cfg("once", low),
-        text_embedding=setup.text_module(m),
-        image_input=setup.image_module(m),
-        optimizer=adamw(m, capturable=True),
-        max_grad_norm=CLIP,
-    )
-    variants["graphed" if cuda else "graphed (eager on CPU)"] = Variant(
-        m,
-        functools.partial(gs.step, batch),
-        functools.partial(gs.step, batch, optimizer_step=False),
-        note=lambda gs=gs: "" if gs.graphed or not cuda else "capture failed: ran eagerly",
-    )
+    graphed = [("graphed", None)]
+    if "compile" in extra and setup.kind == "uniter":
+        graphed.append(("graphed+compile", lambda m: m.uniter.compile_layers()))
+    for name, prepare in graphed:
+        m = copy.deepcopy(setup.model)
+        if prepare is not None:
+            prepare(m)
+        gs = GraphedVillaStep(
+            functools.partial(fwd, m),
+            vqa_loss,
+            villa_cfg("once", low),
+            text_embedding=setup.text_module(m),
+            image_input=setup.image_module(m),
+            optimizer=adamw(m, capturable=True),
+            max_grad_norm=CLIP,
+        )
+        variants[name if cuda else f"{name} (eager on CPU)"] = Variant(
+            m,
+            functools.partial(gs.step, batch),
+            functools.partial(gs.step, batch, optimizer_step=False),
+            note=lambda gs=gs: "" if gs.graphed or not cuda else "capture failed: ran eagerly",
+        )
 
     m = copy.deepcopy(setup.model)
     opt = adamw(m)
@@ -432,7 +459,56 @@ def build_variants(setup: Setup, batch: dict, device: torch.device) -> dict[str,
         optimizer_step(m, opt)
 
     variants["standard"] = Variant(m, run_standard, grads)
+
+    if cuda:
+        m = copy.deepcopy(setup.model)
+        gstd = GraphedStandard(m, fwd, low, batch, adamw(m, capturable=True))
+        variants["standard (graphed)"] = Variant(
+            m, gstd.run, functools.partial(standard_grads, m, fwd, low, batch), note=gstd.note
+        )
     return variants
+
+
+class GraphedStandard:
+    """The standard step (forward, loss, backward, capturable clipping, fused capturable AdamW, zeroing the
+    gradients in place) captured in one CUDA graph after a warm-up on a side stream; eager if capture fails."""
+
+    def __init__(self, model: nn.Module, fwd: Callable, amp_dtype: torch.dtype | None, batch: dict, opt) -> None:
+        self.model, self.fwd, self.amp_dtype, self.batch, self.opt = model, fwd, amp_dtype, batch, opt
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = ""
+
+    def _step(self) -> None:
+        standard_grads(self.model, self.fwd, self.amp_dtype, self.batch)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip_grad_norm_capturable_(params, CLIP)
+        self.opt.step()
+        torch._foreach_zero_([p.grad for p in params])  # in place: the graph keeps writing the same tensors
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.failed:
+            self._step()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # allocate the gradients and the optimizer state outside the graph
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step()
+        except Exception as exc:  # report it in the table, keep timing the eager step
+            self.failed = f"capture failed ({type(exc).__name__}): ran eagerly"
+            return
+        self.graph = graph
+
+    def note(self) -> str:
+        return self.failed
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -493,7 +569,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 32,128 GPU; 16 CPU)")
     ap.add_argument("--tiny", action="store_true", help="a 2 x 64 model, for a quick check")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a shared machine)")
+    ap.add_argument(
+        "--extra", default=None, help=f"optional variants, comma-separated, from {EXTRAS} (default: all on a GPU)"
+    )
+    ap.add_argument(
+        "--only", default=None, help="time only the variants whose names start with these (released, standard kept)"
+    )
     a = ap.parse_args(argv)
+    extra = None if a.extra is None else tuple(x for x in a.extra.split(",") if x)
     if a.threads:
         torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
@@ -521,7 +604,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         setup = build_setup(a.model, c, device)
         batch = make_batch(c, b, device)
-        variants = build_variants(setup, batch, device)
+        variants = build_variants(setup, batch, device, extra)
+        if a.only:
+            keep = ("released", "standard", *a.only.split(","))
+            variants = {k: v for k, v in variants.items() if k.startswith(keep)}
         del setup
         res = time_variants(variants, rounds, warmup, device)
         notes = {name: v.note() for name, v in variants.items() if v.note is not None}
