@@ -2,10 +2,13 @@
 
     python -m bench.bench_ops [--quick] [--compile/--no-compile] [--reps N]
 
-Sizes: VQA (deltas 128x24x768 and 128x36x2048, logits 128x3129) and masked-LM
-(logits 2048x28996). Prints a markdown table of median ms and GB/s against the
-bytes each op must move, and writes bench/out/bench_ops.csv with the device,
-versions and date. On the CPU the fused backend is the C++ one.
+Sizes: VQA (deltas 128x24x768 and 128x36x2048, logits 128x3129), masked-LM
+(logits 2048x28996) and the residual add + LayerNorm of UNITER-base (7680x768,
+a bf16 dense output plus an fp32 residual). Prints a markdown table of median ms
+and GB/s against the bytes each op must move, and writes bench/out/bench_ops.csv
+with the device, versions and date. On the CPU the fused backend is the C++ one;
+add_layer_norm has no C++ kernel and its Triton kernel is not timed there (the
+interpreter), so on the CPU that case times the op through its reference backend.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ def eager_sym_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         F.kl_div(F.log_softmax(a, 1), F.softmax(b, 1), reduction="none")
         + F.kl_div(F.log_softmax(b, 1), F.softmax(a, 1), reduction="none")
     ).mean()
+
+
+def eager_add_layer_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-12)
 
 
 def eager_init(like: torch.Tensor, mask: torch.Tensor, mag: float) -> torch.Tensor:
@@ -134,6 +141,37 @@ def bench_sym_kl(device, n, c, reps, use_compile, rows):
     _run(case, variants, device, reps, nbytes, rows)
 
 
+def bench_add_layer_norm(device, m, h, reps, use_compile, rows):
+    xdt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(m, h, device=device, dtype=xdt, requires_grad=True)
+    r = torch.randn(m, h, device=device, requires_grad=True)
+    w = torch.ones(h, device=device, requires_grad=True)
+    b = torch.zeros(h, device=device, requires_grad=True)
+    dy = torch.randn(m, h, device=device)
+    ex, er = x.element_size(), r.element_size()
+    # forward reads x, r and writes y (fp32); backward reads dy, x, r and writes dx, dr
+    nbytes = m * h * (3 * (ex + er) + 2 * 4)
+    case = f"add_layer_norm fwd+bwd {m}x{h} {str(xdt).replace('torch.', '')} + float32"
+    leaves = (x, r, w, b)
+
+    def eager():
+        return torch.autograd.grad(eager_add_layer_norm(x, r, w, b), leaves, dy)
+
+    variants = [("eager", eager)]
+    if use_compile:
+        cl = torch.compile(eager_add_layer_norm)
+        variants.append(("torch.compile", lambda: torch.autograd.grad(cl(x, r, w, b), leaves, dy)))
+    if device.type == "cuda":
+        fused = [n for n in ("triton",) if n in ops.available_backends(device)]
+    else:
+        print("  add_layer_norm: Triton is not timed on the CPU (interpreter); timing the reference", file=sys.stderr)
+        fused = ["reference"]
+    for name in fused:
+        fn = _with_backend(name, lambda: torch.autograd.grad(ops.add_layer_norm(x, r, w, b), leaves, dy))
+        variants.append((name, fn))
+    _run(case, variants, device, reps, nbytes, rows)
+
+
 def _run(case, variants, device, reps, nbytes, rows):
     base = None
     for name, fn in variants:
@@ -165,6 +203,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bench_init(device, b, reps, use_compile, rows)
     bench_sym_kl(device, 128, 3129, reps, use_compile, rows)
     bench_sym_kl(device, 128 if args.quick else 2048, 28996, reps, use_compile, rows)
+    ln_rows = 7680 if device.type == "cuda" else (256 if args.quick else 1024)
+    bench_add_layer_norm(device, ln_rows, 768, reps, use_compile, rows)
     info = meta(device)
     path = write_csv("bench_ops.csv", rows, info)
     print(f"\nbench_ops on {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}")

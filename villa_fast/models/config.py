@@ -16,7 +16,7 @@ from typing import Any
 
 _ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "swish", "silu")
 _ATTN_IMPLS = ("sdpa", "plain")
-_LAYER_NORM_IMPLS = ("auto", "torch", "apex")
+_LAYER_NORM_IMPLS = ("auto", "torch", "apex", "fused")
 
 # Keys that Hugging Face BERT configs (and configs exported by other UNITER forks) carry and that
 # do not change the model defined here. Anything else unknown is an error, so a typo or an
@@ -76,7 +76,9 @@ class UniterConfig:
     Implementation (same outputs whichever is chosen):
       ``attn_impl``: ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"plain"`` (matmul-softmax).
       ``layer_norm_impl``: ``"auto"`` (NVIDIA apex FusedLayerNorm when installed, else torch),
-      ``"torch"`` or ``"apex"`` (an error if apex is missing).
+      ``"torch"``, ``"apex"`` (an error if apex is missing) or ``"fused"`` (the residual add of
+      each encoder layer fused into its LayerNorm, :func:`villa_fast.ops.add_layer_norm`; a
+      Triton kernel on CUDA, plain PyTorch elsewhere; same parameter names).
       ``fp32_embeddings``: compute the embedding sums, their LayerNorms and the image linear layer
       outside autocast, in the parameters' dtype, so that tiny adversarial perturbations added to
       the word embeddings or raw region features are not rounded away by a bf16/fp16 cast.

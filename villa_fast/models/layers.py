@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import UniterConfig
+from villa_fast.ops import add_layer_norm
+
+from .config import _LAYER_NORM_IMPLS, UniterConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,39 @@ def _apex_fused_layer_norm() -> type[nn.Module] | None:
     return FusedLayerNorm
 
 
+class FusedAddLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that can also take the residual: ``forward_add(x, residual)`` is
+    ``LayerNorm(x + residual)`` in one fused op (:func:`villa_fast.ops.add_layer_norm`).
+
+    ``forward(x)`` is the ordinary LayerNorm; parameters are ``weight`` and ``bias`` as in
+    ``nn.LayerNorm``, so checkpoints load unchanged. ``forward_add`` is a method call, so module
+    hooks registered on this LayerNorm do not see it.
+    """
+
+    def forward_add(self, x: Tensor, residual: Tensor) -> Tensor:
+        """x, residual: [..., H] -> [..., H] of dtype promote_types(x, residual) (float32 under autocast)."""
+        if self.weight is None or len(self.normalized_shape) != 1:
+            return self(x + residual)
+        if torch.is_autocast_enabled(x.device.type) and residual.dtype != torch.float32:
+            # autocast runs layer_norm in float32 and returns float32: keep that contract
+            residual = residual.float()
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
 def make_layer_norm(size: int, eps: float, impl: str = "auto") -> nn.Module:
     """A LayerNorm with ``weight``/``bias`` parameters; apex's fused kernel only where it is installed.
 
-    ``VILLA_FAST_LAYERNORM`` (``torch`` / ``apex``) overrides ``impl`` when set.
+    ``impl="fused"`` gives a :class:`FusedAddLayerNorm` (the residual add fused in where the caller
+    uses ``forward_add``). ``VILLA_FAST_LAYERNORM`` (``torch`` / ``apex`` / ``fused``) overrides
+    ``impl`` when set.
     """
     impl = os.environ.get("VILLA_FAST_LAYERNORM", impl) or "auto"
+    if impl not in _LAYER_NORM_IMPLS:
+        raise ValueError(f"unknown LayerNorm implementation {impl!r} (VILLA_FAST_LAYERNORM or layer_norm_impl)")
     if impl == "torch":
         return nn.LayerNorm(size, eps=eps)
+    if impl == "fused":
+        return FusedAddLayerNorm(size, eps=eps)
     apex_ln = _apex_fused_layer_norm()
     if apex_ln is None:
         if impl == "apex":
@@ -55,8 +82,6 @@ def make_layer_norm(size: int, eps: float, impl: str = "auto") -> nn.Module:
                 "apex.normalization.FusedLayerNorm could not be imported"
             )
         return nn.LayerNorm(size, eps=eps)
-    if impl not in ("auto", "apex"):
-        raise ValueError(f"unknown LayerNorm implementation {impl!r}")
     return apex_ln(size, eps=eps)
 
 
@@ -120,7 +145,10 @@ class SelfAttention(nn.Module):
 
 
 class _DenseLayerNorm(nn.Module):
-    """dense -> dropout -> LayerNorm(. + residual): BERT's ``attention.output`` and ``output``."""
+    """dense -> dropout -> LayerNorm(. + residual): BERT's ``attention.output`` and ``output``.
+
+    With ``layer_norm_impl="fused"`` the add and the LayerNorm run as one op (same parameters).
+    """
 
     def __init__(self, d_in: int, d_out: int, config: UniterConfig):
         super().__init__()
@@ -129,6 +157,8 @@ class _DenseLayerNorm(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        if isinstance(self.LayerNorm, FusedAddLayerNorm):
+            return self.LayerNorm.forward_add(self.dropout(self.dense(x)), residual)
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 

@@ -1,4 +1,5 @@
-"""Public fused ops of villa_fast: the perturbation init and update, and the symmetric KL.
+"""Public fused ops of villa_fast: the perturbation init and update, the symmetric KL, and the residual
+add fused into LayerNorm.
 
 Every op validates its arguments here (clear ValueError/TypeError naming the
 argument), picks a backend in :mod:`villa_fast.ops._backend`, and runs as a
@@ -6,6 +7,7 @@ argument), picks a backend in :mod:`villa_fast.ops._backend`, and runs as a
 ``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
 """
 
+from villa_fast.ops._add_layer_norm import add_layer_norm
 from villa_fast.ops._backend import BACKENDS, BackendUnavailableError, available_backends, backend_for
 from villa_fast.ops._perturb import perturb_init, perturb_update_, perturb_update_multi_
 from villa_fast.ops._sym_kl import sym_kl
@@ -13,6 +15,7 @@ from villa_fast.ops._sym_kl import sym_kl
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "add_layer_norm",
     "available_backends",
     "backend_for",
     "perturb_init",

@@ -100,6 +100,10 @@ def _why_not(backend: str, device: torch.device) -> str:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+_ORDER_CUDA = ("cuda", "triton", "cpp", "reference")
+_ORDER_CPU = ("cpp", "reference")
+
+
 def backend_for(tensor: Tensor) -> str:
     """The backend an op on ``tensor`` would run with, honouring VILLA_FAST_BACKEND."""
     return _pick(tensor.device)
@@ -112,7 +116,7 @@ def _pick(device: torch.device) -> str:
         if why:
             raise BackendUnavailableError(f"{_ENV}={req} cannot run: {why}")
         return req
-    order = ("cuda", "triton", "cpp", "reference") if device.type == "cuda" else ("cpp", "reference")
+    order = _ORDER_CUDA if device.type == "cuda" else _ORDER_CPU
     for backend in order:
         why = _why_not(backend, device)
         if not why:
@@ -121,12 +125,15 @@ def _pick(device: torch.device) -> str:
     return "reference"
 
 
-# dtypes each backend takes, per op (the reference takes every floating dtype)
+# dtypes each backend takes, per op (the reference takes every floating dtype). A backend missing
+# from an op's entry does not exist for that op: auto mode passes over it, an explicit request raises.
+# add_layer_norm has Triton and reference backends only: no C++/CUDA extension kernel.
 _F64, _F32, _F16, _BF16 = "torch.float64", "torch.float32", "torch.float16", "torch.bfloat16"
 SUPPORTED_DTYPES: dict[str, dict[str, tuple[str, ...]]] = {
     "perturb_update": {"cuda": (_F32,), "triton": (_F32,), "cpp": (_F32, _F64)},
     "perturb_init": {"cuda": (_F32,), "triton": (_F32, _F64), "cpp": (_F32, _F64)},
     "sym_kl": {"cuda": (_F32, _F16, _BF16), "triton": (_F32, _F16, _BF16, _F64), "cpp": (_F32, _F16, _BF16, _F64)},
+    "add_layer_norm": {"triton": (_F32, _F16, _BF16, _F64)},
 }
 
 
@@ -134,14 +141,28 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[str, ...]]] = {
 def choose(op: str, device_type: str, dtype: str) -> str:
     """The backend that runs ``op`` on a tensor of ``dtype`` (a str such as 'torch.float32') on ``device_type``.
 
-    Auto mode falls through to the next backend when one does not take the dtype; an explicit
-    backend that does not take it raises. Under torch.compile this runs once at trace time.
+    Auto mode passes over backends the op has no kernel for (add_layer_norm: cuda, cpp) and
+    falls back to the reference when the chosen backend does not take the dtype; an explicit
+    backend that lacks the op or the dtype raises. Under torch.compile this runs once at trace time.
     """
-    backend = _pick(torch.device(device_type))
-    if backend == "reference" or dtype in SUPPORTED_DTYPES[op][backend]:
-        return backend
+    device = torch.device(device_type)
+    table = SUPPORTED_DTYPES[op]
     if requested_backend() != "auto":
+        backend = _pick(device)
+        if backend == "reference" or dtype in table.get(backend, ()):
+            return backend
+        if backend not in table:
+            have = ", ".join((*table, "reference"))
+            raise BackendUnavailableError(f"{_ENV}={backend}: {op} has no {backend} backend (it has {have})")
         raise BackendUnavailableError(f"{_ENV}={backend}: the {backend} backend of {op} does not take {dtype} tensors")
+    backend = _pick(device)
+    if backend != "reference" and backend not in table:
+        # the op has no kernel of this kind: take the next backend in the automatic order that it has
+        order = _ORDER_CUDA if device.type == "cuda" else _ORDER_CPU
+        rest = [b for b in order[order.index(backend) + 1 :] if b == "reference" or b in table]
+        backend = next(b for b in rest if not _why_not(b, device))
+    if backend == "reference" or dtype in table[backend]:
+        return backend
     return "reference"
 
 
