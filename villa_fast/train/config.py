@@ -125,6 +125,7 @@ SCHEMA: dict[str, Key] = {
     "device": _k("str", "auto", "auto, cpu or cuda[:N]", official=False),
     "adv_clean_backward": _k("str", "once", "clean-pass backward", ("once", "per_step"), official=False),
     "adv_graphed": _k("bool", False, "capture the VILLA step in a CUDA graph", official=False),
+    "compile_layers": _k("bool", False, "run the encoder layers through torch.compile", official=False),
     "adv_kl_reduction": _k("str", None, "KL reduction (default per task)", ("batchmean", "mean"), official=False),
     "adv_pretrain_tasks": _k("str_list", ["mlm", "itm"], "pre-training tasks trained adversarially", official=False),
     "mlm_prob": _k("float", 0.15, "pre-training: word masking probability", official=False),

@@ -150,6 +150,9 @@ class Trainer:
             report = load_pretrained(model, ckpt)
             self._log(f"loaded {ckpt}: {report}")
         set_dropout(model, self.cfg["dropout"])
+        if self.cfg["compile_layers"]:
+            # the embedding block (where perturbations enter) stays eager; see UniterModel.compile_layers
+            model.uniter.compile_layers()
         model.to(self.device)
         vdist.broadcast_params(model)
         model.train()
