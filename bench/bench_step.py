@@ -17,7 +17,15 @@ The text delta is added to the output of the word embedding, the image delta to 
   graphed     GraphedVillaStep with clipping and the fused capturable AdamW inside the graph (eager on CPU)
   graphed+compile
               the same on a copy whose encoder layers run through torch.compile (UniterModel.compile_layers;
-              ``uniter`` model only; on by default on a GPU, ``--extra compile`` on the CPU)
+              ``uniter`` model only)
+  graphed+fused-ln
+              the same with layer_norm_impl="fused": residual add + LayerNorm in one kernel
+              (villa_fast.ops.add_layer_norm; ``uniter`` model only)
+  graphed+recompute
+              the same with clean_backward="recompute": the clean pass's activations are not kept through the
+              K steps (one more forward, less memory)
+              (the three graphed+ variants are on by default on a GPU; ``--extra compile,fused-ln,recompute``
+              on the CPU)
   standard    one non-adversarial step: forward, task loss, backward, clipping, AdamW
   standard (graphed)
               the same step captured in one CUDA graph with the capturable AdamW (GPU only): the like-for-like
@@ -29,7 +37,7 @@ standard step (cost). GPU: UNITER-base size at B = 32 and 128, bf16 for villa_fa
 CPU: a 4 x 256 model at B = 16 in fp32. Results go to bench/out/bench_step_<model>.{csv,md}.
 
     python -m bench.bench_step [--model uniter|local] [--rounds N] [--batches 32,128] [--tiny] [--threads N]
-                               [--extra compile] [--only graphed,standard]
+                               [--extra compile,fused-ln,recompute] [--only graphed,standard]
 """
 
 from __future__ import annotations
@@ -372,7 +380,7 @@ class Variant:
     note: Callable[[], str] | None = None
 
 
-EXTRAS = ("compile",)
+EXTRAS = ("compile", "fused-ln", "recompute")
 
 
 def build_variants(
@@ -427,17 +435,35 @@ def build_variants(
 
         variants[name] = Variant(m, run_villa, grads)
 
-    graphed = [("graphed", None)]
-    if "compile" in extra and setup.kind == "uniter":
-        graphed.append(("graphed+compile", lambda m: m.uniter.compile_layers()))
-    for name, prepare in graphed:
+    def fused_ln_copy() -> nn.Module:
+        base = setup.model
+        with torch.device(device):
+            m = UniterForVqa(base.uniter.config.replace(layer_norm_impl="fused"), num_answer=setup.cfg.n_ans)
+        m.load_state_dict(base.state_dict())
+        return m.to(dtype=next(base.parameters()).dtype).train(base.training)
+
+    def plain_copy() -> nn.Module:
+        return copy.deepcopy(setup.model)
+
+    def compiled_copy() -> nn.Module:
         m = copy.deepcopy(setup.model)
-        if prepare is not None:
-            prepare(m)
+        m.uniter.compile_layers()
+        return m
+
+    graphed = [("graphed", plain_copy, "once")]
+    if setup.kind == "uniter":
+        if "compile" in extra:
+            graphed.append(("graphed+compile", compiled_copy, "once"))
+        if "fused-ln" in extra:
+            graphed.append(("graphed+fused-ln", fused_ln_copy, "once"))
+    if "recompute" in extra:
+        graphed.append(("graphed+recompute", plain_copy, "recompute"))
+    for name, make, clean in graphed:
+        m = make()
         gs = GraphedVillaStep(
             functools.partial(fwd, m),
             vqa_loss,
-            villa_cfg("once", low),
+            villa_cfg(clean, low),
             text_embedding=setup.text_module(m),
             image_input=setup.image_module(m),
             optimizer=adamw(m, capturable=True),

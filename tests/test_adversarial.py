@@ -244,7 +244,7 @@ MATRIX = list(
         (0.0, 1.0),
         (0.0, 1.0),
         ("batchmean", "mean"),
-        ("once", "per_step"),
+        ("once", "per_step", "recompute"),
     )
 )
 
@@ -278,7 +278,7 @@ def test_matches_released_loop(modality, norm, max_norm_on, init_on, reduction, 
                 assert d.abs().max() <= max_norm
 
 
-@pytest.mark.parametrize("clean", ["once", "per_step"])
+@pytest.mark.parametrize("clean", ["once", "per_step", "recompute"])
 @pytest.mark.parametrize("modality", ["text+image", "alter"])
 def test_gradient_accumulation_two_micro_batches(modality, clean):
     cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality=modality, clean_backward=clean, init_mag=0.1)
@@ -291,14 +291,54 @@ def test_other_step_counts_and_no_masks(steps):
     check_against_reference(cfg, use_masks=False)
 
 
-def test_once_and_per_step_agree():
+def test_once_per_step_and_recompute_agree():
     cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image")
     out = {}
-    for clean in ("once", "per_step"):
+    for clean in ("once", "per_step", "recompute"):
         model = make_toy(3)
         run_step(model, make_batch(seed=5), cfg.replace(clean_backward=clean))
         out[clean] = grads_of(model)
     assert_same(out["once"], out["per_step"], "once vs per_step")
+    assert_same(out["recompute"], out["once"], "recompute vs once")
+
+
+@pytest.mark.parametrize(("clean", "calls"), [("once", 4), ("per_step", 4), ("recompute", 5)])
+def test_recompute_runs_the_clean_forward_again_and_saves_only_its_inputs(clean, calls):
+    """K = 3: clean + 3 perturbed forwards; "recompute" adds the clean forward's second run (in the final
+    backward), and keeps none of the clean pass's activations through the steps."""
+    model = make_toy(3)
+    fwd = toy_forward(model)
+    seen = []
+
+    def counting(batch):
+        seen.append(torch.is_grad_enabled())
+        return fwd(batch)
+
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward=clean)
+    step = VillaStep(counting, vqa_loss, cfg, text_embedding=model.word, image_input=model.img)
+    batch = make_batch(seed=5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step._clean(batch, step._autocast(batch))
+    clean_saved = sum(saved)
+    step.step(batch)
+    step.remove_hooks()
+    assert len(seen) == 1 + calls
+    if clean == "recompute":
+        # checkpoint keeps the clean forward's inputs only: far less than a plain forward saves
+        plain = VillaStep(
+            fwd, vqa_loss, cfg.replace(clean_backward="once"), text_embedding=model.word, image_input=model.img
+        )
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            plain._clean(batch, plain._autocast(batch))
+        plain.remove_hooks()
+        assert clean_saved < sum(saved) / 2
 
 
 def test_result_contents():
@@ -364,7 +404,7 @@ class BertLike(nn.Module):
         return self.classifier(torch.tanh(self.pooler(h[:, 0])))
 
 
-@pytest.mark.parametrize("clean", ["once", "per_step"])
+@pytest.mark.parametrize("clean", ["once", "per_step", "recompute"])
 def test_hf_style_bert_word_embeddings(clean):
     torch.manual_seed(0)
     model = BertLike().double().train()
@@ -453,7 +493,7 @@ def test_injection_module_not_called_is_reported():
 # --------------------------------------------------------------------------------------- loss scaler
 
 
-@pytest.mark.parametrize("clean", ["once", "per_step"])
+@pytest.mark.parametrize("clean", ["once", "per_step", "recompute"])
 def test_grad_scaler_scales_params_and_unscales_deltas(clean):
     cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward=clean)
     model = make_toy()
@@ -516,7 +556,7 @@ class PoisonToy(Toy):
         return _Poison.apply(out, poison)
 
 
-@pytest.mark.parametrize("clean", ["once", "per_step"])
+@pytest.mark.parametrize("clean", ["once", "per_step", "recompute"])
 @pytest.mark.parametrize("bad_step", [0, 1, 2])
 def test_nonfinite_gradient_is_skipped_and_reported(bad_step, clean):
     cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward=clean)
@@ -686,7 +726,7 @@ def test_adversarial_package_knows_no_model_data_or_reference():
                 assert not n.startswith(forbidden), f"{path.name} imports {n}"
 
 
-@pytest.mark.parametrize("clean", ["once", "per_step"])
+@pytest.mark.parametrize("clean", ["once", "per_step", "recompute"])
 def test_matches_released_loop_with_dropout(clean):
     """With dropout on, the step draws its masks in the released loop's order (clean pass, then each step),
     so the same seed gives the same gradients; the clean pass and step 0 see different masks."""

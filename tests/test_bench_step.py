@@ -75,23 +75,27 @@ def test_released_and_villa_step_same_gradients(kind):
     assert diff > 1e-6
 
 
-def test_compiled_variant_same_gradients_as_released():
-    """``--extra compile``: the encoder layers through torch.compile change no gradient (float64, dropout 0)."""
+def test_extra_variants_same_gradients_as_released():
+    """``--extra``: compiled layers, the fused add + LayerNorm and the recomputed clean pass change no gradient
+    (float64, dropout 0)."""
     c = bs.ModelCfg(**{**TINY.__dict__, "dropout": 0.0})
     torch.manual_seed(0)
     setup = bs.build_setup("uniter", c, CPU, torch.float64)
-    variants = bs.build_variants(setup, bs.make_batch(c, 3, CPU, torch.float64), CPU, extra=("compile",))
-    assert "graphed+compile (eager on CPU)" in variants
-    assert variants["graphed+compile (eager on CPU)"].model.uniter.encoder.compile_options == {}
+    variants = bs.build_variants(setup, bs.make_batch(c, 3, CPU, torch.float64), CPU, extra=bs.EXTRAS)
+    names = [f"graphed+{x} (eager on CPU)" for x in ("compile", "fused-ln", "recompute")]
+    assert set(names) <= set(variants)
+    assert variants[names[0]].model.uniter.encoder.compile_options == {}
+    assert variants[names[1]].model.uniter.config.layer_norm_impl == "fused"
     want = _grads(variants["released"])
-    got = _grads(variants["graphed+compile (eager on CPU)"])
-    checked = 0
-    for g, w in zip(got, want, strict=True):
-        if w is None or g is None:
-            continue
-        err = (g - w).abs().max() / w.abs().max().clamp(min=1e-30)
-        assert err <= 1e-8, float(err)
-        checked += 1
-    assert checked > 10
+    for name in names:
+        got = _grads(variants[name])
+        checked = 0
+        for g, w in zip(got, want, strict=True):
+            if w is None or g is None:
+                continue
+            err = (g - w).abs().max() / w.abs().max().clamp(min=1e-30)
+            assert err <= 1e-8, (name, float(err))
+            checked += 1
+        assert checked > 10, name
     with pytest.raises(ValueError, match="unknown extra"):
         bs.build_variants(setup, bs.make_batch(c, 3, CPU), CPU, extra=("fast",))

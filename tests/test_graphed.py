@@ -127,8 +127,11 @@ def _fused_adamw(model, lr=1e-3):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_graphed_matches_eager_in_bf16():
-    cfg = AdversarialConfig(steps=3, lr_txt=1e-2, lr_img=1e-2, modality="text+image", amp_dtype=torch.bfloat16)
+@pytest.mark.parametrize("clean", ["once", "recompute"])
+def test_graphed_matches_eager_in_bf16(clean):
+    cfg = AdversarialConfig(
+        steps=3, lr_txt=1e-2, lr_img=1e-2, modality="text+image", amp_dtype=torch.bfloat16, clean_backward=clean
+    )
     a = _cuda_toy()
     b = copy.deepcopy(a)
     opt_a, opt_b = _fused_adamw(a), _fused_adamw(b)
@@ -146,6 +149,31 @@ def test_graphed_matches_eager_in_bf16():
     assert graphed.graphed
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pb, pa, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_recompute_replays_the_clean_dropout_masks_on_cuda():
+    """clean_backward="recompute" on CUDA with dropout: the same gradients as "once" from the same CUDA seed."""
+    cfg = AdversarialConfig(steps=3, lr_txt=1e-2, lr_img=1e-2, modality="text+image")
+    model = _cuda_toy(dropout=0.3)
+    batch = _cuda_batch()
+    grads = {}
+    for clean in ("once", "recompute"):
+        model.zero_grad(set_to_none=True)
+        step = VillaStep(
+            toy_forward(model),
+            vqa_loss,
+            cfg.replace(clean_backward=clean),
+            text_embedding=model.word,
+            image_input=model.img,
+        )
+        torch.cuda.manual_seed(11)
+        step.step(batch, batch["tmask"], batch["imask"])
+        step.remove_hooks()
+        grads[clean] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["recompute"], grads["once"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

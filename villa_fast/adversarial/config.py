@@ -14,7 +14,7 @@ import torch
 MODALITIES = ("text", "image", "text+image", "alter")
 NORM_TYPES = ("l2", "linf")
 KL_REDUCTIONS = ("batchmean", "mean")
-CLEAN_BACKWARD = ("once", "per_step")
+CLEAN_BACKWARD = ("once", "per_step", "recompute")
 AMP_DTYPES = (None, torch.bfloat16, torch.float16)
 
 
@@ -49,7 +49,10 @@ class AdversarialConfig:
         kl_reduction: "batchmean" (sum over classes, mean over rows) or "mean" (mean over all elements).
         clean_backward: "once" back-propagates the clean pass once with the summed upstream gradients
             (same gradients, 12F instead of 16F for K = 3); "per_step" retains the clean graph and
-            back-propagates it at every step, as the released loop does.
+            back-propagates it at every step, as the released loop does; "recompute" is "once" without
+            keeping the clean pass's activations through the K steps: the clean forward is run again (same
+            dropout masks) just before its one backward, which trades one more forward (13F) for one
+            forward's worth of activation memory.
         amp_dtype: None (run in the model's dtype), torch.bfloat16 or torch.float16 autocast.
         skip_nonfinite: leave a step whose loss or gradients are not finite out of the parameter gradients
             and of the delta update (checked on the device). Costs one read of every parameter gradient

@@ -13,6 +13,9 @@ a bad step be left out without ever writing a NaN into it.
 With ``clean_backward="once"`` the upstream gradients of the clean logits are summed over the K steps and
 the clean pass is back-propagated once at the end (backward is linear in its upstream gradient), so the
 clean graph is not retained across steps; ``"per_step"`` retains it and back-propagates it every step.
+``"recompute"`` runs the clean forward under ``torch.utils.checkpoint`` (non-reentrant, RNG state
+preserved): only its inputs are kept through the K steps, and the final backward runs the forward again
+with the same dropout masks, so the gradients are those of ``"once"`` at the price of one more forward.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from villa_fast.adversarial.config import AdversarialConfig
@@ -248,7 +252,14 @@ class VillaStep:
         inj.recording = True
         try:
             with autocast():
-                z0 = self.forward_fn(batch)
+                if self.config.clean_backward == "recompute":
+                    # the recomputation runs inside the final backward, with recording off and no delta set:
+                    # the hooks add nothing, as in this first run
+                    z0 = torch.utils.checkpoint.checkpoint(
+                        self.forward_fn, batch, use_reentrant=False, preserve_rng_state=True
+                    )
+                else:
+                    z0 = self.forward_fn(batch)
         finally:
             inj.recording = False
         if not isinstance(z0, Tensor) or z0.dim() != 2:
@@ -272,7 +283,7 @@ class VillaStep:
     def _step(self, batch: Any, txt_mask: Tensor | None, img_mask: Tensor | None) -> StepResult:
         cfg = self.config
         K = cfg.steps
-        once = cfg.clean_backward == "once"
+        once = cfg.clean_backward != "per_step"
         autocast = self._autocast(batch)
         inj = self._injector
         inj.survival = {}

@@ -123,7 +123,7 @@ SCHEMA: dict[str, Key] = {
     # -- this library's keys ---------------------------------------------------------------------
     "bf16": _k("bool", False, "bfloat16 autocast (no scaler)", official=False),
     "device": _k("str", "auto", "auto, cpu or cuda[:N]", official=False),
-    "adv_clean_backward": _k("str", "once", "clean-pass backward", ("once", "per_step"), official=False),
+    "adv_clean_backward": _k("str", "once", "clean-pass backward", ("once", "per_step", "recompute"), official=False),
     "adv_graphed": _k("bool", False, "capture the VILLA step in a CUDA graph", official=False),
     "compile_layers": _k("bool", False, "run the encoder layers through torch.compile", official=False),
     "adv_kl_reduction": _k("str", None, "KL reduction (default per task)", ("batchmean", "mean"), official=False),
