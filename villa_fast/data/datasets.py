@@ -34,7 +34,11 @@ __all__ = [
     "Nlvr2PairedDataset",
     "Nlvr2PairedEvalDataset",
     "Nlvr2TripletDataset",
+    "Nlvr2TripletEvalDataset",
+    "RE_DET_PREFIX",
+    "RE_GT_PREFIX",
     "ReDataset",
+    "ReEvalDataset",
     "ReTxtTokLmdb",
     "VcrDataset",
     "VcrEvalDataset",
@@ -50,7 +54,10 @@ __all__ = [
     "nlvr2_paired_collate",
     "nlvr2_paired_eval_collate",
     "nlvr2_triplet_collate",
+    "nlvr2_triplet_eval_collate",
     "re_collate",
+    "re_det_img_name",
+    "re_eval_collate",
     "vcr_collate",
     "vcr_eval_collate",
     "ve_collate",
@@ -331,10 +338,24 @@ class Nlvr2TripletDataset(_Nlvr2Base):
 
 
 def nlvr2_triplet_collate(inputs) -> dict:
+    """Rows ``[txt, img0 regions, img1 regions, padding]``; ``img_type_ids`` [B, N] 1 / 2, padded with 0."""
     batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
     types = [x[4] for x in inputs]
     batch["img_type_ids"] = None if types[0] is None else pad_sequence(types, batch_first=True, padding_value=0)
     batch["targets"] = torch.tensor([x[5] for x in inputs], dtype=torch.long)
+    return batch
+
+
+class Nlvr2TripletEvalDataset(Nlvr2TripletDataset):
+    """Items ``(identifier, *triplet item)``."""
+
+    def __getitem__(self, i: int):
+        return (self.ids[i], *super().__getitem__(i))
+
+
+def nlvr2_triplet_eval_collate(inputs) -> dict:
+    batch = nlvr2_triplet_collate([x[1:] for x in inputs])
+    batch["qids"] = [x[0] for x in inputs]
     return batch
 
 
@@ -614,8 +635,27 @@ itm_val_collate = itm_rank_hn_collate
 # ----------------------------------------------------------------------------- referring expressions
 
 
+#: key prefixes of the official referring-expression img_dbs (``re_coco_gt`` and ``re_coco_det``); the
+#: suffix is the COCO image id on 12 digits and ``.npz``
+RE_GT_PREFIX = "visual_grounding_coco_gt_"
+RE_DET_PREFIX = "visual_grounding_det_coco_"
+
+
+def re_det_img_name(name: str) -> str:
+    """The detections key of an official ground-truth-boxes key; any other name comes back unchanged."""
+    return RE_DET_PREFIX + name[len(RE_GT_PREFIX) :] if name.startswith(RE_GT_PREFIX) else name
+
+
 class ReTxtTokLmdb(TxtTokLmdb):
-    """Referring-expression text db; also reads ``images.json`` (``[{id, ann_ids, ...}]``)."""
+    """Referring-expression text db.
+
+    Side files: ``images.json`` (``[{id, ann_ids, height, width, ...}]``, ``ann_ids`` in the order of
+    the image's ground-truth regions), and when present ``refs.json``, ``annotations.json``
+    (``[{id, bbox, ...}]``, ``Anns`` by id) and ``categories.json``. Records hold ``image_id``,
+    ``ann_id`` and, in the official databases, ``bbox`` (the referred box, COCO ``[x, y, w, h]`` in
+    pixels). The official databases have no ``txt2img.json``: it is then built from ``refs.json``
+    (each sentence id -> its image's ground-truth-boxes key).
+    """
 
     def __init__(self, db_dir: str | Path, max_txt_len: int = 120):
         super().__init__(db_dir, max_txt_len)
@@ -624,13 +664,36 @@ class ReTxtTokLmdb(TxtTokLmdb):
         for name in ("refs", "annotations", "categories"):
             path = Path(self.db_dir, f"{name}.json")
             setattr(self, name, load_json(path, f"{name}.json") if path.is_file() else [])
+        self.Anns = {ann["id"]: ann for ann in self.annotations}
+
+    @property
+    def txt2img(self) -> dict:
+        if self._txt2img is None and self.refs and not Path(self.db_dir, "txt2img.json").is_file():
+            self._txt2img = {
+                str(sent_id): f"{RE_GT_PREFIX}{int(ref['image_id']):012}.npz"
+                for ref in self.refs
+                for sent_id in ref["sent_ids"]
+            }
+        return super().txt2img
+
+
+def _re_target(txt_db: ReTxtTokLmdb, example: dict, num_bb: int, where: str) -> int:
+    """Index of the record's ``ann_id`` among its image's ``ann_ids`` (the regions must be those boxes)."""
+    img = txt_db.Images.get(example["image_id"])
+    if img is None:
+        raise DataFormatError(f"{where}: image_id {example['image_id']!r} not in images.json")
+    if len(img["ann_ids"]) != num_bb:
+        raise DataFormatError(f"{where}: {len(img['ann_ids'])} ann_ids but {num_bb} regions")
+    if example["ann_id"] not in img["ann_ids"]:
+        raise DataFormatError(f"{where}: ann_id {example['ann_id']!r} not among the image's ann_ids")
+    return img["ann_ids"].index(example["ann_id"])
 
 
 class ReDataset(DetectFeatTxtTokDataset):
     """Items with ``obj_masks`` (0 on real regions, padded with 1) and the target region index.
 
-    The target is the position of the record's ``ann_id`` in its image's ``ann_ids`` (the
-    order of the ground-truth boxes in the image record).
+    The regions must be the image's ground-truth boxes: the target is the position of the
+    record's ``ann_id`` in its image's ``ann_ids``.
     """
 
     def __init__(self, txt_db: ReTxtTokLmdb, img_db: DetectFeatLmdb, **kwargs):
@@ -640,20 +703,12 @@ class ReDataset(DetectFeatTxtTokDataset):
 
     def __getitem__(self, i: int):
         example = super().__getitem__(i)
-        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self._txt2img[self.ids[i]])
         input_ids = self.txt_db.combine_inputs(example["input_ids"])
-        img = self.txt_db.Images.get(example["image_id"])
-        where = f"{self.txt_db.db_dir} key {self.ids[i]!r}"
-        if img is None:
-            raise DataFormatError(f"{where}: image_id {example['image_id']!r} not in images.json")
-        if len(img["ann_ids"]) != num_bb:
-            raise DataFormatError(f"{where}: {len(img['ann_ids'])} ann_ids but {num_bb} regions")
-        if example["ann_id"] not in img["ann_ids"]:
-            raise DataFormatError(f"{where}: ann_id {example['ann_id']!r} not among the image's ann_ids")
-        target = torch.tensor([img["ann_ids"].index(example["ann_id"])])
+        target = _re_target(self.txt_db, example, num_bb, f"{self.txt_db.db_dir} key {self.ids[i]!r}")
         obj_masks = torch.zeros(num_bb, dtype=torch.uint8)
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
-        return input_ids, img_feat, img_pos_feat, attn_masks, obj_masks, target
+        return input_ids, img_feat, img_pos_feat, attn_masks, obj_masks, torch.tensor([target])
 
 
 def re_collate(inputs) -> dict:
@@ -661,6 +716,100 @@ def re_collate(inputs) -> dict:
     n = batch["img_feat"].size(1)
     batch["obj_masks"] = pad_tensors([x[4].unsqueeze(-1) for x in inputs], pad=1, max_len=n).squeeze(-1)
     batch["targets"] = torch.stack([x[5] for x in inputs], dim=0)
+    return batch
+
+
+class ReEvalDataset(ReDataset):
+    """Evaluation items, on the images' ground-truth boxes ("gt") or on detected boxes ("det").
+
+    Items ``(sent_id, input_ids, img_feat, img_pos_feat, attn_masks, obj_masks, target, obj_boxes,
+    tgt_box)``:
+
+    * ``target`` [1]: the referred region's index as in :class:`ReDataset`, or -1 where the regions
+      are detections (no region is the referred object);
+    * ``obj_boxes`` [n, 4] float64: the regions as ``[x, y, w, h]`` in pixels,
+      ``(x1 * W, y1 * H, w * W, h * H)`` from ``img_pos_feat`` (normalised ``x1, y1, x2, y2, w, h``)
+      and the image size (``width`` / ``height`` of ``images.json``, else of the record); None when
+      the size is unknown;
+    * ``tgt_box`` [4] float64: the referred box ``[x, y, w, h]`` in pixels (the record's ``bbox``, else
+      the ``annotations.json`` entry of its ``ann_id``); None when unknown.
+
+    ``use_gt_feat``: True reads the txt_db's image keys (ground-truth boxes) and requires a target
+    index for every text; False reads the detections keys (the official renaming by
+    :func:`re_det_img_name`); None (default) decides per image: the txt_db's key when the img_db
+    holds it, else the detections key, with a target index when the regions are as many as the
+    image's ``ann_ids`` and were read under the txt_db's key.
+    """
+
+    def __init__(self, txt_db: ReTxtTokLmdb, img_db: DetectFeatLmdb, use_gt_feat: bool | None = None, **kwargs):
+        self.use_gt_feat = use_gt_feat
+        super().__init__(txt_db, img_db, **kwargs)
+
+    def _img_name(self, name: str) -> str:
+        if self.use_gt_feat or (self.use_gt_feat is None and name in self.img_db.name2nbb):
+            return name
+        return re_det_img_name(name)
+
+    def _missing_image(self, img_ref) -> str | None:
+        name = self._img_name(img_ref)
+        return None if name in self.img_db.name2nbb else name
+
+    def _compute_lens(self):
+        # read each text's image under the key chosen for this database; keep the txt_db's key
+        self._txt_db_img = self._txt2img
+        self._txt2img = {id_: self._img_name(name) for id_, name in self._txt_db_img.items()}
+        return super()._compute_lens()
+
+    def __getitem__(self, i: int):
+        id_ = self.ids[i]
+        example = self.txt_db[id_]
+        name = self._txt2img[id_]
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(name)
+        input_ids = self.txt_db.combine_inputs(example["input_ids"])
+        where = f"{self.txt_db.db_dir} key {id_!r}"
+        img = self.txt_db.Images.get(example["image_id"])
+        if img is None:
+            raise DataFormatError(f"{where}: image_id {example['image_id']!r} not in images.json")
+        target = -1
+        if self.use_gt_feat or (
+            self.use_gt_feat is None and name == self._txt_db_img[id_] and len(img["ann_ids"]) == num_bb
+        ):
+            target = _re_target(self.txt_db, example, num_bb, where)
+        width, height = img.get("width", example.get("width")), img.get("height", example.get("height"))
+        obj_boxes = None
+        if width is not None and height is not None:
+            pos = img_pos_feat.double()
+            obj_boxes = torch.stack(
+                [pos[:, 0] * width, pos[:, 1] * height, pos[:, 4] * width, pos[:, 5] * height], dim=1
+            )
+        bbox = example.get("bbox")
+        if bbox is None:
+            bbox = self.txt_db.Anns.get(example["ann_id"], {}).get("bbox")
+        tgt_box = None
+        if bbox is not None:
+            tgt_box = torch.tensor([float(v) for v in bbox], dtype=torch.float64)
+            if tgt_box.shape != (4,):
+                raise DataFormatError(f"{where}: bbox must be [x, y, w, h], got {list(bbox)}")
+        obj_masks = torch.zeros(num_bb, dtype=torch.uint8)
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return id_, input_ids, img_feat, img_pos_feat, attn_masks, obj_masks, torch.tensor([target]), obj_boxes, tgt_box
+
+
+def re_eval_collate(inputs) -> dict:
+    """:func:`re_collate` plus ``qids`` (sentence ids), ``obj_boxes`` [B, N, 4] and ``tgt_box`` [B, 4]
+    (float64 pixels ``[x, y, w, h]``; NaN at padded regions and where a box is unknown)."""
+    batch = re_collate([x[1:7] for x in inputs])
+    batch["qids"] = [x[0] for x in inputs]
+    n = batch["img_feat"].size(1)
+    obj_boxes = torch.full((len(inputs), n, 4), float("nan"), dtype=torch.float64)
+    tgt_box = torch.full((len(inputs), 4), float("nan"), dtype=torch.float64)
+    for k, x in enumerate(inputs):
+        if x[7] is not None:
+            obj_boxes[k, : x[7].size(0)] = x[7]
+        if x[8] is not None:
+            tgt_box[k] = x[8]
+    batch["obj_boxes"] = obj_boxes
+    batch["tgt_box"] = tgt_box
     return batch
 
 

@@ -121,9 +121,10 @@ class UniterForVqa(_TaskModel):
 
 # -- NLVR2 ---------------------------------------------------------------------------------------
 class _Nlvr2Base(_TaskModel):
-    """Two rows per example (left image, right image; same sentence); image type ids 1 and 2.
+    """NLVR2 models: image type ids 1 (left image) and 2 (right image).
 
-    The type embedding gets a third row, a copy of row 1 (the image type).
+    The type embedding gets a third row, a copy of row 1 (the image type), as the authors'
+    ``init_type_embedding`` does for every NLVR2 model.
     """
 
     expand_rules = {"token_type_embeddings": {2: 1}}
@@ -138,7 +139,8 @@ class _Nlvr2Base(_TaskModel):
 
 
 class UniterForNlvr2Paired(_Nlvr2Base):
-    """NLVR2 "paired": the two pooled outputs concatenated -> Linear(2H, 2). logits [B/2... = n_pairs, 2]."""
+    """NLVR2 "paired": two rows per example (the sentence with the left, then the right image); the two
+    pooled outputs concatenated -> Linear(2H, 2). logits [n_pairs, 2]."""
 
     def __init__(self, config: UniterConfig | dict | str):
         super().__init__(config)
@@ -148,6 +150,22 @@ class UniterForNlvr2Paired(_Nlvr2Base):
     def logits(self, batch: Mapping[str, Any]) -> Tensor:
         pooled = self.uniter.pooler(_run_uniter(self.uniter, batch))
         return self.nlvr2_output(pooled.reshape(pooled.size(0) // 2, -1))
+
+
+class UniterForNlvr2Triplet(_Nlvr2Base):
+    """NLVR2 "triplet": one row per example holding the sentence and both images' regions (image type
+    ids 1 and 2 tell the images apart); the pooled output -> Linear(H, 2).
+
+    logits [B, 2]; loss cross-entropy (mean) vs ``targets`` [B].
+    """
+
+    def __init__(self, config: UniterConfig | dict | str):
+        super().__init__(config)
+        self.nlvr2_output = nn.Linear(self.config.hidden_size, 2)
+        self._init_head()
+
+    def logits(self, batch: Mapping[str, Any]) -> Tensor:
+        return self.nlvr2_output(self.uniter.pooler(_run_uniter(self.uniter, batch)))
 
 
 class AttentionPool(nn.Module):
@@ -524,6 +542,7 @@ _TASKS = {
     "ve": (UniterForVqa, {"num_answer": 3}),
     "nlvr2": (UniterForNlvr2PairedAttn, {}),
     "nlvr2_paired": (UniterForNlvr2Paired, {}),
+    "nlvr2_triplet": (UniterForNlvr2Triplet, {}),
     "vcr": (UniterForVcr, {}),
     "itm": (UniterForImageTextRetrieval, {"margin": 0.2}),
     "retrieval": (UniterForImageTextRetrieval, {"margin": 0.2, "hard_size": 31}),
@@ -533,7 +552,8 @@ _TASKS = {
 
 
 def build_model(task: str, config: UniterConfig | dict | str = "base", **kw: Any) -> nn.Module:
-    """The task model for ``task`` in {vqa, ve, nlvr2, nlvr2_paired, vcr, itm, retrieval, re, pretrain}.
+    """The task model for ``task`` in {vqa, ve, nlvr2, nlvr2_paired, nlvr2_triplet, vcr, itm, retrieval, re,
+    pretrain}.
 
     ``config``: a UniterConfig, a dict with the official keys, a JSON path, or "base" / "large".
     ``kw`` overrides the task's defaults (e.g. ``num_answer``, ``margin``, ``hard_size``).

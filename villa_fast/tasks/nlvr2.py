@@ -1,45 +1,63 @@
-"""NLVR2: a sentence and two images -> true / false (cross-entropy over 2 classes)."""
+"""NLVR2: a sentence and two images -> true / false (cross-entropy over 2 classes).
+
+``model`` picks the layout and head, as in the authors' scripts: ``paired-attn`` and ``paired`` run two
+rows per example (the sentence with each image), ``triplet`` one row holding the sentence and both
+images' regions. Every layout tells the images apart by image type ids 1 and 2 (``use_img_type``).
+"""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
 from villa_fast.tasks.base import DataContext, Task
-from villa_fast.train.config import ConfigError
 
 __all__ = ["Nlvr2Task"]
+
+_MODELS = {"paired-attn": "nlvr2", "paired": "nlvr2_paired", "triplet": "nlvr2_triplet"}
 
 
 class Nlvr2Task(Task):
     name = "nlvr2"
     kl_reduction = "batchmean"
 
+    @property
+    def triplet(self) -> bool:
+        return self.cfg["model"] == "triplet"
+
     def build_model(self):
         from villa_fast.models import build_model
 
-        kind = self.cfg["model"]
-        if kind == "triplet":
-            raise ConfigError("task nlvr2: key 'model' = 'triplet' has no head here; use 'paired-attn' or 'paired'")
-        return build_model("nlvr2" if kind == "paired-attn" else "nlvr2_paired", self.model_config())
+        return build_model(_MODELS[self.cfg["model"]], self.model_config())
 
     def _dataset(self, txt: str, img: str, max_len: int, eval_: bool):
-        from villa_fast.data import Nlvr2PairedDataset, Nlvr2PairedEvalDataset, TxtTokLmdb
+        from villa_fast.data import (
+            Nlvr2PairedDataset,
+            Nlvr2PairedEvalDataset,
+            Nlvr2TripletDataset,
+            Nlvr2TripletEvalDataset,
+            TxtTokLmdb,
+        )
 
-        cls = Nlvr2PairedEvalDataset if eval_ else Nlvr2PairedDataset
+        if self.triplet:
+            cls = Nlvr2TripletEvalDataset if eval_ else Nlvr2TripletDataset
+        else:
+            cls = Nlvr2PairedEvalDataset if eval_ else Nlvr2PairedDataset
         return cls(TxtTokLmdb(txt, max_len), self.img_db(img), use_img_type=self.cfg["use_img_type"])
 
     def train_loader(self, ctx: DataContext):
-        from villa_fast.data import ConcatDatasetWithLens, nlvr2_paired_collate
+        from villa_fast.data import ConcatDatasetWithLens, nlvr2_paired_collate, nlvr2_triplet_collate
 
         sets = [self._dataset(t, i, self.cfg["max_txt_len"], False) for t, i in self.pairs("train")]
         ds = sets[0] if len(sets) == 1 else ConcatDatasetWithLens(sets)
-        return self.token_loader(ds, nlvr2_paired_collate, ctx, train=True)
+        collate = nlvr2_triplet_collate if self.triplet else nlvr2_paired_collate
+        return self.token_loader(ds, collate, ctx, train=True)
 
     def eval_loader(self, ctx: DataContext, split: str = "val"):
-        from villa_fast.data import nlvr2_paired_eval_collate
+        from villa_fast.data import nlvr2_paired_eval_collate, nlvr2_triplet_eval_collate
 
         (txt, img), *_ = self.pairs(split)
-        return self.token_loader(self._dataset(txt, img, -1, True), nlvr2_paired_eval_collate, ctx, train=False)
+        collate = nlvr2_triplet_eval_collate if self.triplet else nlvr2_paired_eval_collate
+        return self.token_loader(self._dataset(txt, img, -1, True), collate, ctx, train=False)
 
     def n_examples(self, batch) -> int:
         return int(batch["targets"].numel())
