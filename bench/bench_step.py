@@ -378,6 +378,9 @@ class Variant:
     run: Callable[[], object]
     grads: Callable[[], object]
     note: Callable[[], str] | None = None
+    # the same step run eagerly, for the peak-memory column of a graphed variant: a replay allocates nothing
+    # (its memory sits in the graph's private pool since the capture), the eager step allocates what it holds
+    memory_run: Callable[[], object] | None = None
 
 
 EXTRAS = ("compile", "fused-ln", "recompute")
@@ -474,6 +477,7 @@ def build_variants(
             functools.partial(gs.step, batch),
             functools.partial(gs.step, batch, optimizer_step=False),
             note=lambda gs=gs: "" if gs.graphed or not cuda else "capture failed: ran eagerly",
+            memory_run=functools.partial(gs._full, batch, None, None, True, keep_grads=True),
         )
 
     m = copy.deepcopy(setup.model)
@@ -490,7 +494,7 @@ def build_variants(
         m = copy.deepcopy(setup.model)
         gstd = GraphedStandard(m, fwd, low, batch, adamw(m, capturable=True))
         variants["standard (graphed)"] = Variant(
-            m, gstd.run, functools.partial(standard_grads, m, fwd, low, batch), note=gstd.note
+            m, gstd.run, functools.partial(standard_grads, m, fwd, low, batch), note=gstd.note, memory_run=gstd._step
         )
     return variants
 
@@ -554,6 +558,12 @@ def time_variants(variants: dict[str, Variant], rounds: int, warmup: int, device
         for name, v in variants.items():
             if cuda:
                 torch.cuda.synchronize()
+                if r == 0 and v.memory_run is not None:
+                    before = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    v.memory_run()
+                    torch.cuda.synchronize()
+                    extra = torch.cuda.max_memory_allocated() - before
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -566,7 +576,8 @@ def time_variants(variants: dict[str, Variant], rounds: int, warmup: int, device
                     # this variant's parameters, gradients and optimizer state (16 B per fp32 parameter with
                     # AdamW) plus the transient peak of its step above what was allocated before it
                     params = sum(p.numel() for p in v.model.parameters())
-                    extra = torch.cuda.max_memory_allocated() - before
+                    if v.memory_run is None:
+                        extra = torch.cuda.max_memory_allocated() - before
                     static_grads = sum(p.grad.numel() * 4 for p in v.model.parameters() if p.grad is not None)
                     peaks[name] = (params * 12 + static_grads + extra) / 2**30
             else:
