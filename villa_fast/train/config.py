@@ -90,7 +90,9 @@ SCHEMA: dict[str, Key] = {
     "num_train_steps": _k("int", 100000, "optimizer steps to train"),
     "warmup_steps": _k("int", 4000, "linear warmup steps"),
     "decay": _k("str", "linear", "learning-rate decay after warmup", ("linear",)),
-    "optim": _k("str", "adamw", "optimizer", ("adamw", "adam", "adamax")),
+    "optim": _k(
+        "str", "adamw", "optimizer (adamw: the authors' update rule)", ("adamw", "adamw_torch", "adam", "adamax")
+    ),
     "betas": _k("float_list", [0.9, 0.98], "Adam betas"),
     "dropout": _k("float", 0.1, "dropout probability of every dropout layer"),
     "weight_decay": _k("float", 0.01, "weight decay (none on bias and LayerNorm)"),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["NO_DECAY", "WarmupLinear", "build_optimizer", "set_dropout", "warmup_linear"]
+__all__ = ["NO_DECAY", "AdamW", "WarmupLinear", "build_optimizer", "set_dropout", "warmup_linear"]
 
 #: parameter-name fragments without weight decay, as in the authors' optimizer setup
 NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
@@ -45,8 +46,95 @@ def param_groups(model: nn.Module, weight_decay: float, lr_mul: float) -> list[d
     return out
 
 
+class AdamW(torch.optim.Optimizer):
+    """AdamW with the update rule of the UNITER/VILLA code (the BERT-era AdamW), multi-tensor.
+
+    Per parameter, at its step t (counted per parameter, from 1)::
+
+        m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+        p = p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+        p = p - lr * weight_decay * p    (after the Adam update, on the updated weights)
+
+    It differs from ``torch.optim.AdamW`` in two places: eps is added to ``sqrt(v)`` before the bias
+    correction is folded into the step size (torch adds it after, which makes the effective eps
+    ``sqrt(1 - b2^t)`` times smaller: 7x at the first step with b2 = 0.98), and the weight decay is
+    applied after the update (torch applies it before). ``correct_bias=False`` drops both bias corrections.
+    The state per parameter is ``step`` (int), ``exp_avg`` and ``exp_avg_sq``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+    ) -> None:
+        if not (isinstance(lr, float | int) and lr >= 0.0 and math.isfinite(lr)):
+            raise ValueError(f"AdamW: lr must be a finite number >= 0, got {lr!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {betas!r}")
+        if not eps >= 0.0:
+            raise ValueError(f"AdamW: eps must be >= 0, got {eps!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay!r}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        defaults["correct_bias"] = bool(correct_bias)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
+            # one multi-tensor call per (device, dtype) bucket
+            buckets: dict[tuple, tuple[list[Tensor], ...]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                size = lr
+                if group["correct_bias"]:
+                    size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+                key = (p.device, p.dtype)
+                if key not in buckets:
+                    buckets[key] = ([], [], [], [], [])
+                ps, gs, ms, vs, sizes = buckets[key]
+                ps.append(p)
+                gs.append(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype))
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                sizes.append(-size)
+            for ps, gs, ms, vs, sizes in buckets.values():
+                torch._foreach_mul_(ms, b1)
+                torch._foreach_add_(ms, gs, alpha=1.0 - b1)
+                torch._foreach_mul_(vs, b2)
+                torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
+                denom = torch._foreach_sqrt(vs)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(ps, ms, denom, sizes)
+                if wd > 0.0:
+                    torch._foreach_mul_(ps, 1.0 - lr * wd)
+        return loss
+
+
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """AdamW (eps 1e-6, decoupled weight decay), Adam or Adamax over :func:`param_groups`."""
+    """Over :func:`param_groups`: ``adamw`` is the authors' AdamW rule (:class:`AdamW`, eps 1e-6),
+    ``adamw_torch`` PyTorch's AdamW (fused on CUDA; eps and decay placed differently, see :class:`AdamW`),
+    ``adam`` PyTorch's Adam with L2 decay, ``adamax`` PyTorch's Adamax."""
     groups = param_groups(model, cfg["weight_decay"], cfg["lr_mul"])
     betas = tuple(cfg["betas"])
     lr = cfg["learning_rate"]
@@ -54,6 +142,8 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
     dev = next(model.parameters()).device
     fused = {"fused": True} if dev.type == "cuda" else {}
     if name == "adamw":
+        return AdamW(groups, lr=lr, betas=betas, eps=1e-6)
+    if name == "adamw_torch":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-6, **fused)
     if name == "adam":
         # the authors' Adam: L2 weight decay folded into the gradient
