@@ -21,11 +21,11 @@ The text delta is added to the output of the word embedding, the image delta to 
   graphed+fused-ln
               the same with layer_norm_impl="fused": residual add + LayerNorm in one kernel
               (villa_fast.ops.add_layer_norm; ``uniter`` model only)
-  graphed+recompute
-              the same with clean_backward="recompute": the clean pass's activations are not kept through the
-              K steps (one more forward, less memory)
-              (the three graphed+ variants are on by default on a GPU; ``--extra compile,fused-ln,recompute``
-              on the CPU)
+  villa-recompute
+              VillaStep with clean_backward="recompute": the clean pass's activations are not kept through the
+              K steps (one more forward, less memory; eager only: the recomputed dropout masks cannot be
+              restored inside a CUDA graph)
+              (these three are on by default on a GPU; ``--extra compile,fused-ln,recompute`` on the CPU)
   standard    one non-adversarial step: forward, task loss, backward, clipping, AdamW
   standard (graphed)
               the same step captured in one CUDA graph with the capturable AdamW (GPU only): the like-for-like
@@ -420,7 +420,10 @@ def build_variants(
 
     variants["released"] = Variant(m, run_released, grads)
 
-    for name, clean in (("villa-once", "once"), ("villa-per", "per_step")):
+    eager = [("villa-once", "once"), ("villa-per", "per_step")]
+    if "recompute" in extra:
+        eager.append(("villa-recompute", "recompute"))
+    for name, clean in eager:
         m = copy.deepcopy(setup.model)
         opt = adamw(m)
         vs = VillaStep(
@@ -459,8 +462,6 @@ def build_variants(
             graphed.append(("graphed+compile", compiled_copy, "once"))
         if "fused-ln" in extra:
             graphed.append(("graphed+fused-ln", fused_ln_copy, "once"))
-    if "recompute" in extra:
-        graphed.append(("graphed+recompute", plain_copy, "recompute"))
     for name, make, clean in graphed:
         m = make()
         gs = GraphedVillaStep(

@@ -199,6 +199,8 @@ class GraphedVillaStep:
     def _why_eager(self, batch: Any) -> str:
         if not torch.cuda.is_available():
             return "CUDA is not available"
+        if self.config.clean_backward == "recompute":
+            return "clean_backward='recompute' restores the clean pass's dropout masks, which a graph cannot replay"
         dev = self.eager._injector.device()
         if dev is None:
             leaves = [t for t in pytree.tree_leaves(batch) if isinstance(t, Tensor)]

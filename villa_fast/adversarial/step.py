@@ -253,6 +253,13 @@ class VillaStep:
         try:
             with autocast():
                 if self.config.clean_backward == "recompute":
+                    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                        # checkpoint restores the dropout masks by resetting the generator's state, which a
+                        # graph cannot replay: the recomputed masks would differ from the first run's
+                        raise RuntimeError(
+                            "clean_backward='recompute' cannot be captured in a CUDA graph (the clean pass's "
+                            "dropout masks cannot be restored inside a graph); use 'once' with GraphedVillaStep"
+                        )
                     # the recomputation runs inside the final backward, with recording off and no delta set:
                     # the hooks add nothing, as in this first run
                     z0 = torch.utils.checkpoint.checkpoint(
