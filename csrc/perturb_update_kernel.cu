@@ -172,6 +172,10 @@ __device__ bool update_row_streaming(const RowArgs& a, float* smem) {
     const int64_t npacks = a.n / VEC;
     const bool need_d = a.l2 && a.max_norm > 0.f;
     float norm_part = 0.f, bad = 0.f, dd = 0.f, dg = 0.f;
+    // Unrolled so that each thread has several independent 16-byte loads in flight: a long row gets one
+    // block, often alone on its SM, and one load per thread (8 KB per SM) is far from hiding DRAM latency.
+    // The sums keep their sequential order.
+#pragma unroll 4
     for (int64_t pk = threadIdx.x; pk < npacks; pk += kThreads) {
         float gv[VEC];
         load_grad<G, VEC>(g + pk * VEC, a.scale, gv);
@@ -204,6 +208,7 @@ __device__ bool update_row_streaming(const RowArgs& a, float* smem) {
         block_max(v, smem);
         if (!finish_stats(a, v[0], isinf(v[0]) ? 1.f : 0.f, step)) return false;
     }
+#pragma unroll 4
     for (int64_t pk = threadIdx.x; pk < npacks; pk += kThreads) {
         float gv[VEC], dv[VEC];
         load_grad<G, VEC>(g + pk * VEC, a.scale, gv);
