@@ -1,0 +1,66 @@
+"""The pipeline on a GPU: the trainer with the graphed VILLA step under bf16 and fp16, compiled layers, robust
+evaluation; the UNITER encoder under bf16 autocast against float32; the prefetching loader."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.test_models import make_batch, run_encoder, tiny_config
+from tests.test_train_fixtures import task_config
+from villa_fast.adversarial import GraphedVillaStep
+from villa_fast.data import PrefetchLoader
+from villa_fast.models import UniterModel
+from villa_fast.train.config import resolve_config
+from villa_fast.train.trainer import Trainer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize(
+    ("precision", "compiled", "layer_norm"),
+    [("bf16", True, "torch"), ("fp16", False, "fused")],
+    ids=["bf16-compiled", "fp16-fused-ln"],
+)
+def test_trainer_villa_graphed_on_cuda(tmp_path, monkeypatch, precision, compiled, layer_norm):
+    monkeypatch.setenv("VILLA_FAST_LAYERNORM", layer_norm)
+    changes = {"device": "cuda", "adv_training": True, "adv_graphed": True, "compile_layers": compiled}
+    changes[precision] = True
+    cfg = resolve_config(None, task_config(tmp_path, "vqa", **changes))
+    trainer = Trainer(cfg, quiet=True)
+    history = trainer.train()
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    step = trainer.adv_step
+    assert isinstance(step, GraphedVillaStep)
+    assert step.graphed, "no batch shape was captured in a CUDA graph"
+    assert all(p.is_cuda for p in trainer.model.parameters())
+    metrics = trainer.evaluate("val", robust=True)
+    main = trainer.task.main_metric
+    assert 0.0 <= metrics[main] <= 1.0 and 0.0 <= metrics[f"robust_{main}"] <= 1.0
+
+
+def test_uniter_bf16_autocast_on_cuda_matches_float32():
+    torch.manual_seed(0)
+    model = UniterModel(tiny_config(hidden_size=64, intermediate_size=128)).eval()
+    batch = make_batch(model.config, [7, 4, 9], [5, 8, 3])
+    with torch.no_grad():
+        want = run_encoder(model, batch)
+        model.cuda()
+        gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = run_encoder(model, gpu)
+    valid = batch["attn_masks"].bool()
+    torch.testing.assert_close(got.float().cpu()[valid], want[valid], atol=5e-2, rtol=5e-2)
+
+
+def test_prefetch_loader_delivers_the_same_batches_on_the_device():
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(3, 5, generator=g), "ids": torch.arange(i, i + 4), "n": i} for i in range(5)]
+    got = list(PrefetchLoader(batches, torch.device("cuda")))
+    assert len(got) == len(batches)
+    for b, c in zip(got, batches, strict=True):
+        assert b["x"].is_cuda and b["ids"].is_cuda and b["n"] == c["n"]
+        assert torch.equal(b["x"].cpu(), c["x"]) and torch.equal(b["ids"].cpu(), c["ids"])
