@@ -101,10 +101,10 @@ if [ -z "${QUICK:-}" ]; then
   stamp "op benchmark"
   run_phase 80 30 "$OUT/bench_ops.log" "$PY" -m bench.bench_ops $OPS_ARGS || tail -n 20 "$OUT/bench_ops.log"
   stamp "all GPU tests, with the time left"
-  TESTS=(tests/test_perturb_update.py tests/test_sym_kl.py tests/test_perturb_init.py tests/test_opcheck.py
-    tests/test_backend.py tests/test_ext_kernels.py tests/test_adversarial.py tests/test_graphed.py
-    tests/test_bench_step.py tests/test_models_compile.py tests/test_gpu_pipeline.py)
-  for t in tests/test_add_layer_norm.py; do [ -f "$t" ] && TESTS+=("$t"); done
+  # the pipeline and graph tests first: the kernels' CUDA cases already ran in the smoke phase
+  TESTS=(tests/test_gpu_pipeline.py tests/test_graphed.py tests/test_ext_kernels.py tests/test_models_compile.py
+    tests/test_add_layer_norm.py tests/test_adversarial.py tests/test_bench_step.py tests/test_perturb_update.py
+    tests/test_sym_kl.py tests/test_perturb_init.py tests/test_opcheck.py tests/test_backend.py)
   run_phase 400 0 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs --durations=10 "${TESTS[@]}"
   echo "pytest exit code $?"
   grep -E "(passed|failed|error)" "$OUT/tests.log" | tail -n 1
