@@ -150,6 +150,33 @@ def test_graphed_matches_eager_in_bf16():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_graphed_with_the_authors_adamw_rule_matches_eager():
+    """villa_fast.train.optim.AdamW(capturable=True) inside the graph: the same weights as the plain rule eagerly."""
+    from villa_fast.train.optim import AdamW
+
+    cfg = AdversarialConfig(steps=2, lr_txt=1e-2, lr_img=1e-2, modality="text+image")
+    a = _cuda_toy()
+    b = copy.deepcopy(a)
+    opt_a = AdamW(a.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01)
+    opt_b = AdamW(
+        b.parameters(), lr=torch.tensor(1e-3, device="cuda"), betas=(0.9, 0.98), weight_decay=0.01, capturable=True
+    )
+    eager = VillaStep(toy_forward(a), vqa_loss, cfg, text_embedding=a.word, image_input=a.img)
+    graphed = _graphed(b, cfg, optimizer=opt_b, max_grad_norm=2.0)
+    for seed in range(3):
+        batch = _cuda_batch(seed)
+        eager.step(batch, batch["tmask"], batch["imask"])
+        clip_grad_norm_capturable_(list(a.parameters()), 2.0)
+        opt_a.step()
+        opt_a.zero_grad(set_to_none=True)
+        graphed.step(batch, batch["tmask"], batch["imask"])
+    assert graphed.graphed
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_recompute_replays_the_clean_dropout_masks_on_cuda():
     """clean_backward="recompute" on CUDA with dropout: the same gradients as "once" from the same CUDA seed."""
     cfg = AdversarialConfig(steps=3, lr_txt=1e-2, lr_img=1e-2, modality="text+image")

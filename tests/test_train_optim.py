@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -126,3 +127,52 @@ def test_build_optimizer_choices():
     assert type(build_optimizer(model, {**cfg, "optim": "adam"})) is torch.optim.Adam
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer(model, {**cfg, "optim": "sgd"})
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_capturable_matches_the_plain_rule(tensor_lr, correct_bias):
+    """capturable=True (step counts and lr on the device) gives the same weights as the plain rule."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(6, 4), (3,), (2, 5)]
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    plain = [torch.nn.Parameter(t.clone()) for t in init]
+    capt = [torch.nn.Parameter(t.clone()) for t in init]
+    lr = torch.tensor(2e-2, dtype=torch.float64) if tensor_lr else 2e-2
+    kw = {"betas": (0.9, 0.98), "eps": 1e-6, "correct_bias": correct_bias}
+    opt_p = AdamW([{"params": plain[:2], "weight_decay": 0.01}, {"params": plain[2:]}], lr=2e-2, **kw)
+    opt_c = AdamW([{"params": capt[:2], "weight_decay": 0.01}, {"params": capt[2:]}], lr=lr, capturable=True, **kw)
+    for step in range(5):
+        grads = [torch.randn(s, generator=g, dtype=torch.float64) * 1e-3 for s in shapes]
+        if step == 2:
+            grads[0] = None
+        for ps in (plain, capt):
+            for p, gr in zip(ps, grads, strict=True):
+                p.grad = None if gr is None else gr.clone()
+        opt_p.step()
+        opt_c.step()
+    for a, b in zip(capt, plain, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-15)
+    st = opt_c.state[capt[0]]["step"]
+    assert isinstance(st, torch.Tensor) and float(st) == 4.0
+    assert opt_c.param_groups[0]["capturable"] is True
+    # a checkpoint of the plain rule (int step counts) resumes under capturable=True
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in plain]
+    opt_r = AdamW(
+        [{"params": resumed[:2], "weight_decay": 0.01}, {"params": resumed[2:]}], lr=lr, capturable=True, **kw
+    )
+    opt_r.load_state_dict(copy.deepcopy(opt_p.state_dict()))
+    assert opt_r.param_groups[0]["capturable"] is True
+    grads = [torch.randn(s, generator=g, dtype=torch.float64) * 1e-3 for s in shapes]
+    for ps in (plain, resumed):
+        for p, gr in zip(ps, grads, strict=True):
+            p.grad = gr.clone()
+    opt_p.step()
+    opt_r.step()
+    for a, b in zip(resumed, plain, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-15)
+
+
+def test_tensor_lr_needs_capturable():
+    with pytest.raises(ValueError, match="capturable"):
+        AdamW([torch.nn.Parameter(torch.ones(2))], lr=torch.tensor(1e-3))

@@ -60,6 +60,10 @@ class AdamW(torch.optim.Optimizer):
     ``sqrt(1 - b2^t)`` times smaller: 7x at the first step with b2 = 0.98), and the weight decay is
     applied after the update (torch applies it before). ``correct_bias=False`` drops both bias corrections.
     The state per parameter is ``step`` (int), ``exp_avg`` and ``exp_avg_sq``.
+
+    ``capturable=True`` keeps every step count on the parameter's device (a 0-dim float32 tensor) and
+    accepts a 0-dim device tensor as ``lr`` (set it in place, e.g. by the schedule), so that a step never
+    reads a number back to the host and can be captured in a CUDA graph (GraphedVillaStep).
     """
 
     def __init__(
@@ -70,8 +74,14 @@ class AdamW(torch.optim.Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
+        capturable: bool = False,
     ) -> None:
-        if not (isinstance(lr, float | int) and lr >= 0.0 and math.isfinite(lr)):
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"AdamW: a tensor lr must be one floating-point number, got shape {tuple(lr.shape)}")
+            if not capturable:
+                raise ValueError("AdamW: a tensor lr needs capturable=True (it is read on the device)")
+        elif not (isinstance(lr, float | int) and lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"AdamW: lr must be a finite number >= 0, got {lr!r}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {betas!r}")
@@ -81,7 +91,20 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay!r}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         defaults["correct_bias"] = bool(correct_bias)
+        defaults["capturable"] = bool(capturable)
         super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load moments, step counts and hyper-parameters, keeping this optimizer's ``capturable`` choice and
+        its lr tensors (filled with the loaded values): how a step runs is not part of the training state."""
+        keep = [(g["capturable"], g["lr"]) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, (capturable, lr) in zip(self.param_groups, keep, strict=True):
+            g["capturable"] = capturable
+            if isinstance(lr, Tensor):
+                with torch.no_grad():
+                    lr.fill_(float(g["lr"]))
+                g["lr"] = lr
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -90,6 +113,9 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if group["capturable"]:
+                self._step_capturable(group)
+                continue
             b1, b2 = group["betas"]
             lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
             # one multi-tensor call per (device, dtype) bucket
@@ -104,6 +130,8 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if isinstance(state["step"], Tensor):  # state loaded from a capturable run
+                    state["step"] = int(state["step"].item())
                 state["step"] += 1
                 t = state["step"]
                 size = lr
@@ -129,6 +157,62 @@ class AdamW(torch.optim.Optimizer):
                 if wd > 0.0:
                     torch._foreach_mul_(ps, 1.0 - lr * wd)
         return loss
+
+    def _step_capturable(self, group: dict) -> None:
+        """The same rule with step counts, bias corrections and lr on the device: no host read-back."""
+        b1, b2 = group["betas"]
+        eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
+        buckets: dict[tuple, tuple[list[Tensor], ...]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif not isinstance(state["step"], Tensor):  # state loaded from a non-capturable run
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
+            key = (p.device, p.dtype)
+            if key not in buckets:
+                buckets[key] = ([], [], [], [], [])
+            ps, gs, ms, vs, steps = buckets[key]
+            ps.append(p)
+            gs.append(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype))
+            ms.append(state["exp_avg"])
+            vs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        for (device, dtype), (ps, gs, ms, vs, steps) in buckets.items():
+            # a tensor lr stays on the device; a float one is a kernel argument (frozen into a captured graph)
+            lr_t = lr.to(device=device, dtype=dtype) if isinstance(lr, Tensor) else float(lr)
+            torch._foreach_add_(steps, 1.0)
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, gs, alpha=1.0 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, eps)
+            upd = torch._foreach_div(ms, denom)
+            if group["correct_bias"]:
+                # size_i = lr * sqrt(1 - b2^t_i) / (1 - b1^t_i), each a 0-dim tensor on the device
+                t = [s.to(dtype) for s in steps]
+                bc1 = torch._foreach_pow(b1, t)
+                torch._foreach_neg_(bc1)
+                torch._foreach_add_(bc1, 1.0)
+                bc2 = torch._foreach_pow(b2, t)
+                torch._foreach_neg_(bc2)
+                torch._foreach_add_(bc2, 1.0)
+                torch._foreach_sqrt_(bc2)
+                torch._foreach_div_(bc2, bc1)
+                torch._foreach_mul_(bc2, lr_t)
+                torch._foreach_mul_(upd, bc2)
+            else:
+                torch._foreach_mul_(upd, lr_t)
+            torch._foreach_sub_(ps, upd)
+            if wd > 0.0:
+                torch._foreach_mul_(ps, 1.0 - lr_t * wd)
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
