@@ -106,6 +106,46 @@ class AdamW(torch.optim.Optimizer):
                     lr.fill_(float(g["lr"]))
                 g["lr"] = lr
 
+    def _buckets(self, group: dict) -> dict[tuple, tuple[list[Tensor], ...]]:
+        """(params, grads, exp_avgs, exp_avg_sqs, owners) per (device, dtype) of the group's parameters with a
+        gradient, for one multi-tensor call each; state is created on first use. Step counts are ints, or
+        0-dim float32 device tensors under ``capturable`` (converted when a state from the other mode is
+        loaded); they are not advanced here."""
+        capturable = group["capturable"]
+        buckets: dict[tuple, tuple[list[Tensor], ...]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if capturable else 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif capturable and not isinstance(state["step"], Tensor):
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
+            elif not capturable and isinstance(state["step"], Tensor):
+                state["step"] = int(state["step"].item())
+            ps, gs, ms, vs, owners = buckets.setdefault((p.device, p.dtype), ([], [], [], [], []))
+            ps.append(p)
+            gs.append(p.grad.to(p.dtype))
+            ms.append(state["exp_avg"])
+            vs.append(state["exp_avg_sq"])
+            owners.append(p)  # whose state holds the step count, read by the caller
+        return buckets
+
+    @staticmethod
+    def _moments(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], b1: float, b2: float, eps: float):
+        """m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2 in place; returns sqrt(v) + eps."""
+        torch._foreach_mul_(ms, b1)
+        torch._foreach_add_(ms, gs, alpha=1.0 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, eps)
+        return denom
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -118,41 +158,14 @@ class AdamW(torch.optim.Optimizer):
                 continue
             b1, b2 = group["betas"]
             lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
-            # one multi-tensor call per (device, dtype) bucket
-            buckets: dict[tuple, tuple[list[Tensor], ...]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if isinstance(state["step"], Tensor):  # state loaded from a capturable run
-                    state["step"] = int(state["step"].item())
-                state["step"] += 1
-                t = state["step"]
-                size = lr
-                if group["correct_bias"]:
-                    size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-                key = (p.device, p.dtype)
-                if key not in buckets:
-                    buckets[key] = ([], [], [], [], [])
-                ps, gs, ms, vs, sizes = buckets[key]
-                ps.append(p)
-                gs.append(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype))
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                sizes.append(-size)
-            for ps, gs, ms, vs, sizes in buckets.values():
-                torch._foreach_mul_(ms, b1)
-                torch._foreach_add_(ms, gs, alpha=1.0 - b1)
-                torch._foreach_mul_(vs, b2)
-                torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
-                denom = torch._foreach_sqrt(vs)
-                torch._foreach_add_(denom, eps)
+            for ps, gs, ms, vs, owners in self._buckets(group).values():
+                sizes = []
+                for p in owners:
+                    self.state[p]["step"] += 1
+                    t = self.state[p]["step"]
+                    size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t) if group["correct_bias"] else lr
+                    sizes.append(-size)
+                denom = self._moments(ms, vs, gs, b1, b2, eps)
                 torch._foreach_addcdiv_(ps, ms, denom, sizes)
                 if wd > 0.0:
                     torch._foreach_mul_(ps, 1.0 - lr * wd)
@@ -162,38 +175,12 @@ class AdamW(torch.optim.Optimizer):
         """The same rule with step counts, bias corrections and lr on the device: no host read-back."""
         b1, b2 = group["betas"]
         eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
-        buckets: dict[tuple, tuple[list[Tensor], ...]] = {}
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamW does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif not isinstance(state["step"], Tensor):  # state loaded from a non-capturable run
-                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
-            key = (p.device, p.dtype)
-            if key not in buckets:
-                buckets[key] = ([], [], [], [], [])
-            ps, gs, ms, vs, steps = buckets[key]
-            ps.append(p)
-            gs.append(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype))
-            ms.append(state["exp_avg"])
-            vs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        for (device, dtype), (ps, gs, ms, vs, steps) in buckets.items():
+        for (device, dtype), (ps, gs, ms, vs, owners) in self._buckets(group).items():
+            steps = [self.state[p]["step"] for p in owners]
             # a tensor lr stays on the device; a float one is a kernel argument (frozen into a captured graph)
             lr_t = lr.to(device=device, dtype=dtype) if isinstance(lr, Tensor) else float(lr)
             torch._foreach_add_(steps, 1.0)
-            torch._foreach_mul_(ms, b1)
-            torch._foreach_add_(ms, gs, alpha=1.0 - b1)
-            torch._foreach_mul_(vs, b2)
-            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_add_(denom, eps)
+            denom = self._moments(ms, vs, gs, b1, b2, eps)
             upd = torch._foreach_div(ms, denom)
             if group["correct_bias"]:
                 # size_i = lr * sqrt(1 - b2^t_i) / (1 - b1^t_i), each a 0-dim tensor on the device
