@@ -107,7 +107,7 @@ class AdamW(torch.optim.Optimizer):
                 g["lr"] = lr
 
     def _buckets(self, group: dict) -> dict[tuple, tuple[list[Tensor], ...]]:
-        """(params, grads, exp_avgs, exp_avg_sqs, owners) per (device, dtype) of the group's parameters with a
+        """(params, grads, exp_avgs, exp_avg_sqs) per (device, dtype) of the group's parameters with a
         gradient, for one multi-tensor call each; state is created on first use. Step counts are ints, or
         0-dim float32 device tensors under ``capturable`` (converted when a state from the other mode is
         loaded); they are not advanced here."""
@@ -127,12 +127,11 @@ class AdamW(torch.optim.Optimizer):
                 state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
             elif not capturable and isinstance(state["step"], Tensor):
                 state["step"] = int(state["step"].item())
-            ps, gs, ms, vs, owners = buckets.setdefault((p.device, p.dtype), ([], [], [], [], []))
+            ps, gs, ms, vs = buckets.setdefault((p.device, p.dtype), ([], [], [], []))
             ps.append(p)
             gs.append(p.grad.to(p.dtype))
             ms.append(state["exp_avg"])
             vs.append(state["exp_avg_sq"])
-            owners.append(p)  # whose state holds the step count, read by the caller
         return buckets
 
     @staticmethod
@@ -158,9 +157,9 @@ class AdamW(torch.optim.Optimizer):
                 continue
             b1, b2 = group["betas"]
             lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
-            for ps, gs, ms, vs, owners in self._buckets(group).values():
+            for ps, gs, ms, vs in self._buckets(group).values():
                 sizes = []
-                for p in owners:
+                for p in ps:
                     self.state[p]["step"] += 1
                     t = self.state[p]["step"]
                     size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t) if group["correct_bias"] else lr
@@ -175,8 +174,8 @@ class AdamW(torch.optim.Optimizer):
         """The same rule with step counts, bias corrections and lr on the device: no host read-back."""
         b1, b2 = group["betas"]
         eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
-        for (device, dtype), (ps, gs, ms, vs, owners) in self._buckets(group).items():
-            steps = [self.state[p]["step"] for p in owners]
+        for (device, dtype), (ps, gs, ms, vs) in self._buckets(group).items():
+            steps = [self.state[p]["step"] for p in ps]
             # a tensor lr stays on the device; a float one is a kernel argument (frozen into a captured graph)
             lr_t = lr.to(device=device, dtype=dtype) if isinstance(lr, Tensor) else float(lr)
             torch._foreach_add_(steps, 1.0)
