@@ -205,16 +205,17 @@ def assert_same(got: dict, want: dict, what: str, rel: float = REL):
         assert e <= rel, f"{what}[{k}] relative error {e:.3e} > {rel:.0e}"
 
 
-def run_step(model, batch, cfg, *, gen=None, use_masks=True, **kw) -> StepResult:
+def run_step(model, batch, cfg, *, gen=None, use_masks=True, in_place=False, **kw) -> StepResult:
     step = VillaStep(
         toy_forward(model), vqa_loss, cfg, text_embedding=model.word, image_input=model.img, generator=gen, **kw
     )
+    step._grads_in_place = in_place
     res = step.step(batch, batch["tmask"] if use_masks else None, batch["imask"] if use_masks else None)
     step.remove_hooks()
     return res
 
 
-def check_against_reference(cfg, *, seed=0, micro_batches=1, use_masks=True):
+def check_against_reference(cfg, *, seed=0, micro_batches=1, use_masks=True, in_place=False):
     model = make_toy(seed)
     batches = [make_batch(seed=seed + 1 + i) for i in range(micro_batches)]
     # reference
@@ -225,7 +226,10 @@ def check_against_reference(cfg, *, seed=0, micro_batches=1, use_masks=True):
     ref = grads_of(model)
     # step under test
     model.zero_grad(set_to_none=True)
-    results = [run_step(model, b, cfg, gen=torch.Generator().manual_seed(7), use_masks=use_masks) for b in batches]
+    results = [
+        run_step(model, b, cfg, gen=torch.Generator().manual_seed(7), use_masks=use_masks, in_place=in_place)
+        for b in batches
+    ]
     got = grads_of(model)
     assert_same(got, ref, "param grad")
     for res, want in zip(results, ref_deltas, strict=True):
@@ -278,11 +282,12 @@ def test_matches_released_loop(modality, norm, max_norm_on, init_on, reduction, 
                 assert d.abs().max() <= max_norm
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["aside", "in_place"])
 @pytest.mark.parametrize("clean", ["once", "per_step", "recompute"])
 @pytest.mark.parametrize("modality", ["text+image", "alter"])
-def test_gradient_accumulation_two_micro_batches(modality, clean):
+def test_gradient_accumulation_two_micro_batches(modality, clean, in_place):
     cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality=modality, clean_backward=clean, init_mag=0.1)
-    check_against_reference(cfg, micro_batches=2)
+    check_against_reference(cfg, micro_batches=2, in_place=in_place)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -556,9 +561,10 @@ class PoisonToy(Toy):
         return _Poison.apply(out, poison)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["aside", "in_place"])
 @pytest.mark.parametrize("clean", ["once", "per_step", "recompute"])
 @pytest.mark.parametrize("bad_step", [0, 1, 2])
-def test_nonfinite_gradient_is_skipped_and_reported(bad_step, clean):
+def test_nonfinite_gradient_is_skipped_and_reported(bad_step, clean, in_place):
     cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward=clean)
     torch.manual_seed(0)
     model = PoisonToy(poison_at=-1).double().train()
@@ -568,7 +574,7 @@ def test_nonfinite_gradient_is_skipped_and_reported(bad_step, clean):
     want = grads_of(model)
     model.zero_grad(set_to_none=True)
     model.calls, model.poison_at = 0, 1 + bad_step  # forward 0 is the clean pass
-    res = run_step(model, batch, cfg)
+    res = run_step(model, batch, cfg, in_place=in_place)
     assert int(res.skipped_steps) == 1
     expected_rows = [4, 4] if bad_step < 2 else [0, 0]  # the last step has no update
     assert res.skipped_rows.tolist() == expected_rows

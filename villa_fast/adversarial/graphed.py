@@ -126,6 +126,8 @@ class GraphedVillaStep:
             params=params,
             generator=generator,
         )
+        # the gradients live in fixed .grad tensors: each step adds to them directly (no second buffer)
+        self.eager._grads_in_place = True
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer

@@ -7,8 +7,10 @@ values on the device (one multi-tensor norm), zeroed in place when the step is b
 by a device flag: no host sync), then accumulated. The first good contribution is kept as is, so the
 accumulation costs what ``backward()`` into ``.grad`` costs; the check adds one read and the masked fill
 one read and one write of the gradients per step (``skip_nonfinite=False`` drops both). The caller's
-``.grad`` is touched once, at the end, which keeps gradient accumulation over micro-batches exact and lets
-a bad step be left out without ever writing a NaN into it.
+``.grad`` is touched once, at the end, so a bad step is left out without ever writing a NaN into it and a
+step that raises half-way leaves ``.grad`` as it was. Under :class:`GraphedVillaStep`, whose gradients
+live in fixed ``.grad`` tensors, each checked step is added to them directly instead, which saves the
+second gradient-sized buffer (a replay cannot stop half-way).
 
 With ``clean_backward="once"`` the upstream gradients of the clean logits are summed over the K steps and
 the clean pass is back-propagated once at the end (backward is linear in its upstream gradient), so the
@@ -171,6 +173,10 @@ class VillaStep:
         self._injector = Injector(
             text_embedding if config.perturb_text else None, image_input if config.perturb_image else None
         )
+        # add each step's (checked) gradients to .grad as they come instead of summing them aside first:
+        # saves one gradient-sized buffer when .grad already exists (GraphedVillaStep's fixed gradients),
+        # at the price of a partly accumulated .grad if a step raises half-way (a graph replay cannot)
+        self._grads_in_place = False
 
     # ------------------------------------------------------------------------------------------ public
     @property
@@ -361,7 +367,10 @@ class VillaStep:
                 total += torch.where(ok, loss.detach(), 0.0)
             else:
                 total += loss.detach()
-            _accumulate(acc, p_grads)
+            if self._grads_in_place:
+                _add_to_grad(params, p_grads)
+            else:
+                _accumulate(acc, p_grads)
             if z_grad is not None:
                 g_clean = z_grad if g_clean is None else g_clean.add_(z_grad)
             if not last:
@@ -391,8 +400,12 @@ class VillaStep:
                     for g in present:
                         g.masked_fill_(bad, 0.0)
                     skipped_steps += bad
-            _accumulate(acc, grads)
-        _add_to_grad(params, acc)
+            if self._grads_in_place:
+                _add_to_grad(params, grads)
+            else:
+                _accumulate(acc, grads)
+        if not self._grads_in_place:
+            _add_to_grad(params, acc)
 
         return StepResult(
             loss=total,
