@@ -453,7 +453,9 @@ def build_variants(
 
     def compiled_copy() -> nn.Module:
         m = copy.deepcopy(setup.model)
-        m.uniter.compile_layers()
+        # static shapes: each batch size gets kernels specialised to it (training with varying shapes would
+        # leave the default, which turns the batch and length dimensions symbolic after a second shape)
+        m.uniter.compile_layers(dynamic=False)
         return m
 
     graphed = [("graphed", plain_copy, "once")]
