@@ -93,3 +93,28 @@ def test_pure_python_mode_works(tmp_path):
         "print(ops.backend_for(a), bool(torch.isfinite(a.grad).all()), round(float(d.norm(dim=1)[0]), 6))\n"
     )
     assert _run(code, VILLA_FAST_BACKEND="auto") == "reference True 0.1"
+
+
+def test_per_op_variable_overrides_the_global_one(monkeypatch):
+    """VILLA_FAST_BACKEND_<OP> decides for that op alone: a global cpp choice need not break an op without a
+    C++ kernel, and one op can be pinned while the others stay automatic."""
+    x = torch.randn(2, 4)
+    w = torch.ones(4)
+    monkeypatch.setenv("VILLA_FAST_BACKEND", "reference")
+    monkeypatch.setenv("VILLA_FAST_BACKEND_SYM_KL", "auto")
+    assert _backend.choose("sym_kl", "cpu", "torch.float32") == (
+        "cpp" if "cpp" in ops.available_backends() else "reference"
+    )
+    assert _backend.choose("perturb_update", "cpu", "torch.float32") == "reference"
+    if "cpp" in ops.available_backends("cpu"):
+        monkeypatch.setenv("VILLA_FAST_BACKEND", "cpp")
+        with pytest.raises(ops.BackendUnavailableError, match="VILLA_FAST_BACKEND_ADD_LAYER_NORM"):
+            ops.add_layer_norm(x, x, w)
+        monkeypatch.setenv("VILLA_FAST_BACKEND_ADD_LAYER_NORM", "auto")
+        torch.testing.assert_close(
+            ops.add_layer_norm(x, x, w), torch.nn.functional.layer_norm(2 * x, (4,), w, eps=1e-12)
+        )
+        assert _backend.choose("perturb_update", "cpu", "torch.float32") == "cpp"
+    monkeypatch.setenv("VILLA_FAST_BACKEND_SYM_KL", "fastest")
+    with pytest.raises(ValueError, match="VILLA_FAST_BACKEND_SYM_KL='fastest'"):
+        _backend.choose("sym_kl", "cpu", "torch.float32")

@@ -139,9 +139,9 @@ def add_layer_norm(
     out_dtype = torch.promote_types(x.dtype, residual.dtype)
     backend = choose("add_layer_norm", x.device.type, str(out_dtype))
     if backend == "triton" and h > _MAX_TRITON_HIDDEN:
-        if requested_backend() != "auto":
+        if requested_backend("add_layer_norm") != "auto":
             raise BackendUnavailableError(
-                f"VILLA_FAST_BACKEND=triton: the triton add_layer_norm takes H <= {_MAX_TRITON_HIDDEN}, got H={h}"
+                f"backend triton requested: the triton add_layer_norm takes H <= {_MAX_TRITON_HIDDEN}, got H={h}"
             )
         backend = "reference"
     y, _, _ = _add_layer_norm_op(x, residual, weight, bias, eps, backend)

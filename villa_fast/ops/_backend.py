@@ -2,9 +2,10 @@
 
 Automatic order, by the tensor's device and what is installed:
 CUDA extension -> Triton -> C++ extension -> reference (plain PyTorch).
-``VILLA_FAST_BACKEND=reference|cpp|triton|cuda|auto`` overrides it; an explicit
-backend that cannot run raises an error naming what is missing, while an
-automatic choice that cannot load falls back quietly (logged at debug level).
+``VILLA_FAST_BACKEND=reference|cpp|triton|cuda|auto`` overrides it for every op, and
+``VILLA_FAST_BACKEND_<OP>`` (e.g. ``VILLA_FAST_BACKEND_ADD_LAYER_NORM=auto``) for one op,
+taking precedence; an explicit backend that cannot run raises an error naming what is
+missing, while an automatic choice that cannot load falls back quietly (logged at debug level).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run on this tensor or this installation."""
 
 
-def requested_backend() -> str:
-    """The backend asked for by VILLA_FAST_BACKEND ('auto' when unset)."""
-    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+def _env_name(op: str | None) -> str:
+    """The variable that decides for ``op``: its own when set, else VILLA_FAST_BACKEND."""
+    if op is not None and f"{_ENV}_{op.upper()}" in os.environ:
+        return f"{_ENV}_{op.upper()}"
+    return _ENV
+
+
+def requested_backend(op: str | None = None) -> str:
+    """The backend asked for by VILLA_FAST_BACKEND_<OP> (for ``op``) or VILLA_FAST_BACKEND ('auto' when unset)."""
+    name = _env_name(op)
+    value = os.environ.get(name, "auto").strip().lower() or "auto"
     if value != "auto" and value not in BACKENDS:
-        raise ValueError(f"{_ENV}={value!r} is not one of {', '.join(('auto',) + BACKENDS)}")
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(('auto',) + BACKENDS)}")
     return value
 
 
@@ -109,12 +118,12 @@ def backend_for(tensor: Tensor) -> str:
     return _pick(tensor.device)
 
 
-def _pick(device: torch.device) -> str:
-    req = requested_backend()
+def _pick(device: torch.device, op: str | None = None) -> str:
+    req = requested_backend(op)
     if req != "auto":
         why = _why_not(req, device)
         if why:
-            raise BackendUnavailableError(f"{_ENV}={req} cannot run: {why}")
+            raise BackendUnavailableError(f"{_env_name(op)}={req} cannot run: {why}")
         return req
     order = _ORDER_CUDA if device.type == "cuda" else _ORDER_CPU
     for backend in order:
@@ -147,15 +156,19 @@ def choose(op: str, device_type: str, dtype: str) -> str:
     """
     device = torch.device(device_type)
     table = SUPPORTED_DTYPES[op]
-    if requested_backend() != "auto":
-        backend = _pick(device)
+    if requested_backend(op) != "auto":
+        backend = _pick(device, op)
         if backend == "reference" or dtype in table.get(backend, ()):
             return backend
+        name = _env_name(op)
         if backend not in table:
             have = ", ".join((*table, "reference"))
-            raise BackendUnavailableError(f"{_ENV}={backend}: {op} has no {backend} backend (it has {have})")
-        raise BackendUnavailableError(f"{_ENV}={backend}: the {backend} backend of {op} does not take {dtype} tensors")
-    backend = _pick(device)
+            raise BackendUnavailableError(
+                f"{name}={backend}: {op} has no {backend} backend (it has {have}); "
+                f"{_ENV}_{op.upper()}=auto|reference|... chooses for this op alone"
+            )
+        raise BackendUnavailableError(f"{name}={backend}: the {backend} backend of {op} does not take {dtype} tensors")
+    backend = _pick(device, op)
     if backend != "reference" and backend not in table:
         # the op has no kernel of this kind: take the next backend in the automatic order that it has
         order = _ORDER_CUDA if device.type == "cuda" else _ORDER_CPU
