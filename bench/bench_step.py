@@ -23,9 +23,11 @@ The text delta is added to the output of the word embedding, the image delta to 
               (villa_fast.ops.add_layer_norm; ``uniter`` model only)
   villa-recompute
               VillaStep with clean_backward="recompute": the clean pass's activations are not kept through the
-              K steps (one more forward, less memory; eager only: the recomputed dropout masks cannot be
-              restored inside a CUDA graph)
-              (these three are on by default on a GPU; ``--extra compile,fused-ln,recompute`` on the CPU)
+              K steps (one more forward, less memory)
+  graphed+recompute
+              GraphedVillaStep with clean_backward="recompute": the clean pass draws from its own registered
+              generator states, so its recomputation replays the same dropout masks inside the graph
+              (these four are on by default on a GPU; ``--extra compile,fused-ln,recompute`` on the CPU)
   standard    one non-adversarial step: forward, task loss, backward, clipping, AdamW
   standard (graphed)
               the same step captured in one CUDA graph with the capturable AdamW (GPU only): the like-for-like
@@ -464,6 +466,8 @@ def build_variants(
             graphed.append(("graphed+compile", compiled_copy, "once"))
         if "fused-ln" in extra:
             graphed.append(("graphed+fused-ln", fused_ln_copy, "once"))
+    if "recompute" in extra:
+        graphed.append(("graphed+recompute", plain_copy, "recompute"))
     for name, make, clean in graphed:
         m = make()
         gs = GraphedVillaStep(

@@ -82,7 +82,7 @@ def test_extra_variants_same_gradients_as_released():
     torch.manual_seed(0)
     setup = bs.build_setup("uniter", c, CPU, torch.float64)
     variants = bs.build_variants(setup, bs.make_batch(c, 3, CPU, torch.float64), CPU, extra=bs.EXTRAS)
-    names = [f"graphed+{x} (eager on CPU)" for x in ("compile", "fused-ln")] + ["villa-recompute"]
+    names = [f"graphed+{x} (eager on CPU)" for x in ("compile", "fused-ln", "recompute")] + ["villa-recompute"]
     assert set(names) <= set(variants)
     assert variants[names[0]].model.uniter.encoder.compile_options == {"dynamic": False}
     assert variants[names[1]].model.uniter.config.layer_norm_impl == "fused"

@@ -202,18 +202,45 @@ def test_recompute_replays_the_clean_dropout_masks_on_cuda():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_recompute_is_not_captured_and_runs_eagerly():
-    """The recomputed clean pass cannot restore dropout masks inside a graph: the capture is refused (never a
-    graph with different masks), the step runs eagerly with a warning naming the reason, and trains."""
-    cfg = AdversarialConfig(steps=2, modality="text", amp_dtype=torch.bfloat16, clean_backward="recompute")
-    model = _cuda_toy(dropout=0.3)
-    step = GraphedVillaStep(toy_forward(model), vqa_loss, cfg, text_embedding=model.word, optimizer=_fused_adamw(model))
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.warns(RuntimeWarning, match="recompute"):
-        res = step.step(_cuda_batch())
-    assert not step.graphed
-    assert torch.isfinite(res.loss)
-    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+def test_recompute_is_captured_and_replays_the_clean_masks():
+    """clean_backward="recompute" is captured: the clean pass draws from its own registered generator states.
+    Each replay's gradients (fp32, dropout 0.3) equal those of the eager "once" step started from the default
+    generator's state at that replay, with its clean pass on copies forked from that state: the recomputation
+    replays the clean masks, and the registered copies advance with every replay."""
+    from villa_fast.adversarial.rng import ForkedRng
+
+    cfg = AdversarialConfig(steps=3, lr_txt=1e-2, lr_img=1e-2, modality="text+image", clean_backward="recompute")
+    a = _cuda_toy(dropout=0.3)
+    b = copy.deepcopy(a)
+    graphed = _graphed(b, cfg)  # no optimizer: the gradients stay in the fixed .grad tensors
+    eager = VillaStep(
+        toy_forward(a), vqa_loss, cfg.replace(clean_backward="once"), text_embedding=a.word, image_input=a.img
+    )
+    batch = _cuda_batch()
+    starts = []
+    for replay in range(2):
+        for p in b.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # never "runs eagerly"
+            if replay == 0:
+                graphed.step(batch, batch["tmask"], batch["imask"])
+                starts.append(next(iter(graphed._graphs.values())).rng_origin)
+            else:
+                starts.append(torch.cuda.get_rng_state())
+                graphed.step(batch, batch["tmask"], batch["imask"])
+        assert graphed.graphed
+        got = [p.grad.clone() for p in b.parameters()]
+        after = torch.cuda.get_rng_state()
+        a.zero_grad(set_to_none=True)
+        torch.cuda.set_rng_state(starts[-1])
+        eager._clean_rng = ForkedRng("cuda")
+        eager.step(batch, batch["tmask"], batch["imask"])
+        torch.cuda.set_rng_state(after)
+        for ga, gb in zip([p.grad for p in a.parameters()], got, strict=True):
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(starts[0], starts[1])
 
 
 @pytest.mark.gpu

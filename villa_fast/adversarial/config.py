@@ -52,7 +52,8 @@ class AdversarialConfig:
             back-propagates it at every step, as the released loop does; "recompute" is "once" without
             keeping the clean pass's activations through the K steps: the clean forward is run again (same
             dropout masks) just before its one backward, which trades one more forward (13F) for one
-            forward's worth of activation memory (eager only: GraphedVillaStep runs it without a graph).
+            forward's worth of activation memory (GraphedVillaStep captures it too, the clean pass drawing from
+            its own registered generator states).
         amp_dtype: None (run in the model's dtype), torch.bfloat16 or torch.float16 autocast.
         skip_nonfinite: leave a step whose loss or gradients are not finite out of the parameter gradients
             and of the delta update (checked on the device). Costs one read of every parameter gradient

@@ -10,7 +10,10 @@ removes the launch gaps. What the capture needs (PLATFORM_NOTES.md, CUDA graphs)
   the optimizer must be ``fused=True, capturable=True`` with a tensor learning rate (updated in place by
   the schedule), and clipping uses :func:`clip_grad_norm_capturable_`;
 - dropout draws from the default CUDA generator, which the graph advances at every replay, so masks
-  differ across replays.
+  differ across replays;
+- ``clean_backward="recompute"``: the clean pass draws from its own two copies of the generator state
+  (:class:`~villa_fast.adversarial.rng.ForkedRng`, one for the forward, one for its recomputation in the
+  final backward), registered with the graph, so every replay recomputes with the masks it drew.
 
 Without CUDA, or when a capture fails, the same step runs eagerly and says so once.
 """
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from villa_fast.adversarial.config import AdversarialConfig, _real
+from villa_fast.adversarial.rng import ForkedRng, graphsafe_rng_available
 from villa_fast.adversarial.step import StepResult, VillaStep
 
 log = logging.getLogger("villa_fast.adversarial")
@@ -57,11 +61,23 @@ def clip_grad_norm_capturable_(params: Iterable[Tensor], max_norm: float, eps: f
 class _Graph:
     """One captured step: the graph, its static inputs and its static outputs."""
 
-    def __init__(self, graph: Any, leaves: list[Tensor | None], masks: tuple, out: StepResult) -> None:
+    def __init__(
+        self,
+        graph: Any,
+        leaves: list[Tensor | None],
+        masks: tuple,
+        out: StepResult,
+        clean_rng: ForkedRng | None = None,
+        rng_origin: Tensor | None = None,
+    ) -> None:
         self.graph = graph
         self.leaves = leaves
         self.masks = masks
         self.out = out
+        # the clean pass's generator states live as long as the graph that reads them
+        self.clean_rng = clean_rng
+        # the default CUDA generator's state when the capture began (what the first replay draws from)
+        self.rng_origin = rng_origin
 
     def replay(self, leaves: list[Any], masks: tuple) -> StepResult:
         for static, new in zip(self.leaves, leaves, strict=True):
@@ -201,8 +217,11 @@ class GraphedVillaStep:
     def _why_eager(self, batch: Any) -> str:
         if not torch.cuda.is_available():
             return "CUDA is not available"
-        if self.config.clean_backward == "recompute":
-            return "clean_backward='recompute' restores the clean pass's dropout masks, which a graph cannot replay"
+        if self.config.clean_backward == "recompute" and not graphsafe_rng_available():
+            return (
+                "clean_backward='recompute' needs torch.Generator.graphsafe_set_state (torch >= 2.5) to replay "
+                "the clean pass's dropout masks inside a graph"
+            )
         dev = self.eager._injector.device()
         if dev is None:
             leaves = [t for t in pytree.tree_leaves(batch) if isinstance(t, Tensor)]
@@ -383,6 +402,16 @@ class GraphedVillaStep:
         gen = self.eager.generator
         if gen is not None and gen.device.type == "cuda" and hasattr(graph, "register_generator_state"):
             graph.register_generator_state(gen)
-        with torch.cuda.graph(graph):
-            out = self._full(static_batch, *static_masks, do_opt, keep_grads=True)
-        return _Graph(graph, static_leaves, static_masks, out)
+        device = self._grad_params()[0].device
+        origin = torch.cuda.get_rng_state(device)
+        clean_rng = None
+        if self.config.clean_backward == "recompute":
+            clean_rng = ForkedRng(device)
+            clean_rng.register(graph)
+        self.eager._clean_rng = clean_rng
+        try:
+            with torch.cuda.graph(graph):
+                out = self._full(static_batch, *static_masks, do_opt, keep_grads=True)
+        finally:
+            self.eager._clean_rng = None
+        return _Graph(graph, static_leaves, static_masks, out, clean_rng, origin)

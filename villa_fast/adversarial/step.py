@@ -18,6 +18,9 @@ clean graph is not retained across steps; ``"per_step"`` retains it and back-pro
 ``"recompute"`` runs the clean forward under ``torch.utils.checkpoint`` (non-reentrant, RNG state
 preserved): only its inputs are kept through the K steps, and the final backward runs the forward again
 with the same dropout masks, so the gradients are those of ``"once"`` at the price of one more forward.
+Eagerly the masks come back by resetting the generator's state; under :class:`GraphedVillaStep` the clean
+pass draws from its own registered generator states instead (:mod:`villa_fast.adversarial.rng`), which a
+graph can replay.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 
 from villa_fast.adversarial.config import AdversarialConfig
 from villa_fast.adversarial.hooks import Injector
+from villa_fast.adversarial.rng import ForkedRng
 from villa_fast.ops import perturb_init, perturb_update_multi_, sym_kl
 
 _MODALITY_INDEX = {"text": 0, "image": 1}
@@ -177,6 +181,9 @@ class VillaStep:
         # saves one gradient-sized buffer when .grad already exists (GraphedVillaStep's fixed gradients),
         # at the price of a partly accumulated .grad if a step raises half-way (a graph replay cannot)
         self._grads_in_place = False
+        # the clean pass's own random streams (ForkedRng), or None for the default generator; GraphedVillaStep
+        # sets them while it captures clean_backward="recompute"
+        self._clean_rng: ForkedRng | None = None
 
     # ------------------------------------------------------------------------------------------ public
     @property
@@ -256,21 +263,40 @@ class VillaStep:
         inj = self._injector
         inj.recorded = {"text": None, "image": None}
         inj.recording = True
+        rng = self._clean_rng
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if rng is not None and not capturing:
+            rng.resync()  # the recomputation starts where the first run starts (a capture keeps them in step)
         try:
             with autocast():
                 if self.config.clean_backward == "recompute":
-                    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                        # checkpoint restores the dropout masks by resetting the generator's state, which a
-                        # graph cannot replay: the recomputed masks would differ from the first run's
-                        raise RuntimeError(
-                            "clean_backward='recompute' cannot be captured in a CUDA graph (the clean pass's "
-                            "dropout masks cannot be restored inside a graph); use 'once' with GraphedVillaStep"
+                    if rng is None:
+                        if capturing:
+                            # checkpoint restores the dropout masks by resetting the generator's state, which a
+                            # graph cannot replay: the recomputed masks would differ from the first run's
+                            raise RuntimeError(
+                                "clean_backward='recompute' inside a CUDA graph needs the clean pass on its own "
+                                "registered generator states (GraphedVillaStep sets them up); a plain capture "
+                                "cannot restore the clean pass's dropout masks"
+                            )
+                        # the recomputation runs inside the final backward, with recording off and no delta set:
+                        # the hooks add nothing, as in this first run
+                        z0 = torch.utils.checkpoint.checkpoint(
+                            self.forward_fn, batch, use_reentrant=False, preserve_rng_state=True
                         )
-                    # the recomputation runs inside the final backward, with recording off and no delta set:
-                    # the hooks add nothing, as in this first run
-                    z0 = torch.utils.checkpoint.checkpoint(
-                        self.forward_fn, batch, use_reentrant=False, preserve_rng_state=True
-                    )
+                    else:
+                        # the first run draws from rng's "first" copy, the recomputation from its "again" copy:
+                        # equal at the start of every step, so the masks are the same (and a graph can replay it)
+                        z0 = torch.utils.checkpoint.checkpoint(
+                            self.forward_fn,
+                            batch,
+                            use_reentrant=False,
+                            preserve_rng_state=False,
+                            context_fn=rng.contexts,
+                        )
+                elif rng is not None:
+                    with rng.use("first"):
+                        z0 = self.forward_fn(batch)
                 else:
                     z0 = self.forward_fn(batch)
         finally:
