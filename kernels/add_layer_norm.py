@@ -179,12 +179,20 @@ def add_layer_norm_fwd(
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
+def _sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device; None for the CPU (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
+
+
 def _groups(m: int, device: torch.device) -> int:
     """Programs of the backward: eight per SM. Each program walks its rows one after the other, so one
     program per SM would leave each SM a single block of a few warps waiting on memory; eight keep enough
     loads in flight while the partial buffer stays small (8 x 132 x 768 floats = 3.2 MB on an H100)."""
-    if device.type == "cuda":
-        return max(1, min(m, 8 * torch.cuda.get_device_properties(device).multi_processor_count))
+    sms = _sm_count(device)
+    if sms is not None:
+        return max(1, min(m, 8 * sms))
     return max(1, min(m, 4))
 
 

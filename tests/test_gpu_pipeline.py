@@ -20,13 +20,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize(
-    ("precision", "compiled", "layer_norm"),
-    [("bf16", True, "torch"), ("fp16", False, "fused")],
-    ids=["bf16-compiled", "fp16-fused-ln"],
+    ("precision", "compiled", "layer_norm", "clean"),
+    [("bf16", True, "torch", "once"), ("fp16", False, "fused", "once"), ("bf16", False, "torch", "recompute")],
+    ids=["bf16-compiled", "fp16-fused-ln", "bf16-recompute"],
 )
-def test_trainer_villa_graphed_on_cuda(tmp_path, monkeypatch, precision, compiled, layer_norm):
+def test_trainer_villa_graphed_on_cuda(tmp_path, monkeypatch, precision, compiled, layer_norm, clean):
     monkeypatch.setenv("VILLA_FAST_LAYERNORM", layer_norm)
     changes = {"device": "cuda", "adv_training": True, "adv_graphed": True, "compile_layers": compiled}
+    changes["adv_clean_backward"] = clean
     changes[precision] = True
     cfg = resolve_config(None, task_config(tmp_path, "vqa", **changes))
     trainer = Trainer(cfg, quiet=True)
