@@ -52,11 +52,15 @@ def test_compiled_layers_match_eager_and_share_one_graph(pair):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_villa_step_with_compiled_layers_matches_eager(pair):
+@pytest.mark.parametrize("clean", ["once", "recompute"])
+def test_villa_step_with_compiled_layers_matches_eager(pair, clean):
+    """Also with the clean pass recomputed under torch.utils.checkpoint through the compiled layers."""
     eager, compiled = pair
     batch = make_batch(eager.config, [5, 3], [4, 6], seed=1)
     target = torch.tensor([0, 2])
-    cfg = AdversarialConfig(steps=2, lr_txt=1e-2, lr_img=1e-2, modality="text+image", kl_weight=1.5)
+    cfg = AdversarialConfig(
+        steps=2, lr_txt=1e-2, lr_img=1e-2, modality="text+image", kl_weight=1.5, clean_backward=clean
+    )
     results = []
     for m in (eager, compiled):
         m.zero_grad(set_to_none=True)
