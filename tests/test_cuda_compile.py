@@ -1,8 +1,10 @@
-"""Every CUDA kernel source in csrc/ compiles with nvcc on its own (no torch headers, no GPU needed)."""
+"""Every CUDA kernel source in csrc/ compiles with nvcc on its own (no torch headers, no GPU needed),
+for sm_90 (H100/H200), and ptxas reports no register spills in any of its kernels."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,12 +39,50 @@ def test_kernel_sources_exist():
     assert {p.name for p in KERNELS} >= {"perturb_update_kernel.cu", "perturb_init_kernel.cu", "sym_kl_kernel.cu"}
 
 
+@pytest.fixture(scope="module")
+def nvcc_sm90(tmp_path_factory):
+    """(command, process, object file) of each source compiled for sm_90 with ptxas' resource report (-v);
+    compiled once per source for all tests of this module."""
+    done = {}
+
+    def compile_(source: Path):
+        if source not in done:
+            obj = tmp_path_factory.mktemp(source.stem) / "x.o"
+            cmd = [NVCC, "-c", "-std=c++17", "-arch=sm_90", "-O2", "-Xptxas", "-v", str(source), "-o", str(obj)]
+            done[source] = (cmd, subprocess.run(cmd, capture_output=True, text=True, timeout=300), obj)
+        return done[source]
+
+    return compile_
+
+
 @pytest.mark.parametrize("source", KERNELS, ids=[p.stem for p in KERNELS])
-def test_kernel_compiles(source: Path, tmp_path: Path):
-    cmd = [NVCC, "-c", "-std=c++17", "-arch=sm_90", "-O2", str(source), "-o", str(tmp_path / "x.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def test_kernel_compiles(source: Path, nvcc_sm90):
+    cmd, proc, obj = nvcc_sm90(source)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
-    assert (tmp_path / "x.o").stat().st_size > 0
+    assert obj.stat().st_size > 0
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_PROPS = re.compile(
+    r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
+
+
+@pytest.mark.parametrize("source", KERNELS, ids=[p.stem for p in KERNELS])
+def test_kernel_does_not_spill(source: Path, nvcc_sm90):
+    """Every function ptxas compiles for sm_90 (each template instance) keeps its values in registers."""
+    cmd, proc, _ = nvcc_sm90(source)
+    assert proc.returncode == 0, f"{source.name} does not compile for sm_90 (see test_kernel_compiles)"
+    log = proc.stdout + proc.stderr
+    entries = dict(_ENTRY.findall(log))
+    props = {m[0]: tuple(map(int, m[1:])) for m in _PROPS.findall(log)}
+    assert entries, f"no ptxas resource report from {' '.join(cmd)}:\n{log[-4000:]}"
+    assert set(entries.values()) == {"sm_90"}, entries
+    assert set(entries) <= set(props), f"no stack/spill line for {sorted(set(entries) - set(props))}"
+    spills = {
+        name: f"{st} bytes spill stores, {ld} bytes spill loads" for name, (_, st, ld) in props.items() if st or ld
+    }
+    assert not spills, f"{source.name} spills registers on sm_90:\n" + "\n".join(f"{k}: {v}" for k, v in spills.items())
 
 
 # The CUDA branches of the C++ sources (#ifdef WITH_CUDA: device guard, stream, launcher calls) are built
