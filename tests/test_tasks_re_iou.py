@@ -98,9 +98,9 @@ def _norm_bb(boxes) -> np.ndarray:
     return np.stack([x1, y1, x1 + w, y1 + h, w, h], axis=1).astype(np.float32)
 
 
-def _img_db(path, names, boxes, seed) -> str:
+def _img_db(path, names, boxes, seed, num_bb: int) -> str:
     rng = np.random.default_rng(seed)
-    with ImgDbWriter(path, conf_th=-1, num_bb=len(boxes), compress=False) as w:
+    with ImgDbWriter(path, conf_th=-1, num_bb=num_bb, compress=False) as w:
         for name in names:
             n = len(boxes)
             conf = np.linspace(0.9, 0.5, n).astype(np.float32)  # already sorted: region order kept
@@ -138,8 +138,9 @@ def _txt_db(path, n: int, seed: int, official: bool = False) -> str:
 @pytest.fixture(scope="module")
 def re_dbs(tmp_path_factory):
     root = tmp_path_factory.mktemp("re_iou")
-    gt = _img_db(root / "re_coco_gt", [_gt_name(k) for k in range(N_IMG)], GT_BOXES, 0)
-    det = _img_db(root / "re_coco_det", [re_det_img_name(_gt_name(k)) for k in range(N_IMG)], DET_BOXES, 1)
+    # as the official databases: every ground-truth box under feat_numbb100, detections under the config's count
+    gt = _img_db(root / "re_coco_gt", [_gt_name(k) for k in range(N_IMG)], GT_BOXES, 0, num_bb=100)
+    det = _img_db(root / "re_coco_det", [re_det_img_name(_gt_name(k)) for k in range(N_IMG)], DET_BOXES, 1, num_bb=4)
     return {
         "root": root,
         "gt": gt,
@@ -158,7 +159,7 @@ def _logits_for(batch, preds) -> torch.Tensor:
 def test_eval_data_boxes_in_pixels(re_dbs):
     txt = ReTxtTokLmdb(re_dbs["val"], -1)
     assert txt.txt2img["0"] == _gt_name(0)  # built from refs.json: the official dbs have no txt2img.json
-    img = DetectFeatLmdb(re_dbs["gt"], conf_th=-1, num_bb=4, compress=False)
+    img = DetectFeatLmdb(re_dbs["gt"], conf_th=-1, num_bb=100, compress=False)
     ds = ReEvalDataset(txt, img)
     batch = re_eval_collate([ds[i] for i in range(4)])
     assert batch["qids"] == ["0", "1", "2", "3"]
@@ -176,7 +177,7 @@ def test_eval_data_boxes_in_pixels(re_dbs):
 
 def test_task_evaluation_counts_index_and_iou_separately(re_dbs):
     txt = ReTxtTokLmdb(re_dbs["val"], -1)
-    ds = ReEvalDataset(txt, DetectFeatLmdb(re_dbs["gt"], conf_th=-1, num_bb=4, compress=False))
+    ds = ReEvalDataset(txt, DetectFeatLmdb(re_dbs["gt"], conf_th=-1, num_bb=100, compress=False))
     batch = re_eval_collate([ds[i] for i in range(4)])
     preds = [c[2] for c in CASES]
     task = ReTask(resolve_config(None, {"task": "re"}))
@@ -222,9 +223,9 @@ def test_train_on_gt_validate_on_det(tmp_path, re_dbs, adv):
         val_txt_db=re_dbs["val"],
         val_img_db=re_dbs["det"],
         conf_th=-1,
-        num_bb=4,
+        num_bb=4,  # the detections' count; the ground-truth db is read with num_bb 100 whatever the config says
         compressed_db=False,
-        train_batch_size=120,
+        train_batch_size=1000,  # token lengths count the 100 regions a fixed-count database declares per image
     )
     trainer = Trainer(resolve_config(None, cfg), quiet=True)
     history = trainer.train()

@@ -13,10 +13,19 @@ Evaluation reports two accuracies:
 
 Keys that no example supports are left out. Predictions are ``{"sent_id", "pred_region"}`` plus
 ``pred_box`` / ``tgt_box`` (``[x, y, w, h]`` in pixels) where known.
+
+Image databases follow the authors' rule (``create_dataloader`` of UNITER's ``train_re.py``, and
+``inf_re.py``): an ``img_db`` path that contains ``coco_gt`` (the official ``re_coco_gt``) holds
+ground-truth boxes and is read with ``conf_th = -1`` and ``num_bb = 100`` (its ``feat_numbb100``
+database: up to 100 regions an image, every box of the official databases, whose training texts need
+one region per ``ann_id``), whatever the config says, for training and evaluation alike;
+any other path is read with the config's ``conf_th`` / ``num_bb`` (the official ``re_coco_det``
+detections). See :meth:`ReTask.re_img_db`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -25,10 +34,22 @@ from torch import Tensor
 
 from villa_fast.tasks.base import DataContext, Task
 
-__all__ = ["IOU_THRESHOLD", "ReTask", "box_iou"]
+__all__ = ["GT_IMG_DB_MARK", "GT_NUM_BB", "IOU_THRESHOLD", "ReTask", "box_iou", "is_gt_img_db"]
+
+logger = logging.getLogger(__name__)
 
 #: a prediction counts under ``acc_iou`` when its IoU with the referred box is strictly above this
 IOU_THRESHOLD = 0.5
+#: an img_db whose path contains this holds ground-truth boxes (the authors' test, on the path as given)
+GT_IMG_DB_MARK = "coco_gt"
+#: regions read from a ground-truth-boxes img_db (with ``conf_th = -1``): the authors' fixed value, which
+#: keeps every box of the official databases (``feat_numbb100``)
+GT_NUM_BB = 100
+
+
+def is_gt_img_db(img_db: str) -> bool:
+    """Whether ``img_db`` holds ground-truth boxes by the authors' rule: its path contains ``coco_gt``."""
+    return GT_IMG_DB_MARK in str(img_db)
 
 
 def box_iou(box1: Tensor, box2: Tensor) -> Tensor:
@@ -64,7 +85,7 @@ class ReTask(Task):
     def train_loader(self, ctx: DataContext):
         from villa_fast.data import ConcatDatasetWithLens, ReDataset, ReTxtTokLmdb, re_collate
 
-        sets = [ReDataset(ReTxtTokLmdb(t, self.cfg["max_txt_len"]), self.img_db(i)) for t, i in self.pairs("train")]
+        sets = [ReDataset(ReTxtTokLmdb(t, self.cfg["max_txt_len"]), self.re_img_db(i)) for t, i in self.pairs("train")]
         ds = sets[0] if len(sets) == 1 else ConcatDatasetWithLens(sets)
         return self.token_loader(ds, re_collate, ctx, train=True)
 
@@ -72,8 +93,35 @@ class ReTask(Task):
         from villa_fast.data import ReEvalDataset, ReTxtTokLmdb, re_eval_collate
 
         (txt, img), *_ = self.pairs(split)
-        ds = ReEvalDataset(ReTxtTokLmdb(txt, -1), self.img_db(img), use_gt_feat=_gt_or_det(img))
+        ds = ReEvalDataset(ReTxtTokLmdb(txt, -1), self.re_img_db(img), use_gt_feat=_gt_or_det(img))
         return self.token_loader(ds, re_eval_collate, ctx, train=False)
+
+    def re_img_db(self, path: str):
+        """The image database at ``path``, read as the authors read RE databases: every box of a
+        ground-truth-boxes database (:func:`is_gt_img_db`: ``conf_th = -1``, ``num_bb = 100``, whatever the
+        config says; logged), the config's ``conf_th`` / ``num_bb`` for any other (detections)."""
+        if not is_gt_img_db(path):
+            return self.img_db(path)
+        c = self.cfg
+        logger.info(
+            "%s: ground-truth boxes (path contains %r): keeping every box (conf_th=-1, num_bb=%d); "
+            "the config's conf_th=%s, num_bb=%s apply to detected boxes only",
+            path,
+            GT_IMG_DB_MARK,
+            GT_NUM_BB,
+            c["conf_th"],
+            c["num_bb"],
+        )
+        try:
+            return self.img_db(path, conf_th=-1, num_bb=GT_NUM_BB)
+        except FileNotFoundError as exc:
+            from villa_fast.data.db import img_db_name
+
+            sub = img_db_name(-1, c["max_bb"], c["min_bb"], GT_NUM_BB, c["compressed_db"])
+            raise FileNotFoundError(
+                f"{exc}; {path} holds ground-truth boxes by its name (it contains {GT_IMG_DB_MARK!r}), which are "
+                f"read from its {sub} database (written with --conf-th -1 --num-bb {GT_NUM_BB})"
+            ) from exc
 
     def attack_loss(self, model, logits: Tensor, batch) -> Tensor:
         # on detected boxes no region is the target: the attack lowers the currently predicted region
@@ -126,9 +174,10 @@ class ReTask(Task):
 
 
 def _gt_or_det(img_db: str) -> bool | None:
-    """The authors' rule for the official image databases: ``re_coco_gt`` holds ground-truth boxes,
-    ``re_coco_det`` detections; other paths are decided per image (see ``ReEvalDataset``)."""
-    if "coco_gt" in img_db:
+    """``use_gt_feat`` of the evaluation dataset: True on a ground-truth-boxes database (:func:`is_gt_img_db`),
+    False on the official detections (``re_coco_det``); other paths are decided per image (see
+    ``ReEvalDataset``; the authors treat every path without ``coco_gt`` as detections)."""
+    if is_gt_img_db(img_db):
         return True
     if "coco_det" in img_db:
         return False
