@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_data_helpers import IMG_ARGS, D, make_images, make_txt
+from tests.test_data_helpers import IMG_ARGS, META, D, make_images, make_txt
 from villa_fast.data import DataFormatError, DetectFeatLmdb, TxtTokLmdb, VqaDataset, build_dataloader, vqa_collate
 from villa_fast.data.codec import decode_img_record, decode_txt_record, encode_img_record, encode_txt_record
+from villa_fast.data.convert import convert_texts
 from villa_fast.data.convert import main as convert_main
 from villa_fast.data.db import compute_num_bb
 
@@ -206,3 +207,145 @@ def test_convert_cli(tmp_path, capsys):
     batch = vqa_collate([ds[0], ds[1]])
     assert batch["targets"].tolist() == [[1.0, 0.0], [0.0, 0.0]]
     assert "wrote 2 examples" in capsys.readouterr().out
+
+
+# -- referring expressions: the image size (images.json width / height) ---------------------------------------
+# boxes as [x, y, w, h] pixels on a 320 x 240 image (and 200 x 100), exact in the float16 the img_db stores
+RE_SIZES = {0: (320, 240), 1: (200, 100)}
+RE_BOXES = {0: [[0, 0, 160, 120], [80, 60, 160, 120], [160, 0, 160, 240]], 1: [[0, 0, 100, 50], [100, 50, 100, 50]]}
+
+
+def _re_npz_dir(path, extra: dict | None = None):
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for k, boxes in RE_BOXES.items():
+        w, h = RE_SIZES[k]
+        b = np.asarray(boxes, dtype=np.float64)
+        x1, y1, bw, bh = b[:, 0] / w, b[:, 1] / h, b[:, 2] / w, b[:, 3] / h
+        norm_bb = np.stack([x1, y1, x1 + bw, y1 + bh, bw, bh], axis=1).astype(np.float32)
+        n = len(boxes)
+        np.savez(path / f"visual_grounding_coco_gt_{k:012}.npz", features=rng.normal(size=(n, D)).astype(np.float32),
+                 norm_bb=norm_bb, conf=np.linspace(0.9, 0.5, n).astype(np.float32), **(extra or {}))  # fmt: skip
+
+
+def _re_example(i: int, image_id: int, **size) -> dict:
+    n = len(RE_BOXES[image_id])
+    return {"id": str(i), "input_ids": [5 + i, 6], "img_fname": f"visual_grounding_coco_gt_{image_id:012}.npz",
+            "image_id": image_id, "ann_id": 10 * image_id + i % n, "ann_ids": [10 * image_id + j for j in range(n)],
+            "bbox": RE_BOXES[image_id][i % n], **size}  # fmt: skip
+
+
+def _write_jsonl(path, examples) -> str:
+    path.write_text("\n".join(json.dumps(x) for x in examples))
+    return str(path)
+
+
+def test_convert_re_writes_image_size_and_the_reader_uses_it(tmp_path):
+    from villa_fast.data import ReEvalDataset, ReTxtTokLmdb, re_eval_collate
+
+    _re_npz_dir(tmp_path / "npz")
+    img_db = tmp_path / "re_coco_gt"
+    assert convert_main(["img", "--npz-dir", str(tmp_path / "npz"), "--output", str(img_db), "--conf-th", "-1",
+                         "--num-bb", "100", "--no-compress"]) == 0  # fmt: skip
+    examples = [
+        _re_example(0, 0, width=320, height=240),  # COCO's names
+        _re_example(1, 0),  # no size here: the image's other examples give it
+        _re_example(2, 1, image_w=200, image_h=100),  # a detector's names
+        _re_example(3, 1, image_w=200.0, image_h=100.0, width=200, height=100),  # both, agreeing
+    ]
+    jsonl = _write_jsonl(tmp_path / "re.jsonl", examples)
+    assert convert_texts("re", jsonl, tmp_path / "txt", meta=META)["written"] == 4
+    images = json.loads((tmp_path / "txt" / "images.json").read_text())
+    assert images == [
+        {"id": 0, "ann_ids": [0, 1, 2], "width": 320, "height": 240},
+        {"id": 1, "ann_ids": [10, 11], "width": 200, "height": 100},
+    ]
+    txt = ReTxtTokLmdb(tmp_path / "txt", -1)
+    assert txt["2"]["image_w"] == 200 and "width" not in txt["2"]  # records keep their input fields
+    ds = ReEvalDataset(txt, DetectFeatLmdb(img_db, conf_th=-1, num_bb=100, compress=False))
+    batch = re_eval_collate([ds[i] for i in range(4)])
+    for i, ex in enumerate(examples):
+        n = len(RE_BOXES[ex["image_id"]])
+        torch.testing.assert_close(
+            batch["obj_boxes"][i, :n], torch.tensor(RE_BOXES[ex["image_id"]], dtype=torch.float64)
+        )
+        assert batch["obj_boxes"][i, n:].isnan().all()
+        torch.testing.assert_close(batch["tgt_box"][i], torch.tensor(ex["bbox"], dtype=torch.float64))
+
+
+def _re_txt_db(path, images: list[dict], records: list[dict]) -> str:
+    from villa_fast.data import TxtDbWriter
+
+    with TxtDbWriter(path, dict(META)) as w:
+        for rec in records:
+            w.add(rec["id"], rec)
+        w.extra_json["images.json"] = images
+    return str(path)
+
+
+def test_re_reader_takes_the_size_pair_from_images_json_else_from_the_record(tmp_path):
+    from villa_fast.data import ReEvalDataset, ReTxtTokLmdb
+
+    _re_npz_dir(tmp_path / "npz")
+    convert_main(["img", "--npz-dir", str(tmp_path / "npz"), "--output", str(tmp_path / "img"), "--conf-th", "-1",
+                  "--num-bb", "100"])  # fmt: skip
+    img = DetectFeatLmdb(tmp_path / "img", conf_th=-1, num_bb=100)
+    images = [{"id": 0, "ann_ids": [0, 1, 2], "width": 320, "height": 240}, {"id": 1, "ann_ids": [10, 11]}]
+    records = [
+        _re_example(0, 0, width=999, height=999),  # images.json has the size: the record's is not read
+        _re_example(1, 1, width=200, height=100),  # images.json has none: the record's pair
+        _re_example(2, 1),  # nowhere: no boxes in pixels
+    ]
+    ds = ReEvalDataset(ReTxtTokLmdb(_re_txt_db(tmp_path / "txt", images, records), -1), img)
+    torch.testing.assert_close(ds[0][7], torch.tensor(RE_BOXES[0], dtype=torch.float64))
+    torch.testing.assert_close(ds[1][7], torch.tensor(RE_BOXES[1], dtype=torch.float64))
+    assert ds[2][7] is None
+    # never one value from each: half a size in images.json is an error when the db opens
+    half = [{"id": 0, "ann_ids": [0, 1, 2], "width": 320}, images[1]]
+    with pytest.raises(DataFormatError, match=r"images.json image 0: has 'width' but no 'height'"):
+        ReTxtTokLmdb(_re_txt_db(tmp_path / "txt_half", half, records[:1]), -1)
+    # ... and in a record, when the item is read
+    ds = ReEvalDataset(ReTxtTokLmdb(_re_txt_db(tmp_path / "txt_rec", images, [_re_example(0, 1, height=100)]), -1), img)
+    with pytest.raises(DataFormatError, match=r"key '0': has 'height' but no 'width'"):
+        ds[0]
+
+
+@pytest.mark.parametrize("bad", [0, -320, "320", True, float("inf")])
+def test_re_image_size_must_be_positive_pixels(tmp_path, bad):
+    from villa_fast.data import ReTxtTokLmdb
+
+    images = [{"id": 0, "ann_ids": [0, 1, 2], "width": bad, "height": 240}]
+    path = _re_txt_db(tmp_path / "txt", images, [_re_example(0, 0)])
+    with pytest.raises(DataFormatError, match=r"images.json image 0: 'width' must be a positive number"):
+        ReTxtTokLmdb(path, -1)
+    jsonl = _write_jsonl(tmp_path / "re.jsonl", [_re_example(0, 0, width=bad, height=240)])
+    with pytest.raises(DataFormatError, match=r"re.jsonl:1: 'width' must be a positive number"):
+        convert_texts("re", jsonl, tmp_path / "out", meta=META)
+
+
+@pytest.mark.parametrize(
+    "examples, message",
+    [
+        ([_re_example(0, 0, width=320)], r"re.jsonl:1: has 'width' but no 'height'"),
+        ([_re_example(0, 0, image_h=240)], r"re.jsonl:1: has 'image_h' but no 'image_w'"),
+        (
+            [_re_example(0, 0, width=320, height=240, image_w=321, image_h=240)],
+            r"re.jsonl:1: the image size keys disagree",
+        ),
+        (
+            [_re_example(0, 0, width=320, height=240), _re_example(1, 1), _re_example(2, 0, width=240, height=320)],
+            r"re.jsonl:3: image 0 is 240 x 320 pixels here but 320 x 240 in an earlier example",
+        ),
+    ],
+    ids=["half", "half-detector-names", "pairs-disagree", "examples-disagree"],
+)
+def test_convert_re_rejects_inconsistent_sizes(tmp_path, examples, message):
+    jsonl = _write_jsonl(tmp_path / "re.jsonl", examples)
+    with pytest.raises(DataFormatError, match=message):
+        convert_texts("re", jsonl, tmp_path / "txt", meta=META)
+
+
+def test_convert_img_refuses_image_sizes_in_npz_and_says_where_they_go(tmp_path):
+    _re_npz_dir(tmp_path / "npz", extra={"image_w": np.array(320), "image_h": np.array(240)})
+    with pytest.raises(DataFormatError, match=r"unknown arrays \['image_h', 'image_w'\].*--task re.*images.json"):
+        convert_main(["img", "--npz-dir", str(tmp_path / "npz"), "--output", str(tmp_path / "img")])

@@ -18,9 +18,15 @@ reads one JSON object per line:
 * ``nlvr2``: ``label``: true/false (or 1/0);
 * ``vcr``: ``answers`` (4 texts), ``rationales`` (4 texts), ``answer_label``, ``rationale_label``;
 * ``caption`` (retrieval and pre-training): nothing more;
-* ``re``: ``image_id``, ``ann_id`` and ``ann_ids`` (the image's box ids in region order).
+* ``re``: ``image_id``, ``ann_id`` and ``ann_ids`` (the image's box ids in region order), and
+  optionally the image size in pixels as ``width`` / ``height`` (COCO's names) or ``image_w`` /
+  ``image_h`` (a detector's), which goes into the ``images.json`` entry of ``image_id``, as in the
+  authors' databases (the records of one image must agree on it).
 
 Records keep every input field and add the official keys, so the authors' readers can read them.
+Image sizes are not part of an img_db (the authors' detector writes only the four arrays above to
+its ``.npz`` files): ``.npz`` files holding ``image_w`` / ``image_h`` are refused with a pointer to
+the text side.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ logger = logging.getLogger(__name__)
 TASKS = ("vqa", "ve", "nlvr2", "vcr", "caption", "re")
 _TEXT_FIELDS = ("question", "sentence", "caption", "hypothesis", "text")
 _VE_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+_IMG_ARRAYS = frozenset({"features", "norm_bb", "conf", "soft_labels"})
+#: (width, height) key pairs an ``re`` example may give the image size under; the first is images.json's
+_RE_SIZE_KEYS = (("width", "height"), ("image_w", "image_h"))
 
 
 def convert_images(
@@ -69,11 +78,28 @@ def convert_images(
             missing = {"features", "norm_bb", "conf"} - set(arrays)
             if missing:
                 raise DataFormatError(f"{f}: missing arrays {sorted(missing)}")
-            unknown = set(arrays) - {"features", "norm_bb", "conf", "soft_labels"}
+            unknown = set(arrays) - _IMG_ARRAYS
             if unknown:
-                raise DataFormatError(f"{f}: unknown arrays {sorted(unknown)}")
+                hint = ""
+                if unknown & {k for pair in _RE_SIZE_KEYS for k in pair}:
+                    hint = (
+                        "; an img_db stores no image size: give width / height with the referring-expression "
+                        "examples (convert txt --task re), which write them to images.json"
+                    )
+                raise DataFormatError(f"{f}: unknown arrays {sorted(unknown)}{hint}")
             w.add(f.name, arrays["features"], arrays["norm_bb"], arrays["conf"], arrays.get("soft_labels"))
         return dict(w.name2nbb)
+
+
+def _re_image_size(ex: dict, where: str) -> tuple | None:
+    """An ``re`` example's image size ``(width, height)``, under either key pair (which must agree)."""
+    from villa_fast.data.datasets import re_image_size
+
+    sizes = {keys: size for keys in _RE_SIZE_KEYS if (size := re_image_size(ex, where, keys)) is not None}
+    if len(set(sizes.values())) > 1:
+        got = ", ".join(f"{w}={s[0]!r} {h}={s[1]!r}" for (w, h), s in sizes.items())
+        raise DataFormatError(f"{where}: the image size keys disagree ({got})")
+    return next(iter(sizes.values()), None)
 
 
 def _text_ids(ex: dict, tok, where: str) -> list[int]:
@@ -180,7 +206,16 @@ def convert_texts(
                 for key in ("image_id", "ann_id", "ann_ids"):
                     if key not in ex:
                         raise DataFormatError(f"{where}: missing key {key!r}")
-                images.setdefault(ex["image_id"], {"id": ex["image_id"], "ann_ids": list(ex["ann_ids"])})
+                entry = images.setdefault(ex["image_id"], {"id": ex["image_id"], "ann_ids": list(ex["ann_ids"])})
+                size = _re_image_size(ex, where)
+                if size is not None:
+                    known = (entry.get("width"), entry.get("height"))
+                    if "width" in entry and known != size:
+                        raise DataFormatError(
+                            f"{where}: image {ex['image_id']!r} is {size[0]!r} x {size[1]!r} pixels here but "
+                            f"{known[0]!r} x {known[1]!r} in an earlier example"
+                        )
+                    entry["width"], entry["height"] = size
             w.add(id_, rec, txt_len)
             stats["written"] += 1
         if task == "vcr":

@@ -10,6 +10,7 @@ of :mod:`villa_fast.data.sampler` does).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ __all__ = [
     "re_collate",
     "re_det_img_name",
     "re_eval_collate",
+    "re_image_size",
     "vcr_collate",
     "vcr_eval_collate",
     "ve_collate",
@@ -646,21 +648,41 @@ def re_det_img_name(name: str) -> str:
     return RE_DET_PREFIX + name[len(RE_GT_PREFIX) :] if name.startswith(RE_GT_PREFIX) else name
 
 
+def re_image_size(entry: dict, where: str, keys: tuple[str, str] = ("width", "height")) -> tuple | None:
+    """The image size ``(width, height)`` in pixels that ``entry`` gives under ``keys``, as stored; None
+    when it gives neither (a None value counts as absent). Half a size, or a value that is not a positive
+    finite number, is a :class:`DataFormatError` naming ``where`` and the key."""
+    wk, hk = keys
+    w, h = entry.get(wk), entry.get(hk)
+    if w is None and h is None:
+        return None
+    if w is None or h is None:
+        have, miss = (wk, hk) if h is None else (hk, wk)
+        raise DataFormatError(f"{where}: has {have!r} but no {miss!r} (give the image size as both or neither)")
+    for key, v in ((wk, w), (hk, h)):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            raise DataFormatError(f"{where}: {key!r} must be a positive number of pixels, got {v!r}")
+    return w, h
+
+
 class ReTxtTokLmdb(TxtTokLmdb):
     """Referring-expression text db.
 
     Side files: ``images.json`` (``[{id, ann_ids, height, width, ...}]``, ``ann_ids`` in the order of
-    the image's ground-truth regions), and when present ``refs.json``, ``annotations.json``
-    (``[{id, bbox, ...}]``, ``Anns`` by id) and ``categories.json``. Records hold ``image_id``,
-    ``ann_id`` and, in the official databases, ``bbox`` (the referred box, COCO ``[x, y, w, h]`` in
-    pixels). The official databases have no ``txt2img.json``: it is then built from ``refs.json``
-    (each sentence id -> its image's ground-truth-boxes key).
+    the image's ground-truth regions, ``width`` / ``height`` the image size in pixels, both or neither),
+    and when present ``refs.json``, ``annotations.json`` (``[{id, bbox, ...}]``, ``Anns`` by id) and
+    ``categories.json``. Records hold ``image_id``, ``ann_id`` and, in the official databases, ``bbox``
+    (the referred box, COCO ``[x, y, w, h]`` in pixels). The official databases have no
+    ``txt2img.json``: it is then built from ``refs.json`` (each sentence id -> its image's
+    ground-truth-boxes key).
     """
 
     def __init__(self, db_dir: str | Path, max_txt_len: int = 120):
         super().__init__(db_dir, max_txt_len)
         images = load_json(Path(self.db_dir, "images.json"), "referring-expression images.json")
         self.Images = {img["id"]: img for img in images}
+        for img in images:
+            re_image_size(img, f"{self.db_dir}/images.json image {img['id']!r}")
         for name in ("refs", "annotations", "categories"):
             path = Path(self.db_dir, f"{name}.json")
             setattr(self, name, load_json(path, f"{name}.json") if path.is_file() else [])
@@ -729,8 +751,9 @@ class ReEvalDataset(ReDataset):
       are detections (no region is the referred object);
     * ``obj_boxes`` [n, 4] float64: the regions as ``[x, y, w, h]`` in pixels,
       ``(x1 * W, y1 * H, w * W, h * H)`` from ``img_pos_feat`` (normalised ``x1, y1, x2, y2, w, h``)
-      and the image size (``width`` / ``height`` of ``images.json``, else of the record); None when
-      the size is unknown;
+      and the image size ``W, H``: the ``width`` / ``height`` pair of the image's ``images.json`` entry
+      (where the authors read it), else the pair of the record (never one from each); None when
+      neither gives it;
     * ``tgt_box`` [4] float64: the referred box ``[x, y, w, h]`` in pixels (the record's ``bbox``, else
       the ``annotations.json`` entry of its ``ann_id``); None when unknown.
 
@@ -775,9 +798,12 @@ class ReEvalDataset(ReDataset):
             self.use_gt_feat is None and name == self._txt_db_img[id_] and len(img["ann_ids"]) == num_bb
         ):
             target = _re_target(self.txt_db, example, num_bb, where)
-        width, height = img.get("width", example.get("width")), img.get("height", example.get("height"))
+        size = re_image_size(img, f"{self.txt_db.db_dir}/images.json image {example['image_id']!r}")
+        if size is None:
+            size = re_image_size(example, where)
         obj_boxes = None
-        if width is not None and height is not None:
+        if size is not None:
+            width, height = float(size[0]), float(size[1])
             pos = img_pos_feat.double()
             obj_boxes = torch.stack(
                 [pos[:, 0] * width, pos[:, 1] * height, pos[:, 4] * width, pos[:, 5] * height], dim=1
