@@ -4,14 +4,22 @@ transcription of the released loop, standard vs adversarial training, robust eva
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.test_train_fixtures import task_config
-from villa_fast.tasks.retrieval import group_scores, rank_attack_loss, rank_hinge_loss
-from villa_fast.train.config import resolve_config
+from villa_fast.tasks.retrieval import (
+    RetrievalTask,
+    group_scores,
+    rank_attack_loss,
+    rank_hinge_loss,
+    score_in_minibatches,
+)
+from villa_fast.train.config import ConfigError, resolve_config
 from villa_fast.train.trainer import Trainer
 
 REL = 1e-10  # float64, dropout 0
@@ -191,3 +199,86 @@ def test_robust_evaluation(tmp_path):
     assert clean.shape == attacked.shape == (1, batch["attn_masks"].size(0))
     assert attacked[0, 0] < clean[0, 0] and attacked[0, 1:].max() > clean[0, 1:].max()
     assert rank_attack_loss(attacked) > rank_attack_loss(clean)
+
+
+# -- evaluation in forwards of inf_minibatch_size pairs ------------------------------------------------------
+
+
+def _count_rows(model) -> list[int]:
+    """Rows of every forward of ``model`` from now on."""
+    rows: list[int] = []
+    forward = model.forward
+    model.forward = lambda batch, *a, **kw: rows.append(int(batch["attn_masks"].size(0))) or forward(batch, *a, **kw)
+    return rows
+
+
+def test_score_in_minibatches_equals_one_forward_float64(tmp_path):
+    trainer = _trainer(tmp_path)
+    model = trainer.model.double().eval()
+    batch = _double(next(iter(trainer.eval_loader("val"))))
+    n = batch["attn_masks"].size(0)
+    assert n == 12 and len(set(batch["num_bbs"])) > 1  # candidates with different region counts
+    with torch.no_grad():
+        whole = model(batch)
+        rows = _count_rows(model)
+        for size in (1, 2, 5, 11, 12, 400):
+            rows.clear()
+            got = score_in_minibatches(model, batch, size)
+            assert rows == ([n] if size >= n else [min(size, n - lo) for lo in range(0, n, size)])
+            torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+
+
+def _eval_scores(trainer, prefix) -> tuple[dict, dict]:
+    metrics = trainer.evaluate("val", predictions_prefix=str(prefix))
+    return metrics, json.loads(Path(f"{prefix}.json").read_text())["scores"]
+
+
+def test_evaluation_honours_inf_minibatch_size_with_the_same_scores(tmp_path):
+    # the implementation before inf_minibatch_size: one forward over a text's every candidate
+    trainer = _trainer(tmp_path, max_val_examples=6)
+    model = trainer.model.eval()
+    ref = {}
+    with torch.no_grad():
+        for batch in trainer.eval_loader("val"):
+            scores = group_scores(model(batch), batch).reshape(-1)
+            ref[batch["txt_id"]] = torch.roll(scores, shifts=batch["gt_pos"]).tolist()
+            if len(ref) == 6:
+                break
+    results = {}
+    for size in (5, 3, 400):
+        t = _trainer(tmp_path / str(size), max_val_examples=6, inf_minibatch_size=size)
+        t.model.load_state_dict(model.state_dict())
+        rows = _count_rows(t.model)
+        results[size] = _eval_scores(t, tmp_path / f"pred_{size}")
+        # 12 candidates per text: in forwards of at most `size` pairs (400: one forward)
+        want = [12] if size >= 12 else [min(size, 12 - lo) for lo in range(0, 12, size)]
+        assert rows == want * 6
+    for size, (metrics, scores) in results.items():
+        assert scores.keys() == ref.keys()
+        for txt_id, row in scores.items():
+            torch.testing.assert_close(torch.tensor(row), torch.tensor(ref[txt_id]), rtol=1e-5, atol=1e-6)
+        assert metrics == results[400][0], size
+
+
+def test_robust_evaluation_with_minibatches(tmp_path):
+    # the clean scores go in forwards of 5 pairs; the attack still sees a query's candidates in one forward
+    trainer = _trainer(tmp_path, attack_modality=["text", "image"], attack_eps=0.0, max_val_examples=4)
+    plain = trainer.evaluate("val", robust=True)
+    trainer = _trainer(tmp_path / "mb", attack_modality=["text", "image"], attack_eps=0.0, max_val_examples=4,
+                       inf_minibatch_size=5)  # fmt: skip
+    rows = _count_rows(trainer.model)
+    m = trainer.evaluate("val", robust=True)
+    assert rows[:3] == [5, 5, 2] and set(rows[3:6]) == {12}  # clean in minibatches, then the attack's passes
+    for k in ("img_r1", "img_r5", "txt_r1", "r_mean"):
+        assert m[k] == pytest.approx(plain[k]) and m[f"robust_{k}"] == pytest.approx(m[k])
+
+
+@pytest.mark.parametrize("bad", [0, -4, None, 2.5, True, "400"])
+def test_inf_minibatch_size_must_be_a_positive_integer(tmp_path, bad):
+    cfg = resolve_config(None, {"task": "retrieval"})
+    cfg["inf_minibatch_size"] = bad
+    with pytest.raises(ConfigError, match=r"'inf_minibatch_size' must be a positive integer.*got"):
+        RetrievalTask(cfg)
+    if isinstance(bad, int) and not isinstance(bad, bool):  # values the config's own type check lets through
+        with pytest.raises(ConfigError, match="inf_minibatch_size"):
+            _trainer(tmp_path, inf_minibatch_size=bad)

@@ -24,6 +24,14 @@ the quantity the ranking is about: the KL penalises perturbations that reorder o
 candidates, which is what the hinge loss trains. Each row (a text paired with one candidate image)
 gets its own delta, normalised per row, as the candidate rows of VCR do.
 
+Evaluation scores every validation text against every image (one loader item per text, its image
+first) and reports recall@1/5/10 over the full score matrix, as the authors' ``evaluate``
+(``utils/itm_eval.py`` with ``ItmEvalDataset``) does. ``inf_minibatch_size`` is their number of
+(text, image) pairs scored per forward: a text's candidates go through the model in forwards of at
+most that many rows, grouped by region count (the authors sort the images by it) and each padded to
+its own widest row; the scores come back in the item's order, the same as one forward over all of
+them up to float rounding. It must be a positive integer (checked when the task is built).
+
 Robust evaluation (``evaluate --robust``) attacks each validation query (a text against every
 image, its image first) with the embedding attack of :mod:`villa_fast.train.robust`, per row, and
 reports the recalls under the attack (``robust_img_r1`` is text-to-image recall@1). The attack
@@ -43,8 +51,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from villa_fast.tasks.base import DataContext, Task, _unwrap
+from villa_fast.train.config import ConfigError
 
-__all__ = ["RetrievalTask", "group_scores", "rank_hinge_loss", "rank_attack_loss", "recall_at_k"]
+__all__ = [
+    "RetrievalTask",
+    "group_scores",
+    "inf_minibatch_size",
+    "rank_attack_loss",
+    "rank_hinge_loss",
+    "recall_at_k",
+    "score_in_minibatches",
+]
+
+#: key of an evaluation item: score its rows in forwards of at most this many (consumed by the first forward)
+_MINIBATCH_KEY = "inf_minibatch_size"
 
 
 def recall_at_k(
@@ -98,6 +118,75 @@ def rank_attack_loss(scores: Tensor) -> Tensor:
     return F.cross_entropy(s, torch.zeros(s.size(0), dtype=torch.long, device=s.device))
 
 
+def inf_minibatch_size(cfg: Mapping[str, Any]) -> int:
+    """The config's ``inf_minibatch_size``, checked: a positive integer, else a :class:`ConfigError`."""
+    v = cfg.get("inf_minibatch_size")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(
+            f"config key 'inf_minibatch_size' must be a positive integer (retrieval evaluation: image-text "
+            f"pairs scored per forward), got {v!r}"
+        )
+    return v
+
+
+# per-row tensors whose dim 1 is padded: text width, region count, joint width
+_TXT_KEYS = ("input_ids", "txt_type_ids", "txt_mask")
+_IMG_KEYS = ("img_feat", "img_pos_feat", "img_type_ids", "img_mask")
+_JOINT_KEYS = ("attn_masks",)
+
+
+def _take_rows(batch: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The batch restricted to ``rows`` (in that order), padded to their own widest text, region set and
+    joint row. Tensors and lists with one entry per row follow the rows; the rest (a text or image shared
+    by every row: first dim 1) is kept."""
+    from villa_fast.data import get_gather_index
+
+    n = batch["attn_masks"].size(0)
+    index = torch.tensor(rows, dtype=torch.long, device=batch["attn_masks"].device)
+    out: dict[str, Any] = {}
+    for key, v in batch.items():
+        if isinstance(v, Tensor) and v.dim() > 0 and v.size(0) == n and key != "position_ids":
+            out[key] = v.index_select(0, index)
+        elif isinstance(v, list | tuple) and len(v) == n:
+            out[key] = [v[i] for i in rows]
+        else:
+            out[key] = v
+    txt_lens, num_bbs = out["txt_lens"], out["num_bbs"]
+    lt, nbb = max(txt_lens), max(num_bbs)
+    joint = max(t + b for t, b in zip(txt_lens, num_bbs, strict=True))
+    for keys, width in ((_TXT_KEYS, lt), (_IMG_KEYS, nbb), (_JOINT_KEYS, joint)):
+        for key in keys:
+            v = out.get(key)
+            if isinstance(v, Tensor) and v.dim() > 1:
+                out[key] = v[:, :width]
+    if isinstance(out.get("position_ids"), Tensor):
+        out["position_ids"] = out["position_ids"][:, :lt]
+    device = out["attn_masks"].device
+    out["gather_index"] = get_gather_index(txt_lens, num_bbs, len(rows), lt, joint).to(device)
+    return out
+
+
+def score_in_minibatches(model: nn.Module, batch: Mapping[str, Any], size: int) -> Tensor:
+    """The model's scores [rows, 1] for ``batch``, computed in forwards of at most ``size`` rows.
+
+    As the authors' evaluation, rows are grouped by region count (stable sort) so that each forward
+    pads little; each forward is padded to its own rows (see :func:`_take_rows`). The scores come
+    back in the batch's row order.
+    """
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    n = batch["attn_masks"].size(0)
+    if n <= size:
+        return model(batch)
+    num_bbs = batch["num_bbs"]
+    order = sorted(range(n), key=lambda i: int(num_bbs[i]))
+    parts = [model(_take_rows(batch, order[lo : lo + size])) for lo in range(0, n, size)]
+    scores = torch.cat(parts, dim=0)
+    back = torch.empty(n, dtype=torch.long, device=scores.device)
+    back[torch.tensor(order, dtype=torch.long, device=scores.device)] = torch.arange(n, device=scores.device)
+    return scores.index_select(0, back)
+
+
 class RetrievalTask(Task):
     name = "retrieval"
     main_metric = "r_mean"
@@ -105,6 +194,10 @@ class RetrievalTask(Task):
     supports_adversarial = True
     #: symKL summed over a group's candidates, averaged over groups
     kl_reduction = "batchmean"
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__(cfg)
+        inf_minibatch_size(cfg)
 
     def build_model(self):
         from villa_fast.models import build_model
@@ -156,7 +249,7 @@ class RetrievalTask(Task):
         n_img = len(set(tdb.txt2img[t] for t in tdb.id2len if tdb.txt2img[t] in idb))
         val = ItmValDataset(tdb, idb, mini_batch_size=n_img)
         self._img_ids = list(val.all_img_ids)
-        ds = _Named(val)
+        ds = _Named(val, inf_minibatch_size(self.cfg))
         limit = self.cfg["max_val_examples"]
         return ItemLoader(
             ds, _first, shuffle=False, rank=ctx.rank, world_size=ctx.world_size, num_workers=0, limit=limit
@@ -169,7 +262,16 @@ class RetrievalTask(Task):
         return batch
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
-        """Rank scores as ``[groups, sample_size]``: what the loss, the VILLA step's KL and the attack see."""
+        """Rank scores as ``[groups, sample_size]``: what the loss, the VILLA step's KL and the attack see.
+
+        An evaluation item's first forward (its clean scores, without gradient) runs in forwards of at
+        most ``inf_minibatch_size`` rows (:func:`score_in_minibatches`). The item gives that size once:
+        any later forward of the same batch (the robust attack's steps and its final scoring) is one
+        pass over all rows, since the attack's perturbations are sized for the whole batch.
+        """
+        size = batch.pop(_MINIBATCH_KEY, None) if isinstance(batch, dict) else None
+        if size and not torch.is_grad_enabled():
+            return group_scores(score_in_minibatches(model, batch, int(size)), batch)
         return group_scores(model(batch), batch)
 
     def loss(self, model: nn.Module, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
@@ -214,10 +316,11 @@ class RetrievalTask(Task):
 
 
 class _Named:
-    """ItmValDataset items plus the text id, the image order and the gt image's position."""
+    """ItmValDataset items plus the text id, the gt image's name and position, and the forward size."""
 
-    def __init__(self, ds):
+    def __init__(self, ds, minibatch: int):
         self.ds = ds
+        self.minibatch = minibatch
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -229,6 +332,7 @@ class _Named:
         batch["txt_id"] = txt_id
         batch["gt_pos"] = self.ds.all_img_ids.index(gt)
         batch["gt_img"] = gt
+        batch[_MINIBATCH_KEY] = self.minibatch
         return batch
 
 
