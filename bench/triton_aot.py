@@ -135,6 +135,16 @@ def _ln_bwd_case(h, xdt, rdt):
     return Case("add_layer_norm", f"bwd {ROWS}x{h} x {_SHORT[xdt]} res {_SHORT[rdt]}", call)
 
 
+def _add_if_case(dt):
+    def call(k):
+        shapes = [(3072, 768), (768,)]  # a UNITER-base FFN weight and a bias
+        accs = [torch.empty(s, dtype=dt) for s in shapes]
+        vals = [torch.empty(s, dtype=dt) for s in shapes]
+        return k.add_if(accs=accs, vals=vals, ok=torch.empty(1, dtype=torch.bool))
+
+    return Case("add_if", f"FFN weight + bias {_SHORT[dt]}", call)
+
+
 def cases() -> list[Case]:
     """The launcher calls whose kernels are compiled: the shapes and options the project uses."""
     out = []
@@ -160,6 +170,8 @@ def cases() -> list[Case]:
             out.append(_ln_fwd_case(h, xdt, rdt))
             out.append(_ln_bwd_case(h, xdt, rdt))
     out.append(_ln_fwd_case(768, BF16, FP32, bias=False))
+    for dt in (FP32, BF16, FP16):
+        out.append(_add_if_case(dt))
     return out
 
 

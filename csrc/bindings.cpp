@@ -48,6 +48,18 @@ Args:
     norm_type: 0 = l2: noise *= mask * init_mag / sqrt(len_b * D), len_b = sum_p mask[b]
         (examples with len_b == 0 become zeros); 1 = linf: noise *= mask * init_mag.)doc");
 
+    m.def("add_if_", &villa_fast::add_if_, py::arg("accs"), py::arg("vals"), py::arg("ok"),
+          py::call_guard<py::gil_scoped_release>(),
+          R"doc(In place: accs[i] += vals[i] for every pair when ok is true; nothing is read or written otherwise.
+
+Args:
+    accs, vals: lists of the same length; pair i has one shape and dtype (float32, float16,
+        bfloat16; float64 on the CPU), both contiguous, on ok's device; no tensor twice in accs.
+    ok: one-element bool tensor, read on the device (no host sync on CUDA).
+
+Sums are computed in float (double for float64) and rounded to the tensor type. On CUDA one
+launch covers up to 40 tensors of a dtype.)doc");
+
     m.def("sym_kl_fwd", &villa_fast::sym_kl_fwd, py::arg("a"), py::arg("b"), py::arg("reduction"),
           py::call_guard<py::gil_scoped_release>(),
           R"doc(Symmetric KL between softmax(a) and softmax(b) and both gradients, in one pass.

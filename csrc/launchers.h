@@ -57,6 +57,26 @@ cudaError_t launch_sym_kl_fwd(const void* a, const void* b, void* grad_a, void* 
                               float* loss, DType dtype, int64_t N, int64_t C, int32_t reduction,
                               cudaStream_t stream);
 
+// ---- add_if -------------------------------------------------------------------------------
+// acc[i] += val[i] for up to kMaxAddIfTensors pairs of contiguous tensors of one dtype, when the
+// device flag *ok is true; nothing is read or written otherwise. Each tensor is cut into tiles of
+// add_if_tile_elems(dtype) elements; tile_begin holds their prefix sums (tile_begin[num_tensors] =
+// all tiles), and the blocks walk the tiles of every tensor in one launch.
+constexpr int kMaxAddIfTensors = 40;
+
+struct AddIfParams {
+    void* acc[kMaxAddIfTensors];
+    const void* val[kMaxAddIfTensors];
+    int64_t numel[kMaxAddIfTensors];
+    int64_t tile_begin[kMaxAddIfTensors + 1];
+    int32_t num_tensors;
+    const bool* ok;
+    DType dtype;  // float32, float16 or bfloat16
+};
+
+int64_t add_if_tile_elems(DType dtype);
+cudaError_t launch_add_if(const AddIfParams& params, int blocks, cudaStream_t stream);
+
 // ---- device helpers shared by the .cu files (not seen by the host compiler) -------------
 #if defined(__CUDACC__)
 namespace cuda_detail {

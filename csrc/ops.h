@@ -1,4 +1,4 @@
-// The three ops of villa_fast._C as seen by the bindings. Each is defined in csrc/<op>.cpp,
+// The ops of villa_fast._C as seen by the bindings. Each is defined in csrc/<op>.cpp,
 // which checks its arguments and dispatches to the CPU kernel or the CUDA launcher.
 #pragma once
 
@@ -22,5 +22,9 @@ at::Tensor perturb_init_(at::Tensor noise, c10::optional<at::Tensor> mask, doubl
 // Symmetric KL between softmax(a) and softmax(b), rows of [N, C]: (loss, grad_a, grad_b).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_kl_fwd(const at::Tensor& a, const at::Tensor& b,
                                                           int64_t reduction);
+
+// In place: accs[i] += vals[i] for every pair when the one-element bool tensor ok is true; nothing is
+// read or written otherwise. One launch per dtype and per 40 tensors on CUDA; no host sync there.
+void add_if_(std::vector<at::Tensor> accs, std::vector<at::Tensor> vals, const at::Tensor& ok);
 
 }  // namespace villa_fast

@@ -57,7 +57,8 @@ class AdversarialConfig:
         amp_dtype: None (run in the model's dtype), torch.bfloat16 or torch.float16 autocast.
         skip_nonfinite: leave a step whose loss or gradients are not finite out of the parameter gradients
             and of the delta update (checked on the device). Costs one read of every parameter gradient
-            and one masked write per step; turn off only when non-finite values cannot occur.
+            per step (the flagged add itself costs what a plain add does); turn off only when non-finite
+            values cannot occur.
     """
 
     steps: int = 3

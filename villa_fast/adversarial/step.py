@@ -3,14 +3,15 @@
 Gradient bookkeeping. Each loss_k is differentiated with ``torch.autograd.grad`` with respect to the
 parameters, the deltas and (``clean_backward="once"``) a leaf copy of the clean logits. The fresh
 parameter gradients of step k play the part of the temporary buffer: they are checked for non-finite
-values on the device (one multi-tensor norm), zeroed in place when the step is bad (a masked fill driven
-by a device flag: no host sync), then accumulated. The first good contribution is kept as is, so the
-accumulation costs what ``backward()`` into ``.grad`` costs; the check adds one read and the masked fill
-one read and one write of the gradients per step (``skip_nonfinite=False`` drops both). The caller's
-``.grad`` is touched once, at the end, so a bad step is left out without ever writing a NaN into it and a
-step that raises half-way leaves ``.grad`` as it was. Under :class:`GraphedVillaStep`, whose gradients
-live in fixed ``.grad`` tensors, each checked step is added to them directly instead, which saves the
-second gradient-sized buffer (a replay cannot stop half-way).
+values on the device (one multi-tensor norm), then added to the running sums by
+:func:`villa_fast.ops.add_if_` under that device flag (no host sync): a bad step is not even read, so
+its NaN never reaches the sums, and the add is one multi-tensor launch with the CUDA extension instead of
+a masked fill and an add per parameter. The first contribution is kept as is (zeroed in place if its
+step was bad), so the accumulation costs what ``backward()`` into ``.grad`` costs plus the check's one
+read of the gradients (``skip_nonfinite=False`` drops it). The caller's ``.grad`` is touched once, at
+the end, so a step that raises half-way leaves ``.grad`` as it was. Under :class:`GraphedVillaStep`,
+whose gradients live in fixed ``.grad`` tensors, each checked step is added to them directly instead,
+which saves the second gradient-sized buffer (a replay cannot stop half-way).
 
 With ``clean_backward="once"`` the upstream gradients of the clean logits are summed over the K steps and
 the clean pass is back-propagated once at the end (backward is linear in its upstream gradient), so the
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from villa_fast.adversarial.config import AdversarialConfig
 from villa_fast.adversarial.hooks import Injector
 from villa_fast.adversarial.rng import ForkedRng
-from villa_fast.ops import perturb_init, perturb_update_multi_, sym_kl
+from villa_fast.ops import add_if_, perturb_init, perturb_update_multi_, sym_kl
 
 _MODALITY_INDEX = {"text": 0, "image": 1}
 
@@ -382,11 +383,9 @@ class VillaStep:
             z_grad = grads[-1] if once else None
             ok = None
             if cfg.skip_nonfinite:
+                # a bad step's parameter gradients are left out by add_if_ (not read when ok is false)
                 ok = _all_finite([out.detach(), *(g for g in grads if g is not None)])
                 bad = ~ok
-                for g in p_grads:
-                    if g is not None:
-                        g.masked_fill_(bad, 0.0)
                 if z_grad is not None:
                     z_grad.masked_fill_(bad, 0.0)
                 skipped_steps += bad
@@ -394,9 +393,9 @@ class VillaStep:
             else:
                 total += loss.detach()
             if self._grads_in_place:
-                _add_to_grad(params, p_grads)
+                _add_to_grad(params, p_grads, ok)
             else:
-                _accumulate(acc, p_grads)
+                _accumulate(acc, p_grads, ok)
             if z_grad is not None:
                 g_clean = z_grad if g_clean is None else g_clean.add_(z_grad)
             if not last:
@@ -419,17 +418,16 @@ class VillaStep:
 
         if once and g_clean is not None:
             grads = _owned(list(torch.autograd.grad(z0, params, grad_outputs=g_clean, allow_unused=True)), [])
+            ok = None
             if cfg.skip_nonfinite:
                 present = [g for g in grads if g is not None]
                 if present:
-                    bad = ~_all_finite(present)
-                    for g in present:
-                        g.masked_fill_(bad, 0.0)
-                    skipped_steps += bad
+                    ok = _all_finite(present)
+                    skipped_steps += ~ok
             if self._grads_in_place:
-                _add_to_grad(params, grads)
+                _add_to_grad(params, grads, ok)
             else:
-                _accumulate(acc, grads)
+                _accumulate(acc, grads, ok)
         if not self._grads_in_place:
             _add_to_grad(params, acc)
 
@@ -459,30 +457,44 @@ def _owned(grads: list[Tensor | None], others: Iterable[Tensor | None]) -> list[
     return out
 
 
-def _accumulate(acc: list[Tensor | None], grads: list[Tensor | None]) -> None:
-    """acc[i] += grads[i]; the first contribution is kept as is (no copy), later ones added multi-tensor."""
+def _accumulate(acc: list[Tensor | None], grads: list[Tensor | None], ok: Tensor | None = None) -> None:
+    """acc[i] += grads[i], all of it or (``ok`` given) only when the device flag ``ok`` is true.
+
+    The first contribution is kept as is (no copy; zeroed in place when ``ok`` is false); later ones are
+    added multi-tensor, by :func:`add_if_` under a flag, which does not even read them when it is false.
+    """
     lhs, rhs = [], []
+    bad = None if ok is None else ~ok
     for i, g in enumerate(grads):
         if g is None:
             continue
         if acc[i] is None:
-            acc[i] = g
+            acc[i] = g if bad is None else g.masked_fill_(bad, 0.0)
         else:
             lhs.append(acc[i])
             rhs.append(g)
-    if lhs:
-        torch._foreach_add_(lhs, rhs)
+    _add(lhs, rhs, ok)
 
 
-def _add_to_grad(params: list[Tensor], acc: list[Tensor | None]) -> None:
+def _add_to_grad(params: list[Tensor], acc: list[Tensor | None], ok: Tensor | None = None) -> None:
+    """p.grad += acc[i] for each parameter (all of it, or only when the device flag ``ok`` is true)."""
     lhs, rhs = [], []
+    bad = None if ok is None else ~ok
     for p, a in zip(params, acc, strict=True):
         if a is None:
             continue
         if p.grad is None:
-            p.grad = a
+            p.grad = a if bad is None else a.masked_fill_(bad, 0.0)
         else:
             lhs.append(p.grad)
             rhs.append(a.to(p.grad.dtype))
-    if lhs:
+    _add(lhs, rhs, ok)
+
+
+def _add(lhs: list[Tensor], rhs: list[Tensor], ok: Tensor | None) -> None:
+    if not lhs:
+        return
+    if ok is None:
         torch._foreach_add_(lhs, rhs)
+    else:
+        add_if_(lhs, rhs, ok)

@@ -143,6 +143,7 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[str, ...]]] = {
     "perturb_init": {"cuda": (_F32,), "triton": (_F32, _F64), "cpp": (_F32, _F64)},
     "sym_kl": {"cuda": (_F32, _F16, _BF16), "triton": (_F32, _F16, _BF16, _F64), "cpp": (_F32, _F16, _BF16, _F64)},
     "add_layer_norm": {"triton": (_F32, _F16, _BF16, _F64)},
+    "add_if": {"cuda": (_F32, _F16, _BF16), "triton": (_F32, _F16, _BF16, _F64), "cpp": (_F32, _F16, _BF16, _F64)},
 }
 
 

@@ -1,0 +1,121 @@
+"""add_if_: accs += vals under a device flag, every backend against plain PyTorch; a false flag changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import backend_device
+from villa_fast import ops
+from villa_fast.ops import _add_if as add_if_mod
+
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+
+def _dtypes(backend):
+    return (F32, F16, BF16) if backend == "cuda" else (F32, F16, BF16, F64)
+
+
+def _pairs(dev, dtypes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # sizes around the CUDA tile (4096 fp32 / 8192 half elements): partial tiles, one element, exact tiles
+    sizes = [(3, 5), (4096,), (8192,), (1,), (37, 301), (0,), (2, 3, 4)]
+    accs, vals = [], []
+    for i, shape in enumerate(sizes):
+        dt = dtypes[i % len(dtypes)]
+        accs.append(torch.randn(shape, generator=g).to(dt).to(dev))
+        vals.append(torch.randn(shape, generator=g).to(dt).to(dev))
+    return accs, vals
+
+
+def test_true_flag_adds_like_torch(backend):
+    dev = backend_device(backend)
+    accs, vals = _pairs(dev, _dtypes(backend))
+    want = [a + v for a, v in zip(accs, vals, strict=True)]
+    ops.add_if_(accs, vals, torch.tensor(True, device=dev))
+    for got, w in zip(accs, want, strict=True):
+        assert got.dtype == w.dtype
+        if backend == "triton" and dev == "cpu" and w.dtype in (F16, BF16):
+            # Triton's interpreter rounds float32 -> half types approximately: one ulp of slack there only
+            ulp = 2.0**-7 if w.dtype == BF16 else 2.0**-10
+            torch.testing.assert_close(got, w, rtol=ulp, atol=0)
+        else:
+            assert torch.equal(got, w)
+
+
+def test_false_flag_reads_nothing_nan_and_inf_included(backend):
+    dev = backend_device(backend)
+    accs, _ = _pairs(dev, _dtypes(backend))
+    before = [a.clone() for a in accs]
+    bad = []
+    for a in accs:
+        v = torch.full_like(a, float("nan"))
+        if v.numel() > 1:
+            v.view(-1)[1] = float("inf")
+        bad.append(v)
+    ops.add_if_(accs, bad, torch.tensor([False], device=dev))
+    for got, w in zip(accs, before, strict=True):
+        assert torch.equal(got, w)
+
+
+def test_many_tensors_misaligned_and_non_contiguous(backend):
+    """More tensors than one CUDA launch takes (40), views starting at odd offsets (no 16-byte alignment),
+    and a non-contiguous pair (handled by the reference)."""
+    dev = backend_device(backend)
+    flat_a = torch.randn(50 * 1000 + 7, device=dev)
+    flat_v = torch.randn(50 * 1000 + 7, device=dev)
+    accs = [flat_a[1 + 1000 * i : 1 + 1000 * i + 997] for i in range(50)]
+    vals = [flat_v[3 + 1000 * i : 3 + 1000 * i + 997] for i in range(50)]
+    base = torch.randn(64, 48, device=dev)
+    accs.append(base.t())
+    vals.append(torch.randn(48, 64, device=dev))
+    want = [a + v for a, v in zip(accs, vals, strict=True)]
+    ops.add_if_(accs, vals, torch.tensor(True, device=dev))
+    for got, w in zip(accs, want, strict=True):
+        assert torch.equal(got, w)
+
+
+def test_empty_lists_are_fine(backend):
+    ops.add_if_([], [], torch.tensor(True, device=backend_device(backend)))
+
+
+@pytest.mark.parametrize(
+    ("make", "err", "match"),
+    [
+        (lambda: ([torch.zeros(3)], [], torch.tensor(True)), ValueError, "accs has 1 tensors but vals has 0"),
+        (lambda: ([torch.zeros(3)], [torch.zeros(3)], torch.tensor(1.0)), ValueError, "one-element bool"),
+        (lambda: ([torch.zeros(3)], [torch.zeros(3)], torch.tensor([True, True])), ValueError, "one-element bool"),
+        (lambda: ([torch.zeros(3)], [torch.zeros(4)], torch.tensor(True)), ValueError, r"vals\[0\] has shape"),
+        (
+            lambda: ([torch.zeros(3)], [torch.zeros(3, dtype=F64)], torch.tensor(True)),
+            TypeError,
+            r"vals\[0\] has dtype",
+        ),
+        (lambda: ([torch.zeros(3, dtype=torch.int32)], [torch.zeros(3)], torch.tensor(True)), TypeError, r"accs\[0\]"),
+        (lambda: ([torch.zeros(3)], ["x"], torch.tensor(True)), TypeError, r"vals\[0\] must be a torch.Tensor"),
+        (lambda: ([torch.zeros(3)], [torch.zeros(3)], torch.tensor(True, device="meta")), ValueError, "device"),
+    ],
+)
+def test_bad_arguments_are_named(make, err, match):
+    accs, vals, ok = make()
+    with pytest.raises(err, match=match):
+        ops.add_if_(accs, vals, ok)
+
+
+def test_the_same_tensor_twice_is_refused():
+    a = torch.zeros(5)
+    with pytest.raises(ValueError, match="appears twice"):
+        ops.add_if_([a, a], [torch.ones(5), torch.ones(5)], torch.tensor(True))
+
+
+def test_opcheck(backend):
+    dev = backend_device(backend)
+    accs = [torch.randn(3, 4, device=dev), torch.randn(7, device=dev)]
+    vals = [torch.randn(3, 4, device=dev), torch.randn(7, device=dev)]
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    for flag in (True, False):
+        torch.library.opcheck(
+            add_if_mod._add_if_op,
+            ([a.clone() for a in accs], vals, torch.tensor(flag, device=dev), backend),
+            test_utils=utils,
+        )
