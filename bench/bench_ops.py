@@ -3,8 +3,10 @@
     python -m bench.bench_ops [--quick] [--compile/--no-compile] [--reps N]
 
 Sizes: VQA (deltas 128x24x768 and 128x36x2048, logits 128x3129), masked-LM
-(logits 2048x28996) and the residual add + LayerNorm of UNITER-base (7680x768,
-a bf16 dense output plus an fp32 residual). Prints a markdown table of median ms
+(logits 2048x28996), the residual add + LayerNorm of UNITER-base (7680x768,
+a bf16 dense output plus an fp32 residual) and the adversarial step's gradient
+accumulation under its finiteness flag (add_if_ over the VQA model's parameter
+shapes, against a masked fill per parameter plus a multi-tensor add). Prints a markdown table of median ms
 and GB/s against the bytes each op must move, and writes bench/out/bench_ops.csv
 with the device, versions and date. On the CPU the fused backend is the C++ one;
 add_layer_norm has no C++ kernel and its Triton kernel is not timed there (the
@@ -172,6 +174,42 @@ def bench_add_layer_norm(device, m, h, reps, use_compile, rows):
     _run(case, variants, device, reps, nbytes, rows)
 
 
+def _param_shapes(quick: bool) -> list[tuple[int, ...]]:
+    """The parameter shapes of UniterForVqa (UNITER-base; 2 x 256 with --quick), built on the meta device."""
+    from villa_fast.models import UniterConfig, UniterForVqa
+
+    cfg = UniterConfig.base()
+    if quick:
+        cfg = cfg.replace(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)
+    with torch.device("meta"):
+        model = UniterForVqa(cfg, num_answer=3129)
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+def bench_add_if(device, quick, reps, rows):
+    """The step's gradient accumulation under its finiteness flag: a masked fill per parameter and a
+    multi-tensor add (what the step did before add_if_) against add_if_."""
+    shapes = _param_shapes(quick)
+    accs = [torch.randn(s, device=device) for s in shapes]
+    grads = [torch.randn(s, device=device) for s in shapes]
+    ok = torch.tensor(True, device=device)
+    nbytes = sum(a.numel() for a in accs) * 4 * 3  # read acc and grad, write acc
+    case = f"accumulate {len(shapes)} UNITER{'-tiny' if quick else '-base'} VQA gradients under a flag"
+
+    def eager():
+        bad = ~ok
+        for g in grads:
+            g.masked_fill_(bad, 0.0)
+        torch._foreach_add_(accs, grads)
+
+    variants = [("masked_fill+add", eager), ("foreach_add (no flag)", lambda: torch._foreach_add_(accs, grads))]
+    for name in _fused_backends(device):
+        if name == "triton" and device.type != "cuda":
+            continue  # the interpreter: correctness only
+        variants.append((name, _with_backend(name, lambda: ops.add_if_(accs, grads, ok))))
+    _run(case, variants, device, reps, nbytes, rows)
+
+
 def _run(case, variants, device, reps, nbytes, rows):
     base = None
     for name, fn in variants:
@@ -205,6 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bench_sym_kl(device, 128 if args.quick else 2048, 28996, reps, use_compile, rows)
     ln_rows = 7680 if device.type == "cuda" else (256 if args.quick else 1024)
     bench_add_layer_norm(device, ln_rows, 768, reps, use_compile, rows)
+    bench_add_if(device, args.quick, reps, rows)
     info = meta(device)
     path = write_csv("bench_ops.csv", rows, info)
     print(f"\nbench_ops on {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}")

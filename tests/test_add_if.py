@@ -119,3 +119,35 @@ def test_opcheck(backend):
             ([a.clone() for a in accs], vals, torch.tensor(flag, device=dev), backend),
             test_utils=utils,
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_captured_in_a_cuda_graph_follows_the_flag_at_each_replay(monkeypatch, name):
+    from villa_fast.ops._backend import _why_not
+
+    why = _why_not(name, torch.device("cuda"))
+    if why:
+        pytest.skip(f"backend {name} unavailable: {why}")
+    monkeypatch.setenv("VILLA_FAST_BACKEND_ADD_IF", name)
+    accs = [torch.zeros(4099, device="cuda"), torch.zeros(37, 5, device="cuda", dtype=BF16)]
+    vals = [torch.ones(4099, device="cuda"), torch.ones(37, 5, device="cuda", dtype=BF16)]
+    ok = torch.tensor(True, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.add_if_(accs, vals, ok)  # warm-up (Triton JIT)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.add_if_(accs, vals, ok)
+    for a in accs:
+        a.zero_()
+    for flag, want in ((True, 1.0), (False, 1.0), (True, 2.0)):
+        ok.fill_(flag)
+        vals[0][7] = float("nan") if not flag else 1.0
+        graph.replay()
+        torch.cuda.synchronize()
+        for a in accs:
+            assert torch.equal(a, torch.full_like(a, want))
