@@ -594,7 +594,7 @@ def time_variants(variants: dict[str, Variant], rounds: int, warmup: int, device
                 cpu_times[name].append((time.process_time() - c0) * 1e3)
     out = {}
     for name, ts in times.items():
-        qs = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        qs = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) >= 2 else [ts[0]] * 4
         out[name] = {
             "median_ms": statistics.median(ts),
             "p20_ms": qs[0],
