@@ -225,7 +225,7 @@ def test_train_on_gt_validate_on_det(tmp_path, re_dbs, adv):
         conf_th=-1,
         num_bb=4,  # the detections' count; the ground-truth db is read with num_bb 100 whatever the config says
         compressed_db=False,
-        train_batch_size=1000,  # token lengths count the 100 regions a fixed-count database declares per image
+        train_batch_size=1000,  # sentences (RE batches count examples): the whole split in one batch
     )
     trainer = Trainer(resolve_config(None, cfg), quiet=True)
     history = trainer.train()

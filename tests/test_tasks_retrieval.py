@@ -125,7 +125,7 @@ def _released_loop(model, batch, *, steps, lr_txt, lr_img, alpha, margin):
 def test_adversarial_step_matches_the_released_loop_on_group_scores(tmp_path, negatives):
     changes = dict(adv_training=True, dropout=0.0, adv_steps=3, adv_modality=["text", "image"], adv_kl_weight=1.5)
     if negatives == "sampled":  # several groups of [pos, neg image, neg text] per micro-batch
-        changes.update(hard_neg_size=0, negative_size=1, train_batch_size=200)
+        changes.update(hard_neg_size=0, negative_size=1, train_batch_size=4)  # texts (examples) per batch
     trainer = _trainer(tmp_path, **changes)
     model = trainer.model.double()
     batch = _double(trainer.task.prepare(model, next(trainer.source().batches())))

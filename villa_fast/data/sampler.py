@@ -1,6 +1,12 @@
-"""Token-bucket batching, rank sharding, resumable loading and GPU prefetch.
+"""Token-bucket and example batching, rank sharding, resumable loading and GPU prefetch.
 
-Batching (the authors' scheme): shuffle the examples, cut them into buckets of
+What a batch size counts depends on the task, as in the authors' scripts (each task declares it:
+``villa_fast.tasks.Task.train_batch_unit`` / ``val_batch_unit``): tokens for VQA, SNLI-VE, NLVR2,
+VCR training and pre-training (their ``TokenBucketSampler``, :class:`TokenBucketSampler` here),
+examples for referring expressions, retrieval training with sampled negatives and VCR validation
+(their plain ``DataLoader(batch_size=...)``, :class:`ExampleBatchSampler` here).
+
+Token batching (the authors' scheme): shuffle the examples, cut them into buckets of
 ``bucket_size``, sort each bucket by length (longest first), grow batches
 ``size_multiple`` examples at a time while ``max_len * n`` (padding counted) stays within
 ``batch_size`` tokens, then shuffle the batch order.  Everything is drawn from a generator
@@ -30,10 +36,12 @@ from villa_fast.data.batch import PadBuckets
 
 __all__ = [
     "BUCKET_SIZE",
+    "ExampleBatchSampler",
     "PrefetchLoader",
     "TokenBucketLoader",
     "TokenBucketSampler",
     "build_dataloader",
+    "build_example_dataloader",
     "move_to_device",
 ]
 
@@ -217,6 +225,163 @@ class TokenBucketSampler(Sampler[list[int]]):
         return len(self.epoch_batches())
 
 
+class ExampleBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` examples: the authors' batching where a batch size counts examples.
+
+    The authors form these batches with a plain ``DataLoader(batch_size=...)``: UNITER's
+    ``train_re.py`` / ``inf_re.py`` (over their ``DistributedSampler``, last batch kept),
+    ``train_itm.py`` (``shuffle=True, drop_last=True``) and the validation loader of VILLA's
+    ``train_vcr_adv.py`` (in order, last batch kept). Each epoch:
+
+    1. order: index order, or with ``shuffle`` a permutation drawn from ``(seed, epoch)``; with
+       ``groups`` the groups are permuted and each keeps its members together, in their order
+       (examples in no group are groups of their own);
+    2. shards: all ranks draw the same order and rank ``r`` keeps ``order[r::world_size]``; with
+       ``even_shards`` (training) every rank gets as many examples: with ``drop_last`` the order is
+       cut to a multiple of ``world_size``, else it is padded with its own first examples, as the
+       authors' ``DistributedSampler`` pads (``num_padded`` counts them);
+    3. batches: consecutive runs of ``batch_size`` examples of the shard; the last, shorter run is a
+       batch too unless ``drop_last``.
+
+    ``num_dropped`` counts the epoch's examples that no rank's batch holds (``drop_last`` only).
+    ``state_dict`` / ``load_state_dict`` / ``set_epoch`` / ``start_batch`` work as in
+    :class:`TokenBucketSampler`, so :class:`TokenBucketLoader` drives either and resumes either
+    exactly.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        groups: Sequence[Sequence[int]] | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        even_shards: bool | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive number of examples, got {batch_size!r}")
+        self._n = self._check_count(num_examples)
+        self._batch_size = batch_size
+        self._drop_last = bool(drop_last)
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.rank, self.world_size = rank, world_size
+        self.shuffle = bool(shuffle)
+        self.even_shards = self.shuffle if even_shards is None else bool(even_shards)
+        self._groups = None if groups is None else self._check_groups(groups, self._n)
+        self.start_batch = 0
+        self.num_dropped = 0
+        self.num_padded = 0
+        self._cache: tuple[tuple[int, int], list[list[int]]] | None = None
+
+    @staticmethod
+    def _check_count(n) -> int:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"num_examples must be a count of examples, got {n!r}")
+        return n
+
+    @staticmethod
+    def _check_groups(groups: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+        owner: dict[int, int] = {}
+        out = []
+        for g, members in enumerate(groups):
+            members = list(members)
+            for i in members:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+                    raise ValueError(f"groups[{g}] holds {i!r}, not an example index in [0, {n})")
+                if i in owner:
+                    raise ValueError(f"example {i} is in groups[{owner[i]}] and groups[{g}]: groups must not overlap")
+                owner[i] = g
+            if members:
+                out.append(members)
+        out.extend([i] for i in range(n) if i not in owner)
+        return out
+
+    # -- configuration -------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_lens(self, lens: Sequence[int], pad_dims: Sequence[tuple[int, int]] | None = None) -> None:
+        """Called by the loader after the dataset's ``set_epoch``; only the example count matters here."""
+        if len(lens) != self._n:
+            raise ValueError(f"the dataset now has {len(lens)} examples, the sampler was built for {self._n}")
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.start_batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.start_batch = int(state.get("batch_index", 0))
+        self.seed = int(state.get("seed", self.seed))
+
+    # -- batching --------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self._n))
+        rng = _epoch_rng(self.seed, epoch)
+        if self._groups is None:
+            order = list(range(self._n))
+            rng.shuffle(order)
+            return order
+        groups = list(self._groups)
+        rng.shuffle(groups)
+        return [i for g in groups for i in g]
+
+    def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
+        """This rank's batches for ``epoch`` (default: the current one), cached."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        key = (self.seed, epoch)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        order = self._order(epoch)
+        world, size = self.world_size, self._batch_size
+        n_drop = n_pad = 0
+        if self.even_shards and world > 1 and order:
+            if self._drop_last:
+                keep = len(order) // world * world
+                n_drop += len(order) - keep
+                order = order[:keep]
+            else:
+                n_pad = -len(order) % world
+                order = order + (order * (n_pad // len(order) + 1))[:n_pad]
+        mine = order[self.rank :: world]
+        if self._drop_last:
+            # every rank leaves out the remainder of its shard
+            n_drop += sum(len(range(r, len(order), world)) % size for r in range(world))
+            full = len(mine) // size * size
+            if full == 0 and self._n > 0:
+                raise ValueError(
+                    f"batch size {size} examples with drop_last: this process's share of the epoch is "
+                    f"{len(mine)} of {self._n} examples, too few for one batch; lower the batch size"
+                )
+            mine = mine[:full]
+        batches = [mine[s : s + size] for s in range(0, len(mine), size)]
+        if n_drop:
+            logger.info("epoch %d: %d examples left out of this epoch's batches (drop_last)", epoch, n_drop)
+        self.num_dropped, self.num_padded = n_drop, n_pad
+        self._cache = (key, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.epoch_batches()
+        start, self.start_batch = self.start_batch, 0
+        return iter(batches[start:])
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches())
+
+
 def move_to_device(batch, device: torch.device, non_blocking: bool = True):
     """Tensors (nested in dicts/lists/tuples) to ``device``; other values unchanged."""
     if isinstance(batch, torch.Tensor):
@@ -287,6 +452,9 @@ class _PadCollate:
 class TokenBucketLoader:
     """Iterates one epoch of collated batches per ``iter()``; tracks its position for exact resume.
 
+    ``sampler`` is a :class:`TokenBucketSampler` (token-counted batches) or an
+    :class:`ExampleBatchSampler` (example-counted batches); the loader is the same for both.
+
     ``state_dict()`` -> ``{"epoch", "batch_index", "seed"}`` where ``batch_index`` counts the
     batches already handed out in ``epoch``; after ``load_state_dict`` the next ``iter()``
     continues right after them.  At the end of an epoch ``epoch`` advances by one.
@@ -296,7 +464,7 @@ class TokenBucketLoader:
         self,
         dataset,
         collate_fn: Callable,
-        sampler: TokenBucketSampler,
+        sampler: TokenBucketSampler | ExampleBatchSampler,
         *,
         num_workers: int = 0,
         device: torch.device | str | None = None,
@@ -399,6 +567,42 @@ def build_dataloader(
     return TokenBucketLoader(
         dataset, collate_fn, sampler, num_workers=num_workers, device=device, pad_buckets=pad_buckets
     )
+
+
+def build_example_dataloader(
+    dataset,
+    collate_fn: Callable,
+    *,
+    batch_size: int,
+    is_train: bool,
+    drop_last: bool = False,
+    groups: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+) -> TokenBucketLoader:
+    """A :class:`TokenBucketLoader` over ``dataset`` in batches of ``batch_size`` examples.
+
+    Training shuffles (``groups`` kept together), gives every rank as many examples and drops the
+    last, shorter batch only with ``drop_last``; evaluation keeps every example, in order, each rank
+    its ``[rank::world_size]`` share (see :class:`ExampleBatchSampler`).
+    """
+    sampler = ExampleBatchSampler(
+        len(dataset),
+        batch_size,
+        shuffle=is_train,
+        drop_last=is_train and drop_last,
+        groups=groups if is_train else None,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        even_shards=is_train,
+    )
+    return TokenBucketLoader(dataset, collate_fn, sampler, num_workers=num_workers, device=device)
 
 
 def count_shapes(batches: Sequence[dict]) -> int:

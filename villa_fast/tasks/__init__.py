@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from villa_fast.tasks.base import DataContext, Task, load_model_config
+from villa_fast.tasks.base import EXAMPLES, TOKENS, DataContext, Task, load_model_config
 
-__all__ = ["DataContext", "Task", "build_task", "load_model_config"]
+__all__ = ["EXAMPLES", "TOKENS", "DataContext", "Task", "build_task", "load_model_config"]
 
 
 def build_task(cfg: Mapping[str, Any]) -> Task:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +14,14 @@ from torch import Tensor, nn
 
 from villa_fast.train.config import ConfigError, dataset_pairs
 
-__all__ = ["DataContext", "Task", "load_model_config"]
+__all__ = ["EXAMPLES", "TOKENS", "DataContext", "Task", "load_model_config"]
+
+logger = logging.getLogger(__name__)
+
+#: a batch size that counts tokens, padding included (the authors' ``TokenBucketSampler``)
+TOKENS = "tokens"
+#: a batch size that counts examples (dataset items; the authors' plain ``DataLoader(batch_size=...)``)
+EXAMPLES = "examples"
 
 
 @dataclass
@@ -53,6 +61,14 @@ class Task:
     supports_robust = True
     #: the VILLA step applies (the KL needs a distribution over classes)
     supports_adversarial = True
+    #: what ``train_batch_size`` counts, as in the authors' script for the task: :data:`TOKENS` (token-bucket
+    #: batches, padding counted), :data:`EXAMPLES` (batches of that many dataset items), or None where the value
+    #: forms no loader batch. Per process in every case. :meth:`batch_loader` follows it.
+    train_batch_unit: str | None = TOKENS
+    #: what ``val_batch_size`` counts (same values)
+    val_batch_unit: str | None = TOKENS
+    #: example-counted training leaves out each epoch's last, shorter batch (the authors' ``drop_last``)
+    train_drop_last = False
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = cfg
@@ -81,6 +97,44 @@ class Task:
 
     def has_split(self, split: str) -> bool:
         return bool(self.cfg.get(f"{split}_txt_db")) and bool(self.cfg.get(f"{split}_img_db"))
+
+    def batch_unit(self, split: str = "train") -> str | None:
+        """What the batch size of ``split`` counts: ``train_batch_unit`` for "train", else ``val_batch_unit``."""
+        return self.train_batch_unit if split == "train" else self.val_batch_unit
+
+    def batch_loader(self, dataset, collate, ctx: DataContext, *, train: bool, groups=None):
+        """The loader of ``dataset`` whose batches follow the task's batch unit (:meth:`batch_unit`):
+        :meth:`token_loader` for :data:`TOKENS`, :meth:`example_loader` for :data:`EXAMPLES`.
+        ``groups`` (example-counted training only): index lists kept together when shuffling."""
+        unit = self.batch_unit("train" if train else "val")
+        key = "train_batch_size" if train else "val_batch_size"
+        if unit == TOKENS:
+            if groups is not None:
+                raise ValueError("groups apply to example-counted batches only")
+            loader = self.token_loader(dataset, collate, ctx, train=train)
+        elif unit == EXAMPLES:
+            loader = self.example_loader(dataset, collate, ctx, train=train, groups=groups)
+        else:
+            raise ValueError(f"task {self.name}: {key} forms no loader batch (batch unit {unit!r})")
+        logger.info("task %s: %s=%d counts %s per batch per process", self.name, key, self.cfg[key], unit)
+        return loader
+
+    def example_loader(self, dataset, collate, ctx: DataContext, *, train: bool, groups=None):
+        from villa_fast.data.sampler import build_example_dataloader
+
+        c = self.cfg
+        return build_example_dataloader(
+            dataset,
+            collate,
+            batch_size=c["train_batch_size"] if train else c["val_batch_size"],
+            is_train=train,
+            drop_last=self.train_drop_last,
+            groups=groups,
+            seed=ctx.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            num_workers=ctx.num_workers,
+        )
 
     def token_loader(self, dataset, collate, ctx: DataContext, *, train: bool):
         from villa_fast.data import build_dataloader

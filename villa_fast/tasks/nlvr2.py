@@ -50,14 +50,14 @@ class Nlvr2Task(Task):
         sets = [self._dataset(t, i, self.cfg["max_txt_len"], False) for t, i in self.pairs("train")]
         ds = sets[0] if len(sets) == 1 else ConcatDatasetWithLens(sets)
         collate = nlvr2_triplet_collate if self.triplet else nlvr2_paired_collate
-        return self.token_loader(ds, collate, ctx, train=True)
+        return self.batch_loader(ds, collate, ctx, train=True)
 
     def eval_loader(self, ctx: DataContext, split: str = "val"):
         from villa_fast.data import nlvr2_paired_eval_collate, nlvr2_triplet_eval_collate
 
         (txt, img), *_ = self.pairs(split)
         collate = nlvr2_triplet_eval_collate if self.triplet else nlvr2_paired_eval_collate
-        return self.token_loader(self._dataset(txt, img, -1, True), collate, ctx, train=False)
+        return self.batch_loader(self._dataset(txt, img, -1, True), collate, ctx, train=False)
 
     def n_examples(self, batch) -> int:
         return int(batch["targets"].numel())

@@ -143,7 +143,7 @@ class PretrainTask(Task):
                 t = _norm(task)
                 ds, collate = self._dataset(t, pairs, self.cfg["max_txt_len"])
                 key = f"{entry.get('name', i)}_{t}"
-                loaders[key] = (t, self.token_loader(ds, collate, ctx, train=True), float(ratio))
+                loaders[key] = (t, self.batch_loader(ds, collate, ctx, train=True), float(ratio))
         return MixSource(loaders, self.cfg["gradient_accumulation_steps"], ctx.seed)
 
     def has_split(self, split: str) -> bool:
@@ -156,7 +156,7 @@ class PretrainTask(Task):
             for task in entry["tasks"]:
                 t = _norm(task)
                 ds, collate = self._dataset(t, pairs, -1)
-                parts.append((t, self.token_loader(ds, collate, ctx, train=False)))
+                parts.append((t, self.batch_loader(ds, collate, ctx, train=False)))
         return _Chain(parts)
 
     # -- step ----------------------------------------------------------------------------------

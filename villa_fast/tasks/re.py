@@ -21,6 +21,17 @@ database: up to 100 regions an image, every box of the official databases, whose
 one region per ``ann_id``), whatever the config says, for training and evaluation alike;
 any other path is read with the config's ``conf_th`` / ``num_bb`` (the official ``re_coco_det``
 detections). See :meth:`ReTask.re_img_db`.
+
+Batches count examples (sentences), not tokens: ``train_batch_size`` / ``val_batch_size`` are the
+``batch_size`` of the authors' ``DataLoader`` (``create_dataloader`` of ``train_re.py``, and
+``inf_re.py``; "batch by examples", 128 in the released config), per process, over their
+``DistributedSampler``: the last, shorter batch is kept (no ``drop_last``), every training rank
+gets as many examples (the epoch padded with its first ones). Training shuffles each epoch by
+referring expression: the refs of ``refs.json`` are permuted and each keeps its sentences
+together, in order, which is what the authors' epoch-end ``dataset.shuffle()`` (a shuffle of
+``ref_ids``) is written to do; in their code it rebuilds a list the dataset does not read, so their
+order never changes between epochs. Evaluation keeps the database order. See
+:meth:`ReTask.ref_groups`.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from villa_fast.tasks.base import DataContext, Task
+from villa_fast.tasks.base import EXAMPLES, DataContext, Task
 
 __all__ = ["GT_IMG_DB_MARK", "GT_NUM_BB", "IOU_THRESHOLD", "ReTask", "box_iou", "is_gt_img_db"]
 
@@ -76,6 +87,10 @@ class ReTask(Task):
     name = "re"
     supports_adversarial = True
     sum_keys = ("n", "correct", "loss", "n_target", "n_iou", "correct_iou")
+    #: batches of train_batch_size / val_batch_size sentences, last one kept (see the module docstring)
+    train_batch_unit = EXAMPLES
+    val_batch_unit = EXAMPLES
+    train_drop_last = False
 
     def build_model(self):
         from villa_fast.models import UniterForReferringExpression
@@ -87,14 +102,52 @@ class ReTask(Task):
 
         sets = [ReDataset(ReTxtTokLmdb(t, self.cfg["max_txt_len"]), self.re_img_db(i)) for t, i in self.pairs("train")]
         ds = sets[0] if len(sets) == 1 else ConcatDatasetWithLens(sets)
-        return self.token_loader(ds, re_collate, ctx, train=True)
+        return self.batch_loader(ds, re_collate, ctx, train=True, groups=self.ref_groups(sets))
+
+    @staticmethod
+    def ref_groups(datasets) -> list[list[int]] | None:
+        """The sentences of each referring expression, as example indices of ``datasets`` concatenated.
+
+        One group per ref of each txt_db's ``refs.json`` (in file order) with its ``sent_ids`` that the
+        dataset holds, in their order (sentences over ``max_txt_len`` or without their image are not
+        there); sentences of no ref are left to the sampler, one group each. None when no database has
+        a ``refs.json``. A ref without a ``sent_ids`` list, or a sentence under two refs, is a
+        :class:`DataFormatError` naming the file.
+        """
+        from villa_fast.data.codec import DataFormatError
+
+        groups: list[list[int]] = []
+        offset = 0
+        for ds in datasets:
+            refs = ds.txt_db.refs
+            where = f"{ds.txt_db.db_dir}/refs.json"
+            index = {id_: offset + k for k, id_ in enumerate(ds.ids)}
+            owner: dict[int, object] = {}
+            for n, ref in enumerate(refs):
+                sent_ids = ref.get("sent_ids") if isinstance(ref, dict) else None
+                if not isinstance(sent_ids, list):
+                    raise DataFormatError(f"{where}: entry {n} needs a 'sent_ids' list, got {ref!r:.80}")
+                ref_id = ref.get("ref_id", f"#{n}")
+                members = []
+                for sent in sent_ids:
+                    i = index.get(str(sent))
+                    if i is None:
+                        continue
+                    if i in owner:
+                        raise DataFormatError(f"{where}: sentence {sent!r} is under refs {owner[i]!r} and {ref_id!r}")
+                    owner[i] = ref_id
+                    members.append(i)
+                if members:
+                    groups.append(members)
+            offset += len(ds)
+        return groups or None
 
     def eval_loader(self, ctx: DataContext, split: str = "val"):
         from villa_fast.data import ReEvalDataset, ReTxtTokLmdb, re_eval_collate
 
         (txt, img), *_ = self.pairs(split)
         ds = ReEvalDataset(ReTxtTokLmdb(txt, -1), self.re_img_db(img), use_gt_feat=_gt_or_det(img))
-        return self.token_loader(ds, re_eval_collate, ctx, train=False)
+        return self.batch_loader(ds, re_eval_collate, ctx, train=False)
 
     def re_img_db(self, path: str):
         """The image database at ``path``, read as the authors read RE databases: every box of a

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from villa_fast.tasks.base import DataContext, Task, _unwrap
+from villa_fast.tasks.base import EXAMPLES, DataContext, Task, _unwrap
 from villa_fast.train.config import ConfigError
 
 __all__ = [
@@ -194,10 +194,26 @@ class RetrievalTask(Task):
     supports_adversarial = True
     #: symKL summed over a group's candidates, averaged over groups
     kl_reduction = "batchmean"
+    #: sampled negatives: batches of train_batch_size texts (each 1 + 2 * negative_size rows), shuffled, the last
+    #: shorter one dropped, as UNITER's train_itm.py (DataLoader(shuffle=True, drop_last=True))
+    train_drop_last = True
+    #: evaluation: one item per text (the authors' batch_size=1), its forwards sized by inf_minibatch_size
+    val_batch_unit = None
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         inf_minibatch_size(cfg)
+
+    @property
+    def train_batch_unit(self) -> str | None:
+        """:data:`EXAMPLES` with sampled negatives; None with hard negatives, where a micro-batch is one item
+        (a text with its ``negative_size`` images, or an image with as many texts) whatever the batch size.
+
+        UNITER's ``train_itm_hard_negatives.py`` reads ``train_batch_size`` there as the positive pairs per
+        optimizer step (gradient accumulation over a text-side and an image-side item each, losses divided by
+        it); here ``gradient_accumulation_steps`` sets the items per optimizer step and ``train_batch_size`` is
+        not read."""
+        return None if self.cfg["hard_neg_size"] > 0 else EXAMPLES
 
     def build_model(self):
         from villa_fast.models import build_model
@@ -237,7 +253,7 @@ class RetrievalTask(Task):
             )
         sets = [ItmRankDataset(TxtTokLmdb(t, c["max_txt_len"]), self.img_db(i), c["negative_size"]) for t, i in pairs]
         ds = sets[0] if len(sets) == 1 else ConcatDatasetWithLens(sets)
-        return self.token_loader(ds, itm_rank_collate, ctx, train=True)
+        return self.batch_loader(ds, itm_rank_collate, ctx, train=True)
 
     def eval_loader(self, ctx: DataContext, split: str = "val"):
         from villa_fast.data import ItmValDataset, TxtTokLmdb

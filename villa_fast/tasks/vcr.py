@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from villa_fast.tasks.base import DataContext, Task
+from villa_fast.tasks.base import EXAMPLES, DataContext, Task
 
 __all__ = ["VcrTask"]
 
@@ -14,6 +14,11 @@ class VcrTask(Task):
     name = "vcr"
     kl_reduction = "mean"  # the released loop averages the KL over all [4B, 2] elements
     main_metric = "acc"
+    #: training batches count tokens (TokenBucketSampler); validation batches count questions: VILLA's
+    #: train_vcr_adv.py validates through DataLoader(batch_size=val_batch_size, shuffle=False) (its argparse help
+    #: says tokens, the code counts examples; the released configs give 10). A question is 8 rows on "val", 20 on
+    #: "test" (4 answers, then 4 rationales per answer considered).
+    val_batch_unit = EXAMPLES
 
     def build_model(self):
         from villa_fast.models import UniterForVcr
@@ -38,7 +43,7 @@ class VcrTask(Task):
             gt, det = self._gt_det_dbs(img)
             for sub in ("qa", "qar"):
                 sets.append(VcrDataset(VcrTxtTokLmdb(txt, self.cfg["max_txt_len"], task=sub), gt, det))
-        return self.token_loader(ConcatDatasetWithLens(sets), vcr_collate, ctx, train=True)
+        return self.batch_loader(ConcatDatasetWithLens(sets), vcr_collate, ctx, train=True)
 
     def eval_loader(self, ctx: DataContext, split: str = "val"):
         from villa_fast.data import VcrEvalDataset, VcrTxtTokLmdb, vcr_eval_collate
@@ -46,7 +51,7 @@ class VcrTask(Task):
         (txt, img), *_ = self.pairs(split)
         gt, det = self._gt_det_dbs(img)
         ds = VcrEvalDataset("val" if split != "test" else "test", VcrTxtTokLmdb(txt, -1, task="qa,qar"), gt, det)
-        return self.token_loader(ds, vcr_eval_collate, ctx, train=False)
+        return self.batch_loader(ds, vcr_eval_collate, ctx, train=False)
 
     def n_examples(self, batch) -> int:
         return int(batch["attn_masks"].size(0)) // 4

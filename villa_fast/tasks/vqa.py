@@ -77,12 +77,12 @@ class VqaTask(Task):
 
         sets = [self._dataset(t, i, self.cfg["max_txt_len"], False) for t, i in self.pairs("train")]
         ds = sets[0] if len(sets) == 1 else ConcatDatasetWithLens(sets)
-        return self.token_loader(ds, self._collates()[0], ctx, train=True)
+        return self.batch_loader(ds, self._collates()[0], ctx, train=True)
 
     def eval_loader(self, ctx: DataContext, split: str = "val"):
         (txt, img), *_ = self.pairs(split)
         ds = self._dataset(txt, img, -1, True)
-        return self.token_loader(ds, self._collates()[1], ctx, train=False)
+        return self.batch_loader(ds, self._collates()[1], ctx, train=False)
 
     # -- metrics ---------------------------------------------------------------------------------
     def eval_batch(self, state, model, logits, batch) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "SCHEMA",
     "TASKS",
+    "TASK_BATCH_DEFAULTS",
     "ConfigError",
     "add_override_flags",
     "infer_task",
@@ -78,8 +79,17 @@ SCHEMA: dict[str, Key] = {
     "max_bb": _k("int", 100, "most regions per image"),
     "min_bb": _k("int", 10, "fewest regions per image"),
     "num_bb": _k("int", 36, "regions per image when conf_th is -1"),
-    "train_batch_size": _k("int", 4096, "tokens per training batch per process (padding counted)"),
-    "val_batch_size": _k("int", 4096, "tokens per validation batch"),
+    "train_batch_size": _k(
+        "int",
+        4096,
+        "training batch per process: tokens, padding counted (vqa, ve, nlvr2, vcr, pretrain); "
+        "examples (re; retrieval with sampled negatives; unused with hard negatives)",
+    ),
+    "val_batch_size": _k(
+        "int",
+        4096,
+        "validation batch per process: tokens (vqa, ve, nlvr2, pretrain); examples (vcr, re); unused by retrieval",
+    ),
     "n_workers": _k("int", 4, "DataLoader worker processes"),
     "pin_mem": _k("bool", False, "pin host memory of batches"),
     # -- optimisation ----------------------------------------------------------------------------
@@ -142,6 +152,17 @@ SCHEMA: dict[str, Key] = {
     "attack_eps": _k("float", 1.0, "robust evaluation: l2 radius of the attack per example", official=False),
     "attack_lr": _k("float", None, "robust evaluation: step size (default eps / 2)", official=False),
     "attack_modality": _k("str_list", ["text"], "robust evaluation: attacked modalities", official=False),
+}
+
+
+#: Batch sizes of the tasks whose batches count examples (``villa_fast.tasks``: ``Task.train_batch_unit`` /
+#: ``val_batch_unit``) where no source sets the key, instead of the token budgets above: the released config's
+#: value (re: train-refcoco-base-1gpu.json; vcr validation: both VCR configs), else the authors' argparse default
+#: (retrieval: train_itm.py).
+TASK_BATCH_DEFAULTS: dict[str, dict[str, int]] = {
+    "re": {"train_batch_size": 128, "val_batch_size": 128},
+    "vcr": {"val_batch_size": 10},
+    "retrieval": {"train_batch_size": 128},
 }
 
 
@@ -253,8 +274,12 @@ def resolve_config(
     *,
     base: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Defaults <- ``base`` <- JSON file ``path`` <- ``overrides``; validated; ``task`` resolved."""
+    """Defaults <- ``base`` <- JSON file ``path`` <- ``overrides``; validated; ``task`` resolved.
+
+    A batch size no source sets takes the task's default where its batches count examples
+    (:data:`TASK_BATCH_DEFAULTS`)."""
     cfg = {k: (list(v.default) if isinstance(v.default, list) else v.default) for k, v in SCHEMA.items()}
+    given: set[str] = set()
     for src, where in ((base, "config"), (load_config(path) if path else None, None), (overrides, "override")):
         if not src:
             continue
@@ -262,10 +287,14 @@ def resolve_config(
             if key not in SCHEMA:
                 raise _unknown(key, where or os.fspath(path))
             cfg[key] = _check(key, value, where or os.fspath(path))
+            given.add(key)
     if cfg["task"] is None:
         cfg["task"] = infer_task(path)
     if cfg["task"] is not None:
         cfg["task"] = normalize_task(cfg["task"])
+    for key, value in TASK_BATCH_DEFAULTS.get(cfg["task"], {}).items():
+        if key not in given or cfg[key] is None:
+            cfg[key] = value
     _validate(cfg)
     return cfg
 

@@ -79,7 +79,7 @@ class LoaderSource:
                 empty = 0
                 yield batch
             if empty > 1:
-                raise RuntimeError("the training loader yields no batch: too few examples for the token budget?")
+                raise RuntimeError("the training loader yields no batch: too few examples for train_batch_size?")
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
