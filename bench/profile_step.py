@@ -10,6 +10,8 @@ Runs the whole-step benchmark's variants (bench/bench_step.py: same model, batch
   optimizer, the VILLA ops, copies and casts, other element-wise kernels), per step and as a share;
 - matmul throughput: the model's matmul FLOPs per step (12 forward-equivalents for the VILLA step with one
   clean backward, 3 for the standard step) over the matmul time, the number to hold against the chip's rate;
+- the number of kernels per step, and how many run under 5 us (launch-latency bound: at B = 32 their count,
+  not their work, sets the time of a replayed graph), per category as well;
 - the 15 kernels with the most device time.
 
 On a CPU the same tables list operators by self CPU time (a check that the script works, not a profile
@@ -161,9 +163,22 @@ def report(res: dict, b: int, flops_fwd: float) -> str:
             f"matmul: {flops_fwd * fwd_eq / 1e12:.2f} TFLOP per step ({fwd_eq:.0f} forward-equivalents) in "
             f"{mm:.2f} ms = {tflops:.1f} TFLOP/s"
         )
-    lines += ["", "| category | ms per step | share of busy |", "|---|---|---|"]
+    kernels = res["kernels"].values()
+    n = sum(calls for _, calls in kernels)
+    if n > 0:
+        # kernels under 5 us are bound by launch latency and scheduling, not by their work: in a replayed graph
+        # their count times ~1-3 us is a floor that only fusion (fewer kernels) lowers
+        short = [(ms, calls) for ms, calls in kernels if calls and ms * 1e3 / calls < 5.0]
+        lines.append(
+            f"kernels: {n:.0f} per step, {busy * 1e3 / n:.1f} us on average; {sum(c for _, c in short):.0f} of them "
+            f"under 5 us each, {sum(ms for ms, _ in short):.2f} ms together"
+        )
+    calls_by_cat: dict[str, float] = {}
+    for k, (_, calls) in res["kernels"].items():
+        calls_by_cat[category(k)] = calls_by_cat.get(category(k), 0.0) + calls
+    lines += ["", "| category | ms per step | share of busy | kernels per step |", "|---|---|---|---|"]
     for cat, ms in sorted(res["cats"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {cat} | {ms:.3f} | {100 * ms / busy:.1f}% |")
+        lines.append(f"| {cat} | {ms:.3f} | {100 * ms / busy:.1f}% | {calls_by_cat.get(cat, 0.0):g} |")
     lines += ["", "| kernel (top 15 by time) | category | ms per step | calls per step |", "|---|---|---|---|"]
     top = sorted(res["kernels"].items(), key=lambda kv: -kv[1][0])[:15]
     for k, (ms, calls) in top:
