@@ -3,8 +3,8 @@
     python -m bench.triton_aot [--json] [--only SUBSTRING]
 
 The real launchers of kernels/*.py (perturb_update, perturb_init, sym_kl, add_layer_norm forward and
-backward) are called with CPU tensors of the project's shapes, so they pick BLOCK, num_warps, the grid
-and the dtype-dependent arguments exactly as they do on the GPU; each launch then compiles for
+backward, add_if, adamw_step) are called with CPU tensors of the project's shapes, so they pick BLOCK,
+num_warps, the grid and the dtype-dependent arguments exactly as they do on the GPU; each launch then compiles for
 GPUTarget("cuda", 90, 32) instead of running. Two hooks make that happen, and both are undone on exit:
 
 - a minimal Triton driver whose current target is sm_90 (there is no CUDA driver here);
@@ -145,6 +145,35 @@ def _add_if_case(dt):
     return Case("add_if", f"FFN weight + bias {_SHORT[dt]}", call)
 
 
+def _adamw_step_case(gdt, device_scalars, correct_bias=True, weight_decay=0.01):
+    def call(k):
+        shapes = [(3072, 768), (768,)]  # a UNITER-base FFN weight and a bias
+        params = [torch.empty(s) for s in shapes]
+        scalar = torch.ones(()) if device_scalars else None
+        return k.adamw_step(
+            params=params,
+            grads=[torch.empty(s, dtype=gdt) for s in shapes],
+            exp_avgs=[torch.empty(s) for s in shapes],
+            exp_avg_sqs=[torch.empty(s) for s in shapes],
+            steps=[torch.zeros(()) for _ in shapes],
+            lr=1e-4,
+            lr_tensor=scalar,
+            beta1=0.9,
+            beta2=0.98,
+            eps=1e-6,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            grad_scale=scalar,
+            found_inf=None if scalar is None else torch.zeros(1),
+        )
+
+    label = f"FFN weight + bias grad {_SHORT[gdt]}"
+    label += " lr/scale/found_inf on the device" if device_scalars else " float lr"
+    label += "" if correct_bias else " no bias correction"
+    label += "" if weight_decay else " no decay"
+    return Case("adamw_step", label, call)
+
+
 def cases() -> list[Case]:
     """The launcher calls whose kernels are compiled: the shapes and options the project uses."""
     out = []
@@ -172,6 +201,11 @@ def cases() -> list[Case]:
     out.append(_ln_fwd_case(768, BF16, FP32, bias=False))
     for dt in (FP32, BF16, FP16):
         out.append(_add_if_case(dt))
+    # the trainer's plain step, and the GradScaler / CUDA-graph step (tensor lr, scale and flag on the device)
+    for gdt in (FP32, BF16, FP16):
+        for device_scalars in (False, True):
+            out.append(_adamw_step_case(gdt, device_scalars))
+    out.append(_adamw_step_case(FP32, False, correct_bias=False, weight_decay=0.0))
     return out
 
 

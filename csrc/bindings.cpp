@@ -75,4 +75,28 @@ classes where both logits are -inf contribute 0.
 Returns:
     (loss, grad_a, grad_b): loss a 0-dim float32 tensor (float64 for float64 input), the
     gradients of loss in the input dtype, shape [N, C]. Deterministic.)doc");
+
+    m.def("adamw_step_", &villa_fast::adamw_step_, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+          py::arg("exp_avg_sqs"), py::arg("steps"), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"),
+          py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("correct_bias"),
+          py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+          py::call_guard<py::gil_scoped_release>(),
+          R"doc(In place: one step of the authors' AdamW rule over many parameters; no host sync on CUDA.
+
+Args:
+    params: contiguous float32 tensors (float64 on the CPU), updated in place.
+    grads: one per parameter, same shape and device; the parameter's dtype, or float16/bfloat16
+        with float32 parameters. Not modified.
+    exp_avgs, exp_avg_sqs: the moments, the parameter's shape and dtype, updated in place.
+    steps: one-element float32 tensors, the per-parameter step counts, advanced by one first.
+    lr: the learning rate, used when lr_tensor is None.
+    lr_tensor: None or a one-element float32/float64 tensor on the device (read there).
+    beta1, beta2, eps, weight_decay, correct_bias: as in villa_fast.train.optim.AdamW.
+    grad_scale: None or a one-element float32/float64 tensor: g = grad / grad_scale.
+    found_inf: None or a one-element float32/float64 tensor: when non-zero nothing at all changes.
+
+With t the advanced step: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps) (lr alone without correct_bias);
+then p *= 1 - lr * weight_decay. Math in float (double for float64); no tensor twice among the
+written ones. On CUDA one launch pair covers up to 64 tensors of a gradient dtype.)doc");
 }

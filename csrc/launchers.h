@@ -77,6 +77,46 @@ struct AddIfParams {
 int64_t add_if_tile_elems(DType dtype);
 cudaError_t launch_add_if(const AddIfParams& params, int blocks, cudaStream_t stream);
 
+// ---- adamw_step -------------------------------------------------------------------------
+// The authors' AdamW rule over up to kMaxAdamWTensors float32 parameters (contiguous, each with its
+// gradient of grad_dtype, its two moments and its 0-dim float32 step count) in one kernel launch,
+// after a one-block launch that advances the step counts. When found_inf is set and non-zero on the
+// device, neither launch writes anything. Tiles and their prefix sums as for add_if
+// (adamw_step_tile_elems() elements per tile). The struct is passed by value: under 4 KB.
+constexpr int kMaxAdamWTensors = 64;
+
+struct AdamWStepParams {
+    float* param[kMaxAdamWTensors];
+    const void* grad[kMaxAdamWTensors];
+    float* exp_avg[kMaxAdamWTensors];
+    float* exp_avg_sq[kMaxAdamWTensors];
+    float* step[kMaxAdamWTensors];
+    int64_t numel[kMaxAdamWTensors];
+    int64_t tile_begin[kMaxAdamWTensors + 1];
+    int32_t num_tensors;
+    DType grad_dtype;        // float32, float16 or bfloat16
+    float lr;                // used when lr_ptr is null
+    const void* lr_ptr;      // nullptr, or one element of lr_dtype on the device
+    DType lr_dtype;
+    float beta1, beta2;      // rounded to float: the factors of the moments
+    float one_minus_beta1;   // 1 - beta1 and 1 - beta2 computed in double, then rounded
+    float one_minus_beta2;
+    float log_beta1;         // log(beta1), log(beta2) in double, rounded: 1 - beta^t = -expm1(t log beta)
+    float log_beta2;
+    float eps;
+    float weight_decay;
+    float decay;             // 1 - lr * weight_decay in double, rounded (used when lr_ptr is null)
+    int32_t correct_bias;
+    int32_t use_decay;       // weight_decay > 0
+    const void* grad_scale;  // nullptr, or one element of scale_dtype: the gradients are divided by it
+    DType scale_dtype;
+    const void* found_inf;   // nullptr, or one element of found_inf_dtype: non-zero = change nothing
+    DType found_inf_dtype;
+};
+
+int64_t adamw_step_tile_elems();
+cudaError_t launch_adamw_step(const AdamWStepParams& params, int blocks, cudaStream_t stream);
+
 // ---- device helpers shared by the .cu files (not seen by the host compiler) -------------
 #if defined(__CUDACC__)
 namespace cuda_detail {

@@ -27,4 +27,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_kl_fwd(const at::Tensor& a, c
 // read or written otherwise. One launch per dtype and per 40 tensors on CUDA; no host sync there.
 void add_if_(std::vector<at::Tensor> accs, std::vector<at::Tensor> vals, const at::Tensor& ok);
 
+// In place: one step of the authors' AdamW rule for every parameter (params, exp_avgs, exp_avg_sqs and the
+// one-element float32 steps advanced by one); lr from lr_tensor when given; gradients divided by grad_scale
+// when given; nothing changes when found_inf is non-zero. One launch pair per 64 tensors on CUDA, no host sync.
+void adamw_step_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
+                 std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> steps, double lr,
+                 c10::optional<at::Tensor> lr_tensor, double beta1, double beta2, double eps, double weight_decay,
+                 bool correct_bias, c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf);
+
 }  // namespace villa_fast

@@ -144,6 +144,8 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[str, ...]]] = {
     "sym_kl": {"cuda": (_F32, _F16, _BF16), "triton": (_F32, _F16, _BF16, _F64), "cpp": (_F32, _F16, _BF16, _F64)},
     "add_layer_norm": {"triton": (_F32, _F16, _BF16, _F64)},
     "add_if": {"cuda": (_F32, _F16, _BF16), "triton": (_F32, _F16, _BF16, _F64), "cpp": (_F32, _F16, _BF16, _F64)},
+    # by the parameters' dtype (float32 ones take float32, float16 or bfloat16 gradients)
+    "adamw_step": {"cuda": (_F32,), "triton": (_F32,), "cpp": (_F32, _F64)},
 }
 
 

@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from villa_fast.ops import adamw_step_
+from villa_fast.ops._backend import choose
+
 __all__ = ["NO_DECAY", "AdamW", "WarmupLinear", "build_optimizer", "set_dropout", "warmup_linear"]
 
 #: parameter-name fragments without weight decay, as in the authors' optimizer setup
@@ -59,12 +62,30 @@ class AdamW(torch.optim.Optimizer):
     correction is folded into the step size (torch adds it after, which makes the effective eps
     ``sqrt(1 - b2^t)`` times smaller: 7x at the first step with b2 = 0.98), and the weight decay is
     applied after the update (torch applies it before). ``correct_bias=False`` drops both bias corrections.
-    The state per parameter is ``step`` (int), ``exp_avg`` and ``exp_avg_sq``.
+    The state per parameter is ``step`` (an int, or a 0-dim float32 device tensor, see below), ``exp_avg``
+    and ``exp_avg_sq``.
+
+    The step runs as the fused op :func:`villa_fast.ops.adamw_step_` (one pass over the parameters: the C++
+    kernel on the CPU, the CUDA or Triton one on a GPU) unless the backend choice for the parameters is the
+    reference (``VILLA_FAST_BACKEND[_ADAMW_STEP]=reference``, no compiled kernel, or parameters of a dtype the
+    kernels do not take): then it is the multi-tensor (foreach) rule below.
 
     ``capturable=True`` keeps every step count on the parameter's device (a 0-dim float32 tensor) and
     accepts a 0-dim device tensor as ``lr`` (set it in place, e.g. by the schedule), so that a step never
     reads a number back to the host and can be captured in a CUDA graph (GraphedVillaStep).
+
+    Loss scaling: with ``_step_supports_amp_scaling``, ``torch.amp.GradScaler.step`` neither unscales the
+    gradients nor reads its inf check back to the host: it sets ``grad_scale`` (the scale, or None after an
+    explicit ``scaler.unscale_``) and ``found_inf`` on the optimizer around ``step()``, which divides the
+    gradients by the scale on the fly and, when ``found_inf`` is non-zero, changes nothing (weights, moments,
+    step counts), decided on the device: ``scaler.step(optimizer)`` never syncs with the host. Step counts
+    then have to live on the device: with ``capturable=False`` they become 0-dim float32 tensors on the
+    parameter's device at the first such step and stay so (``state_dict`` holds them as tensors;
+    ``load_state_dict`` takes counts of either form in either mode). A later step through the foreach rule
+    without the scaler turns them back into ints, reading each once.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -108,10 +129,9 @@ class AdamW(torch.optim.Optimizer):
 
     def _buckets(self, group: dict) -> dict[tuple, tuple[list[Tensor], ...]]:
         """(params, grads, exp_avgs, exp_avg_sqs) per (device, dtype) of the group's parameters with a
-        gradient, for one multi-tensor call each; state is created on first use. Step counts are ints, or
-        0-dim float32 device tensors under ``capturable`` (converted when a state from the other mode is
-        loaded); they are not advanced here."""
-        capturable = group["capturable"]
+        gradient, for one multi-tensor call each; state is created on first use (the step count an int 0, or a
+        0-dim float32 device tensor under ``capturable``). Gradients are as they are (each path converts what it
+        must); step counts are neither converted nor advanced here."""
         buckets: dict[tuple, tuple[list[Tensor], ...]] = {}
         for p in group["params"]:
             if p.grad is None:
@@ -120,19 +140,36 @@ class AdamW(torch.optim.Optimizer):
                 raise RuntimeError("AdamW does not support sparse gradients")
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if capturable else 0
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if group["capturable"] else 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif capturable and not isinstance(state["step"], Tensor):
-                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
-            elif not capturable and isinstance(state["step"], Tensor):
-                state["step"] = int(state["step"].item())
             ps, gs, ms, vs = buckets.setdefault((p.device, p.dtype), ([], [], [], []))
             ps.append(p)
-            gs.append(p.grad.to(p.dtype))
+            gs.append(p.grad)
             ms.append(state["exp_avg"])
             vs.append(state["exp_avg_sq"])
         return buckets
+
+    def _device_steps(self, ps: list[Tensor]) -> list[Tensor]:
+        """The step counts of ``ps`` as 0-dim float32 tensors on their parameters' devices, kept in the state.
+        An int count becomes a device tensor filled on the device (no copy, no sync)."""
+        out = []
+        for p in ps:
+            st = self.state[p]
+            step = st["step"]
+            if not isinstance(step, Tensor):
+                st["step"] = torch.full((), float(step), dtype=torch.float32, device=p.device)
+            elif step.device != p.device or step.dtype != torch.float32 or step.dim() != 0:
+                st["step"] = step.reshape(()).to(device=p.device, dtype=torch.float32, non_blocking=True)
+            out.append(st["step"])
+        return out
+
+    def _host_steps(self, ps: list[Tensor]) -> None:
+        """The step counts of ``ps`` as ints in the state (a device count is read back once)."""
+        for p in ps:
+            st = self.state[p]
+            if isinstance(st["step"], Tensor):
+                st["step"] = int(st["step"].item())
 
     @staticmethod
     def _moments(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], b1: float, b2: float, eps: float):
@@ -151,54 +188,129 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # set by torch.amp.GradScaler.step around this call (see the class docstring); absent otherwise
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        scaled = grad_scale is not None or found_inf is not None
         for group in self.param_groups:
-            if group["capturable"]:
-                self._step_capturable(group)
-                continue
-            b1, b2 = group["betas"]
-            lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
-            for ps, gs, ms, vs in self._buckets(group).values():
-                sizes = []
-                for p in ps:
-                    self.state[p]["step"] += 1
-                    t = self.state[p]["step"]
-                    size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t) if group["correct_bias"] else lr
-                    sizes.append(-size)
-                denom = self._moments(ms, vs, gs, b1, b2, eps)
-                torch._foreach_addcdiv_(ps, ms, denom, sizes)
-                if wd > 0.0:
-                    torch._foreach_mul_(ps, 1.0 - lr * wd)
+            for (device, dtype), (ps, gs, ms, vs) in self._buckets(group).items():
+                if scaled or choose("adamw_step", device.type, str(dtype)) != "reference":
+                    self._step_fused(group, device, ps, gs, ms, vs, grad_scale, found_inf)
+                elif group["capturable"]:
+                    self._step_capturable(group, device, dtype, ps, [g.to(dtype) for g in gs], ms, vs)
+                else:
+                    self._step_plain(group, ps, [g.to(dtype) for g in gs], ms, vs)
         return loss
 
-    def _step_capturable(self, group: dict) -> None:
-        """The same rule with step counts, bias corrections and lr on the device: no host read-back."""
+    def _step_fused(
+        self,
+        group: dict,
+        device: torch.device,
+        ps: list[Tensor],
+        gs: list[Tensor],
+        ms: list[Tensor],
+        vs: list[Tensor],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        """One :func:`villa_fast.ops.adamw_step_` call; lr, grad_scale and found_inf stay on the device."""
+        half = (torch.float16, torch.bfloat16)
+        gs = [
+            g if g.dtype == p.dtype or (p.dtype == torch.float32 and g.dtype in half) else g.to(p.dtype)
+            for p, g in zip(ps, gs, strict=True)
+        ]
+        host_counts = not group["capturable"] and found_inf is None
+        host_counts = host_counts and not any(isinstance(self.state[p]["step"], Tensor) for p in ps)
+        if host_counts:
+            # int counts stay ints: the op advances a copy on the device (one host-to-device copy), the ints here
+            counts = torch.tensor([float(self.state[p]["step"]) for p in ps], dtype=torch.float32)
+            steps = list(counts.to(device, non_blocking=True).unbind())
+        else:
+            steps = self._device_steps(ps)
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.device != device or lr.dtype not in (torch.float32, torch.float64):
+                lr = lr.to(device=device, dtype=torch.float32, non_blocking=True)
+        else:
+            lr = float(lr)
+        b1, b2 = group["betas"]
+        adamw_step_(
+            ps,
+            gs,
+            ms,
+            vs,
+            steps,
+            lr=lr,
+            beta1=b1,
+            beta2=b2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            correct_bias=group["correct_bias"],
+            grad_scale=_on(grad_scale, device),
+            found_inf=_on(found_inf, device),
+        )
+        if host_counts:
+            for p in ps:
+                self.state[p]["step"] += 1
+
+    def _step_plain(self, group: dict, ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor]) -> None:
+        """The foreach rule with int step counts and the step sizes computed on the host."""
+        self._host_steps(ps)
+        b1, b2 = group["betas"]
+        lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
+        sizes = []
+        for p in ps:
+            self.state[p]["step"] += 1
+            t = self.state[p]["step"]
+            size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t) if group["correct_bias"] else lr
+            sizes.append(-size)
+        denom = self._moments(ms, vs, gs, b1, b2, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, sizes)
+        if wd > 0.0:
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+
+    def _step_capturable(
+        self,
+        group: dict,
+        device: torch.device,
+        dtype: torch.dtype,
+        ps: list[Tensor],
+        gs: list[Tensor],
+        ms: list[Tensor],
+        vs: list[Tensor],
+    ) -> None:
+        """The foreach rule with step counts, bias corrections and lr on the device: no host read-back."""
         b1, b2 = group["betas"]
         eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
-        for (device, dtype), (ps, gs, ms, vs) in self._buckets(group).items():
-            steps = [self.state[p]["step"] for p in ps]
-            # a tensor lr stays on the device; a float one is a kernel argument (frozen into a captured graph)
-            lr_t = lr.to(device=device, dtype=dtype) if isinstance(lr, Tensor) else float(lr)
-            torch._foreach_add_(steps, 1.0)
-            denom = self._moments(ms, vs, gs, b1, b2, eps)
-            upd = torch._foreach_div(ms, denom)
-            if group["correct_bias"]:
-                # size_i = lr * sqrt(1 - b2^t_i) / (1 - b1^t_i), each a 0-dim tensor on the device
-                t = [s.to(dtype) for s in steps]
-                bc1 = torch._foreach_pow(b1, t)
-                torch._foreach_neg_(bc1)
-                torch._foreach_add_(bc1, 1.0)
-                bc2 = torch._foreach_pow(b2, t)
-                torch._foreach_neg_(bc2)
-                torch._foreach_add_(bc2, 1.0)
-                torch._foreach_sqrt_(bc2)
-                torch._foreach_div_(bc2, bc1)
-                torch._foreach_mul_(bc2, lr_t)
-                torch._foreach_mul_(upd, bc2)
-            else:
-                torch._foreach_mul_(upd, lr_t)
-            torch._foreach_sub_(ps, upd)
-            if wd > 0.0:
-                torch._foreach_mul_(ps, 1.0 - lr_t * wd)
+        steps = self._device_steps(ps)
+        # a tensor lr stays on the device; a float one is a kernel argument (frozen into a captured graph)
+        lr_t = lr.to(device=device, dtype=dtype) if isinstance(lr, Tensor) else float(lr)
+        torch._foreach_add_(steps, 1.0)
+        denom = self._moments(ms, vs, gs, b1, b2, eps)
+        upd = torch._foreach_div(ms, denom)
+        if group["correct_bias"]:
+            # size_i = lr * sqrt(1 - b2^t_i) / (1 - b1^t_i), each a 0-dim tensor on the device
+            t = [s.to(dtype) for s in steps]
+            bc1 = torch._foreach_pow(b1, t)
+            torch._foreach_neg_(bc1)
+            torch._foreach_add_(bc1, 1.0)
+            bc2 = torch._foreach_pow(b2, t)
+            torch._foreach_neg_(bc2)
+            torch._foreach_add_(bc2, 1.0)
+            torch._foreach_sqrt_(bc2)
+            torch._foreach_div_(bc2, bc1)
+            torch._foreach_mul_(bc2, lr_t)
+            torch._foreach_mul_(upd, bc2)
+        else:
+            torch._foreach_mul_(upd, lr_t)
+        torch._foreach_sub_(ps, upd)
+        if wd > 0.0:
+            torch._foreach_mul_(ps, 1.0 - lr_t * wd)
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """``t`` on ``device`` (GradScaler keeps its scale and inf flag on one device); None stays None."""
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
