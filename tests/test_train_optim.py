@@ -8,7 +8,18 @@ import math
 import pytest
 import torch
 
+from villa_fast.ops._backend import _why_not
 from villa_fast.train.optim import AdamW, build_optimizer
+
+
+@pytest.fixture(params=["reference", "cpp"])
+def step_backend(request, monkeypatch):
+    """AdamW's step through the foreach rule (the reference backend) and through the fused C++ op."""
+    why = _why_not(request.param, torch.device("cpu"))
+    if why:
+        pytest.skip(f"backend {request.param} unavailable: {why}")
+    monkeypatch.setenv("VILLA_FAST_BACKEND_ADAMW_STEP", request.param)
+    return request.param
 
 
 def _transcribed_step(params, grads, state, lr, betas, eps, wd, correct_bias=True):
@@ -31,7 +42,7 @@ def _transcribed_step(params, grads, state, lr, betas, eps, wd, correct_bias=Tru
 
 
 @pytest.mark.parametrize("correct_bias", [True, False])
-def test_matches_the_transcribed_rule(correct_bias):
+def test_matches_the_transcribed_rule(step_backend, correct_bias):
     g = torch.Generator().manual_seed(0)
     shapes = [(7, 3), (5,), (2, 2, 3)]
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -131,7 +142,7 @@ def test_build_optimizer_choices():
 
 @pytest.mark.parametrize("tensor_lr", [False, True])
 @pytest.mark.parametrize("correct_bias", [True, False])
-def test_capturable_matches_the_plain_rule(tensor_lr, correct_bias):
+def test_capturable_matches_the_plain_rule(step_backend, tensor_lr, correct_bias):
     """capturable=True (step counts and lr on the device) gives the same weights as the plain rule."""
     g = torch.Generator().manual_seed(3)
     shapes = [(6, 4), (3,), (2, 5)]
@@ -176,3 +187,266 @@ def test_capturable_matches_the_plain_rule(tensor_lr, correct_bias):
 def test_tensor_lr_needs_capturable():
     with pytest.raises(ValueError, match="capturable"):
         AdamW([torch.nn.Parameter(torch.ones(2))], lr=torch.tensor(1e-3))
+
+
+# ------------------------------------------------------------------------------- loss scaling (GradScaler)
+
+
+def _toy(seed: int = 0, device: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(device)
+
+
+def _loss(model: torch.nn.Module, seed: int, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 5, generator=g).to(device)
+    return model(x).pow(2).mean()
+
+
+def _opt(model: torch.nn.Module, **kw) -> AdamW:
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}]
+    return AdamW(groups, lr=kw.pop("lr", 1e-2), betas=(0.9, 0.98), **kw)
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, exact: bool) -> None:
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        if exact:
+            assert torch.equal(pa, pb)
+        else:
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+def test_declares_that_it_handles_loss_scaling():
+    assert AdamW._step_supports_amp_scaling is True
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler_step_equals_unscaling_by_hand(step_backend, unscale_first):
+    """scaler.step(opt) (the optimizer unscales on the fly), or unscale_ then step (grad_scale None), gives the
+    weights of unscaled gradients and a plain step; a power-of-two scale makes the scaling exact, so through
+    one kernel the weights are bitwise equal (the reference pairs the reference op with the foreach rule)."""
+    a = _toy()
+    b = copy.deepcopy(a)
+    opt_a, opt_b = _opt(a), _opt(b)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    for k in range(5):
+        scaler.scale(_loss(a, k)).backward()
+        if unscale_first:
+            scaler.unscale_(opt_a)
+        scaler.step(opt_a)
+        scaler.update()
+        opt_a.zero_grad(set_to_none=True)
+        _loss(b, k).backward()
+        opt_b.step()
+        opt_b.zero_grad(set_to_none=True)
+    assert scaler.get_scale() > 2.0**12  # the scale grew: several scales were used
+    assert not hasattr(opt_a, "grad_scale") and not hasattr(opt_a, "found_inf")
+    _assert_same_weights(a, b, exact=step_backend == "cpp")
+    for p in a.parameters():
+        st = opt_a.state[p]["step"]
+        # counts went to the device (no host read-back under the scaler) and advanced every step
+        assert isinstance(st, torch.Tensor) and st.dtype == torch.float32 and float(st) == 5.0
+    assert all(opt_b.state[p]["step"] == 5 for p in b.parameters())
+
+
+def test_grad_scaler_skips_a_step_with_an_inf_gradient(step_backend):
+    model = _toy()
+    opt = _opt(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(_loss(model, 0)).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    scaler.scale(_loss(model, 1)).backward()
+    first = next(model.parameters())
+    first.grad[0, 0] = float("inf")
+    first.grad[1, 0] = float("nan")
+    scaler.step(opt)
+    scaler.update()
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p.detach(), w)
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, state[i][k]), (i, k)
+    assert scaler.get_scale() == 2.0**9  # backed off: the scaler saw the overflow
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(_loss(model, 2)).backward()
+    scaler.step(opt)
+    assert all(float(opt.state[p]["step"]) == 2.0 for p in model.parameters())
+
+
+def test_the_protocol_by_hand(step_backend):
+    """grad_scale and found_inf set on the optimizer as GradScaler sets them: a scaled gradient with a zero flag
+    steps as the unscaled one; a non-zero flag changes nothing, with a NaN gradient and a tensor lr included."""
+    a, b = _toy(), _toy()
+    opt_a, opt_b = _opt(a), _opt(b)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        g = torch.randn_like(p) * 1e-2
+        p.grad, q.grad = g * 64.0, g.clone()
+    opt_a.grad_scale, opt_a.found_inf = torch.tensor(64.0), torch.zeros(1)
+    opt_a.step()
+    opt_b.step()
+    _assert_same_weights(a, b, exact=step_backend == "cpp")
+    weights = [p.detach().clone() for p in a.parameters()]
+    state = copy.deepcopy(opt_a.state_dict()["state"])
+    for p in a.parameters():
+        p.grad.fill_(float("nan"))
+    opt_a.found_inf = torch.ones(1)
+    opt_a.step()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(a.parameters(), weights, strict=True))
+    for i, st in opt_a.state_dict()["state"].items():
+        assert all(torch.equal(v, state[i][k]) for k, v in st.items())
+    # capturable with a tensor lr: the same skip
+    c = _toy()
+    opt_c = _opt(c, lr=torch.tensor(1e-2), capturable=True)
+    for p in c.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    before = [p.detach().clone() for p in c.parameters()]
+    opt_c.grad_scale, opt_c.found_inf = None, torch.tensor([2.0])
+    opt_c.step()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(c.parameters(), before, strict=True))
+    assert all(float(opt_c.state[p]["step"]) == 0.0 for p in c.parameters())
+
+
+def test_device_step_counts_cross_modes_through_state_dict(step_backend):
+    """Counts kept on the device by a scaled step (capturable=False) save and load into a plain, a scaled and a
+    capturable optimizer, and a plain (int) checkpoint loads into a scaled step: all continue the same run."""
+    ref = _toy()
+    opt_ref = _opt(ref)
+    grads = []
+    for k in range(4):
+        _loss(ref, k).backward()
+        grads.append([p.grad.clone() for p in ref.parameters()])
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+
+    def run(model, opt, ks, scaled):
+        for k in ks:
+            for p, g in zip(model.parameters(), grads[k], strict=True):
+                p.grad = g * 8.0 if scaled else g.clone()
+            if scaled:
+                opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.zeros(())
+            opt.step()
+            if scaled:
+                del opt.grad_scale, opt.found_inf
+
+    exact = step_backend == "cpp"
+    scaled = _toy()
+    opt_s = _opt(scaled)
+    run(scaled, opt_s, [0, 1], scaled=True)
+    assert all(isinstance(opt_s.state[p]["step"], torch.Tensor) for p in scaled.parameters())
+    saved = copy.deepcopy(opt_s.state_dict())
+    for mode in ("plain", "scaled", "capturable"):
+        model = copy.deepcopy(scaled)
+        opt = _opt(model, **({"lr": torch.tensor(1e-2), "capturable": True} if mode == "capturable" else {}))
+        opt.load_state_dict(copy.deepcopy(saved))
+        run(model, opt, [2, 3], scaled=mode == "scaled")
+        _assert_same_weights(model, ref, exact=exact and mode != "capturable")
+        _assert_same_weights(model, ref, exact=False)
+        assert all(float(opt.state[p]["step"]) == 4.0 for p in model.parameters())
+    # the other way: a checkpoint with int counts continues under the scaler
+    plain = _toy()
+    opt_p = _opt(plain)
+    run(plain, opt_p, [0, 1], scaled=False)
+    assert all(opt_p.state[p]["step"] == 2 for p in plain.parameters())
+    model = copy.deepcopy(plain)
+    opt = _opt(model)
+    opt.load_state_dict(copy.deepcopy(opt_p.state_dict()))
+    run(model, opt, [2, 3], scaled=True)
+    _assert_same_weights(model, ref, exact=exact)
+    assert all(float(opt.state[p]["step"]) == 4.0 for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------- GPU only
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _gpu_backend(monkeypatch, name):
+    why = _why_not(name, torch.device("cuda"))
+    if why:
+        pytest.skip(f"backend {name} unavailable: {why}")
+    monkeypatch.setenv("VILLA_FAST_BACKEND_ADAMW_STEP", name)
+
+
+@pytest.mark.gpu
+@_needs_cuda
+@pytest.mark.parametrize("unscale_first", [False, True])
+@pytest.mark.parametrize("name", ["cuda", "triton", "reference"])
+def test_scaler_step_never_syncs_on_cuda(monkeypatch, name, unscale_first):
+    """scaler.step(AdamW) under torch.cuda.set_sync_debug_mode("error"), first step (state creation) included,
+    an overflowing step included; the weights are those of unscaling by hand."""
+    _gpu_backend(monkeypatch, name)
+    a = _toy(device="cuda")
+    b = copy.deepcopy(a)
+    opt_a, opt_b = _opt(a), _opt(b)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    for k in range(4):
+        scaler.scale(_loss(a, k, "cuda")).backward()
+        if k == 2:
+            next(a.parameters()).grad[0, 0] = float("inf")
+        if unscale_first:
+            scaler.unscale_(opt_a)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(opt_a)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+        opt_a.zero_grad(set_to_none=True)
+        if k != 2:
+            _loss(b, k, "cuda").backward()
+            opt_b.step()
+            opt_b.zero_grad(set_to_none=True)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        assert float(opt_a.state[pa]["step"]) == 3.0
+
+
+@pytest.mark.gpu
+@_needs_cuda
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_capturable_step_with_the_protocol_in_a_cuda_graph(monkeypatch, name):
+    """AdamW(capturable=True) with grad_scale/found_inf set as GradScaler sets them, captured once: each replay
+    follows the lr, the scale and the flag of that moment."""
+    _gpu_backend(monkeypatch, name)
+    a = _toy(device="cuda")
+    b = copy.deepcopy(a)
+    lr = torch.tensor(1e-2, device="cuda")
+    opt_a = _opt(a, lr=lr, capturable=True)
+    opt_b = _opt(b)
+    scale, flag = torch.tensor(16.0, device="cuda"), torch.zeros(1, device="cuda")
+    for p in a.parameters():
+        p.grad = torch.zeros_like(p)
+    opt_a.grad_scale, opt_a.found_inf = scale, flag
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        flag.fill_(1.0)
+        opt_a.step()  # warm-up (state, Triton JIT) under a set flag: changes nothing
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_a.step()
+    for k, (lr_v, bad) in enumerate(((1e-2, False), (5e-3, True), (2e-3, False))):
+        _loss(b, k, "cuda").backward()
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            p.grad.copy_(q.grad * 16.0)
+            if bad:
+                p.grad[0] = float("nan")
+        lr.fill_(lr_v)
+        flag.fill_(1.0 if bad else 0.0)
+        graph.replay()
+        if not bad:
+            for g in opt_b.param_groups:
+                g["lr"] = lr_v
+            opt_b.step()
+        opt_b.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        assert float(opt_a.state[pa]["step"]) == 2.0

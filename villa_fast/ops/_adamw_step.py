@@ -183,6 +183,59 @@ def adamw_step_(
         _one_element("grad_scale", grad_scale, device)
     if found_inf is not None:
         _one_element("found_inf", found_inf, device)
+    if not _tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, device):
+        _check_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, device)
+    dtypes = {str(p.dtype) for p in params}
+    backends = {choose("adamw_step", device.type, d) for d in dtypes}
+    backend = backends.pop() if len(backends) == 1 else "reference"
+    hyper = (beta1, beta2, eps, weight_decay, correct_bias)
+    names = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    if backend != "reference":
+        # the kernels take contiguous tensors; any other parameter goes through the reference
+        odd = {
+            i
+            for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True))
+            if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous())
+        }
+        if odd:
+            pick = sorted(odd)
+            odd_lists = [[lst[i] for i in pick] for lst in names]
+            _adamw_step_op(*odd_lists, lr, lr_tensor, *hyper, grad_scale, found_inf, "reference")
+            keep = [i for i in range(len(params)) if i not in odd]
+            names = tuple([lst[i] for i in keep] for lst in names)
+            if not names[0]:
+                return
+    _adamw_step_op(*names, lr, lr_tensor, *hyper, grad_scale, found_inf, backend)
+
+
+def _tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, device: torch.device) -> bool:
+    """The checks of :func:`_check_tensors` in bulk, without naming anything: the common case, kept cheap
+    (an optimizer step passes a few hundred tensors)."""
+    every = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    if not all(isinstance(t, Tensor) for lst in every for t in lst):
+        return False
+    if {t.device for lst in every for t in lst} != {device}:
+        return False
+    f32 = torch.float32
+    quads = zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)
+    if not all(
+        p.dtype in _PARAM_DTYPES
+        and m.dtype == p.dtype
+        and v.dtype == p.dtype
+        and (g.dtype == p.dtype or (p.dtype == f32 and g.dtype in _HALF))
+        and p.shape == g.shape == m.shape == v.shape
+        for p, g, m, v in quads
+    ):
+        return False
+    if not all(s.dtype == f32 and s.numel() == 1 for s in steps):
+        return False
+    ptrs = [t.data_ptr() for lst in (params, exp_avgs, exp_avg_sqs) for t in lst if t.numel()]
+    ptrs += [s.data_ptr() for s in steps]
+    return len(set(ptrs)) == len(ptrs)
+
+
+def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, device: torch.device) -> None:
+    """Every tensor argument, one by one: the first problem raises an error naming the tensor."""
     seen: dict[int, str] = {}
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True)):
         for name, t in ((f"params[{i}]", p), (f"grads[{i}]", g), (f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v)):
@@ -214,24 +267,3 @@ def adamw_step_(
             if t.data_ptr() in seen:
                 raise ValueError(f"{name} and {seen[t.data_ptr()]} are the same tensor (or share their memory)")
             seen[t.data_ptr()] = name
-    dtypes = {str(p.dtype) for p in params}
-    backends = {choose("adamw_step", device.type, d) for d in dtypes}
-    backend = backends.pop() if len(backends) == 1 else "reference"
-    hyper = (beta1, beta2, eps, weight_decay, correct_bias)
-    names = (params, grads, exp_avgs, exp_avg_sqs, steps)
-    if backend != "reference":
-        # the kernels take contiguous tensors; any other parameter goes through the reference
-        odd = {
-            i
-            for i, quad in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True))
-            if not all(t.is_contiguous() for t in quad)
-        }
-        if odd:
-            pick = sorted(odd)
-            odd_lists = [[lst[i] for i in pick] for lst in names]
-            _adamw_step_op(*odd_lists, lr, lr_tensor, *hyper, grad_scale, found_inf, "reference")
-            keep = [i for i in range(len(params)) if i not in odd]
-            names = tuple([lst[i] for i in keep] for lst in names)
-            if not names[0]:
-                return
-    _adamw_step_op(*names, lr, lr_tensor, *hyper, grad_scale, found_inf, backend)
