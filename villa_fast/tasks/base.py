@@ -7,14 +7,14 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from villa_fast.train.config import ConfigError, dataset_pairs
 
-__all__ = ["EXAMPLES", "TOKENS", "DataContext", "Task", "load_model_config"]
+__all__ = ["EXAMPLES", "TOKENS", "Accumulation", "DataContext", "Task", "load_model_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,15 @@ logger = logging.getLogger(__name__)
 TOKENS = "tokens"
 #: a batch size that counts examples (dataset items; the authors' plain ``DataLoader(batch_size=...)``)
 EXAMPLES = "examples"
+
+
+class Accumulation(NamedTuple):
+    """How one optimizer step is formed, per process: ``micro_batches`` micro-batches whose gradients are summed,
+    the sum multiplied by ``loss_scale`` (the same as each micro-batch's whole loss multiplied by it, the factor
+    being one for the step; under VILLA its task loss and KL term alike)."""
+
+    micro_batches: int
+    loss_scale: float = 1.0
 
 
 @dataclass
@@ -153,6 +162,12 @@ class Task:
 
     def train_loader(self, ctx: DataContext):
         raise NotImplementedError
+
+    def accumulation(self) -> Accumulation:
+        """Micro-batches per optimizer step and the factor on their summed gradients: by default
+        ``gradient_accumulation_steps`` and 1 (the authors sum micro-batch gradients, unscaled). A task whose
+        authors' script accumulates otherwise says so here."""
+        return Accumulation(int(self.cfg["gradient_accumulation_steps"]), 1.0)
 
     def eval_loader(self, ctx: DataContext, split: str = "val"):
         raise NotImplementedError

@@ -8,6 +8,19 @@ without gradient in eval mode as UNITER's ``train_itm_hard_negatives.py`` does).
 are the rank scores of a group laid out as one row, ``[groups, sample_size]``, not the model's
 ``[rows, 1]``.
 
+Training with hard negatives accumulates as ``train_itm_hard_negatives.py`` does. There the loaders
+hold one item per batch (a text with ``negative_size`` images, or an image with as many texts), and
+``train_batch_size`` is the number of positive pairs per optimizer step, reached by gradient
+accumulation: each pass of its loop takes an image-side item, then a text-side item (two loaders,
+each shuffled on its own), backpropagates each item's hinge loss divided by ``train_batch_size``,
+and steps the optimizer (and the learning-rate schedule) after every ``train_batch_size`` passes;
+``gradient_accumulation_steps`` is not read. Here (:meth:`RetrievalTask.accumulation`) an optimizer
+step is ``2 * train_batch_size`` micro-batches per process, image side and text side alternating
+(:class:`AlternatingSidesSampler`), their summed gradients multiplied by ``1 / train_batch_size``
+(the VILLA step's objective, hinge and KL term, alike); ``gradient_accumulation_steps`` must stay 1.
+Across processes the gradients are summed, as theirs are; each process takes its own share of each
+side's permutation (their per-process loaders are not sharded).
+
 Adversarial fine-tuning. The authors' repository (zhegan27/VILLA) ships adversarial training scripts
 for VQA, VCR, NLVR2 and SNLI-VE only (``train_{vqa,vcr,nlvr2,ve}_adv.py``); for retrieval it has the
 inference script ``inf_itm.py`` alone, so the retrieval recipe behind the paper's Flickr30k numbers is
@@ -43,6 +56,7 @@ queries untouched and report them as robust.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,10 +64,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from villa_fast.tasks.base import EXAMPLES, DataContext, Task, _unwrap
+from villa_fast.tasks.base import EXAMPLES, Accumulation, DataContext, Task, _unwrap
 from villa_fast.train.config import ConfigError
 
 __all__ = [
+    "AlternatingSidesSampler",
     "RetrievalTask",
     "group_scores",
     "inf_minibatch_size",
@@ -187,6 +202,73 @@ def score_in_minibatches(model: nn.Module, batch: Mapping[str, Any], size: int) 
     return scores.index_select(0, back)
 
 
+class AlternatingSidesSampler:
+    """Batch sampler of hard-negative training: one item per micro-batch, an image-side item then a text-side item,
+    as each pass of the loop of UNITER's ``train_itm_hard_negatives.py`` takes them.
+
+    The dataset holds ``n`` text-side items (indices ``[0, n)``: a text with sampled images) followed by ``n``
+    image-side items (``[n, 2n)``: an image with sampled texts). Each epoch draws one permutation per side from
+    ``(seed, epoch)`` (the two sides shuffled independently, as their two loaders are); rank ``r`` of
+    ``world_size`` keeps positions ``r::world_size`` of each, both cut first to a multiple of ``world_size`` so
+    that every rank runs as many micro-batches, and yields ``[image-side k]``, ``[text-side k]`` for each of its
+    positions ``k``: ``2 * (n // world_size)`` micro-batches, image side on even positions. An optimizer step of an
+    even number of micro-batches thus always holds as many of each side, across epoch ends too.
+
+    The interface :class:`villa_fast.data.TokenBucketLoader` drives (``epoch``, ``seed``, ``start_batch``,
+    ``set_epoch``, ``set_lens``, ``state_dict``), so the loader resumes it exactly.
+    """
+
+    def __init__(self, n: int, *, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a count of items per side, got {n!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if n < world_size:
+            raise ValueError(
+                f"hard-negative training: {n} texts cannot give each of {world_size} processes one item per side"
+            )
+        self._n = n
+        self.seed, self.epoch = int(seed), int(epoch)
+        self.rank, self.world_size = rank, world_size
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_lens(self, lens, pad_dims=None) -> None:
+        """Called by the loader after the dataset's ``set_epoch``: the dataset must still hold both sides."""
+        if len(lens) != 2 * self._n:
+            raise ValueError(f"the dataset now has {len(lens)} items, the sampler was built for 2 x {self._n}")
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.start_batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.start_batch = int(state.get("batch_index", 0))
+        self.seed = int(state.get("seed", self.seed))
+
+    def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
+        """This rank's micro-batches (one index each) for ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = random.Random((self.seed * 1_000_003 + epoch) & ((1 << 63) - 1))
+        n, world = self._n, self.world_size
+        txt, img = list(range(n)), list(range(n, 2 * n))
+        rng.shuffle(txt)
+        rng.shuffle(img)
+        keep = n // world * world
+        mine_t, mine_i = txt[:keep][self.rank :: world], img[:keep][self.rank :: world]
+        return [[i] for pair in zip(mine_i, mine_t, strict=True) for i in pair]
+
+    def __iter__(self):
+        batches = self.epoch_batches()
+        start, self.start_batch = self.start_batch, 0
+        return iter(batches[start:])
+
+    def __len__(self) -> int:
+        return 2 * (self._n // self.world_size)
+
+
 class RetrievalTask(Task):
     name = "retrieval"
     main_metric = "r_mean"
@@ -203,17 +285,29 @@ class RetrievalTask(Task):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         inf_minibatch_size(cfg)
+        accum = cfg.get("gradient_accumulation_steps", 1)
+        if cfg.get("hard_neg_size", 0) > 0 and accum != 1:
+            raise ConfigError(
+                f"retrieval with hard negatives (hard_neg_size={cfg['hard_neg_size']}): train_batch_size sets the "
+                f"positive pairs per optimizer step (train_itm_hard_negatives.py), so gradient_accumulation_steps "
+                f"must be 1, got {accum!r}; raise train_batch_size instead"
+            )
 
     @property
     def train_batch_unit(self) -> str | None:
         """:data:`EXAMPLES` with sampled negatives; None with hard negatives, where a micro-batch is one item
-        (a text with its ``negative_size`` images, or an image with as many texts) whatever the batch size.
-
-        UNITER's ``train_itm_hard_negatives.py`` reads ``train_batch_size`` there as the positive pairs per
-        optimizer step (gradient accumulation over a text-side and an image-side item each, losses divided by
-        it); here ``gradient_accumulation_steps`` sets the items per optimizer step and ``train_batch_size`` is
-        not read."""
+        (a text with its ``negative_size`` images, or an image with as many texts) whatever the batch size, and
+        ``train_batch_size`` counts positive pairs per optimizer step instead (:meth:`accumulation`)."""
         return None if self.cfg["hard_neg_size"] > 0 else EXAMPLES
+
+    def accumulation(self) -> Accumulation:
+        """With hard negatives, as ``train_itm_hard_negatives.py``: ``train_batch_size`` image-side and as many
+        text-side micro-batches per optimizer step, each loss divided by ``train_batch_size``. With sampled
+        negatives, the default (``gradient_accumulation_steps``, unscaled), as ``train_itm.py``."""
+        if self.cfg["hard_neg_size"] > 0:
+            n = int(self.cfg["train_batch_size"])
+            return Accumulation(2 * n, 1.0 / n)
+        return super().accumulation()
 
     def build_model(self):
         from villa_fast.models import build_model
@@ -227,30 +321,28 @@ class RetrievalTask(Task):
             ItmRankDataset,
             ItmRankDatasetHardNegFromImage,
             ItmRankDatasetHardNegFromText,
+            TokenBucketLoader,
             TxtTokLmdb,
             itm_rank_collate,
             itm_rank_hn_collate,
         )
-        from villa_fast.train.loader import ItemLoader
 
         c = self.cfg
         pairs = self.pairs("train")
         if c["hard_neg_size"] > 0:
-            sets = []
+            # every text-side item, then every image-side item (each side concatenated over the pairs, as the
+            # authors' two ConcatDatasets); the sampler alternates the sides
+            txt_side, img_side = [], []
             for txt, img in pairs:
                 tdb, idb = TxtTokLmdb(txt, c["max_txt_len"]), self.img_db(img)
-                sets.append(ItmRankDatasetHardNegFromText(tdb, idb, c["negative_size"]))
-                sets.append(ItmRankDatasetHardNegFromImage(tdb, idb, c["negative_size"]))
-            ds = ConcatDatasetWithLens(sets)
-            return ItemLoader(
-                ds,
-                itm_rank_hn_collate,
-                shuffle=True,
-                seed=ctx.seed,
-                rank=ctx.rank,
-                world_size=ctx.world_size,
-                num_workers=ctx.num_workers,
-            )
+                txt_side.append(ItmRankDatasetHardNegFromText(tdb, idb, c["negative_size"]))
+                img_side.append(ItmRankDatasetHardNegFromImage(tdb, idb, c["negative_size"]))
+            n_txt, n_img = sum(map(len, txt_side)), sum(map(len, img_side))
+            if n_txt != n_img:
+                raise ValueError(f"hard-negative training: {n_txt} text-side items but {n_img} image-side items")
+            ds = ConcatDatasetWithLens(txt_side + img_side)
+            sampler = AlternatingSidesSampler(n_txt, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world_size)
+            return TokenBucketLoader(ds, itm_rank_hn_collate, sampler, num_workers=ctx.num_workers)
         sets = [ItmRankDataset(TxtTokLmdb(t, c["max_txt_len"]), self.img_db(i), c["negative_size"]) for t, i in pairs]
         ds = sets[0] if len(sets) == 1 else ConcatDatasetWithLens(sets)
         return self.batch_loader(ds, itm_rank_collate, ctx, train=True)

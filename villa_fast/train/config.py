@@ -83,7 +83,8 @@ SCHEMA: dict[str, Key] = {
         "int",
         4096,
         "training batch per process: tokens, padding counted (vqa, ve, nlvr2, vcr, pretrain); "
-        "examples (re; retrieval with sampled negatives; unused with hard negatives)",
+        "examples (re; retrieval with sampled negatives); retrieval with hard negatives: positive pairs per "
+        "optimizer step, each an image-side and a text-side micro-batch, losses divided by it",
     ),
     "val_batch_size": _k(
         "int",
@@ -93,7 +94,9 @@ SCHEMA: dict[str, Key] = {
     "n_workers": _k("int", 4, "DataLoader worker processes"),
     "pin_mem": _k("bool", False, "pin host memory of batches"),
     # -- optimisation ----------------------------------------------------------------------------
-    "gradient_accumulation_steps": _k("int", 1, "micro-batches per optimizer step"),
+    "gradient_accumulation_steps": _k(
+        "int", 1, "micro-batches per optimizer step (retrieval with hard negatives: 1, train_batch_size sets them)"
+    ),
     "learning_rate": _k("float", 3e-5, "peak learning rate"),
     "lr_mul": _k("float", 1.0, "learning-rate multiplier of the task head"),
     "valid_steps": _k("int", 1000, "validate (and checkpoint) every N optimizer steps"),

@@ -1,9 +1,11 @@
 """The training loop: standard or VILLA adversarial fine-tuning and pre-training.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches per process. As in the
-authors' scripts, micro-batch gradients are summed (not averaged) and so are the processes'
-gradients (one all-reduce per optimizer step), then the schedule sets the learning rates,
-gradients are clipped to ``grad_norm`` and AdamW steps. A VILLA micro-batch runs the
+One optimizer step = the task's micro-batches per process (``Task.accumulation``:
+``gradient_accumulation_steps`` unless the authors' script for the task accumulates otherwise, as
+retrieval with hard negatives does). As in the authors' scripts, micro-batch gradients are summed
+(not averaged) and so are the processes' gradients (one all-reduce per optimizer step); the sum is
+multiplied by the task's loss scale (1 unless the task says otherwise), then the schedule sets the
+learning rates, gradients are clipped to ``grad_norm`` and AdamW steps. A VILLA micro-batch runs the
 adversarial step (``villa_fast.VillaStep``), which does its own backward passes.
 """
 
@@ -132,6 +134,7 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.adv_step = self._build_adv_step() if self.cfg["adv_training"] else None
+        self.accumulation = self._accumulation()
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.output_dir = Path(self.cfg["output_dir"]) if self.cfg.get("output_dir") else None
@@ -171,6 +174,18 @@ class Trainer:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _accumulation(self):
+        acc = self.task.accumulation()
+        n, scale = acc.micro_batches, acc.loss_scale
+        bad_n = isinstance(n, bool) or not isinstance(n, int) or n < 1
+        bad_scale = isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < math.inf
+        if bad_n or bad_scale:
+            raise ValueError(
+                f"task {self.task.name}: micro-batches per optimizer step must be a positive integer and the loss "
+                f"scale a positive number, got {n!r} and {scale!r}"
+            )
+        return acc
 
     def _build_adv_step(self):
         try:
@@ -253,8 +268,16 @@ class Trainer:
         return loss.detach().float()
 
     def optimizer_step(self) -> dict[str, float | Tensor]:
-        """All-reduce, schedule, clip, step, zero: once per ``gradient_accumulation_steps`` micro-batches."""
+        """All-reduce, loss scale, schedule, clip, step, zero: once per ``accumulation.micro_batches`` micro-batches.
+
+        The loss scale multiplies the summed gradients once: the same, up to rounding (exactly for a power of
+        two), as multiplying every micro-batch's loss by it, the VILLA step's whole objective (task loss and KL
+        term) included, since the factor is one for the whole step."""
         vdist.all_reduce_grads(self.params, self.dist.world_size, average=False)
+        if self.accumulation.loss_scale != 1.0:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, self.accumulation.loss_scale)
         lr = self.schedule.step()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -328,7 +351,7 @@ class Trainer:
             last = latest_checkpoint(self._ckpt_dir())
             if last is not None:
                 self.load(last)
-        total, accum = c["num_train_steps"], c["gradient_accumulation_steps"]
+        total, accum = c["num_train_steps"], self.accumulation.micro_batches
         save_every = c["save_steps"] or c["valid_steps"]
         pbar = None
         if c["progress"] and self.dist.is_main and not self.quiet:
