@@ -1,4 +1,5 @@
-"""A resumable loader for datasets whose items are whole batches (retrieval with hard negatives)."""
+"""A resumable loader for datasets whose items are whole batches (the retrieval evaluation: one query with all
+its candidates per item)."""
 
 from __future__ import annotations
 
