@@ -6,7 +6,9 @@ Sizes: VQA (deltas 128x24x768 and 128x36x2048, logits 128x3129), masked-LM
 (logits 2048x28996), the residual add + LayerNorm of UNITER-base (7680x768,
 a bf16 dense output plus an fp32 residual) and the adversarial step's gradient
 accumulation under its finiteness flag (add_if_ over the VQA model's parameter
-shapes, against a masked fill per parameter plus a multi-tensor add). Prints a markdown table of median ms
+shapes, against a masked fill per parameter plus a multi-tensor add) and the authors' AdamW
+step over the same parameters (adamw_step_ against AdamW's multi-tensor foreach rule,
+with host and with device step counts). Prints a markdown table of median ms
 and GB/s against the bytes each op must move, and writes bench/out/bench_ops.csv
 with the device, versions and date. On the CPU the fused backend is the C++ one;
 add_layer_norm has no C++ kernel and its Triton kernel is not timed there (the
@@ -210,6 +212,47 @@ def bench_add_if(device, quick, reps, rows):
     _run(case, variants, device, reps, nbytes, rows)
 
 
+def bench_adamw(device, quick, reps, rows):
+    """One step of the authors' AdamW over the VQA model's parameters: the multi-tensor (foreach) rule that
+    AdamW runs on the reference backend, with host and with device step counts (capturable), against
+    adamw_step_ (the step counts, lr, and GradScaler's scale and flag on the device)."""
+    from villa_fast.train.optim import AdamW
+
+    shapes = _param_shapes(quick)
+    params = [torch.randn(s, device=device) * 0.02 for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    kw = {"betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.01}
+    plain = AdamW(params, lr=1e-4, **kw)
+    capturable = AdamW(params, lr=torch.tensor(1e-4, device=device), capturable=True, **kw)
+    for opt in (plain, capturable):
+        _with_backend("reference", opt.step)()  # creates the state: timed steps only update it
+    state = [capturable.state[p] for p in params]
+    ms, vs = [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state]
+    steps = [s["step"] for s in state]
+    grads = [p.grad for p in params]
+    scale, found_inf = torch.ones((), device=device), torch.zeros(1, device=device)
+    nbytes = sum(p.numel() for p in params) * 4 * 7  # read p, g, m, v; write p, m, v
+    case = f"AdamW step, {len(shapes)} UNITER{'-tiny' if quick else '-base'} VQA parameters"
+
+    def fused(**extra):
+        return lambda: ops.adamw_step_(params, grads, ms, vs, steps, beta1=0.9, beta2=0.98, eps=1e-6, **extra)
+
+    variants = [
+        ("foreach", _with_backend("reference", plain.step)),
+        ("foreach capturable", _with_backend("reference", capturable.step)),
+    ]
+    hyper = {"lr": capturable.param_groups[0]["lr"], "weight_decay": 0.01, "correct_bias": True}
+    for name in _fused_backends(device):
+        if name == "triton" and device.type != "cuda":
+            continue  # the interpreter: correctness only
+        variants.append((name, _with_backend(name, fused(**hyper))))
+        variants.append(
+            (f"{name} +scale/flag", _with_backend(name, fused(**hyper, grad_scale=scale, found_inf=found_inf)))
+        )
+    _run(case, variants, device, reps, nbytes, rows)
+
+
 def _run(case, variants, device, reps, nbytes, rows):
     base = None
     for name, fn in variants:
@@ -244,6 +287,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ln_rows = 7680 if device.type == "cuda" else (256 if args.quick else 1024)
     bench_add_layer_norm(device, ln_rows, 768, reps, use_compile, rows)
     bench_add_if(device, args.quick, reps, rows)
+    bench_adamw(device, args.quick, reps, rows)
     info = meta(device)
     path = write_csv("bench_ops.csv", rows, info)
     print(f"\nbench_ops on {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}")

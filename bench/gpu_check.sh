@@ -83,7 +83,8 @@ fi
 # the phases, most valuable first: a smoke test of what the benchmarks stand on, the whole-step benchmark,
 # its profile, the op benchmark, then every GPU test with the time left
 stamp "GPU smoke tests (CUDA kernels vs reference, graphed vs eager)"
-SMOKE=(tests/test_perturb_update.py tests/test_sym_kl.py tests/test_perturb_init.py tests/test_add_if.py tests/test_graphed.py)
+SMOKE=(tests/test_perturb_update.py tests/test_sym_kl.py tests/test_perturb_init.py tests/test_add_if.py tests/test_adamw_step.py
+  tests/test_train_optim.py tests/test_graphed.py)
 run_phase 90 300 "$OUT/tests_smoke.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs -x \
   -k "cuda or gpu or graph" "${SMOKE[@]}"
 echo "pytest exit code $?"
@@ -104,8 +105,8 @@ if [ -z "${QUICK:-}" ]; then
   # the pipeline and graph tests first: the kernels' CUDA cases already ran in the smoke phase
   TESTS=(tests/test_gpu_pipeline.py tests/test_graphed.py tests/test_ext_kernels.py tests/test_models_compile.py
     tests/test_add_layer_norm.py tests/test_adversarial.py tests/test_bench_step.py tests/test_perturb_update.py
-    tests/test_sym_kl.py tests/test_perturb_init.py tests/test_add_if.py tests/test_adversarial_rng.py tests/test_opcheck.py
-    tests/test_backend.py)
+    tests/test_sym_kl.py tests/test_perturb_init.py tests/test_add_if.py tests/test_adamw_step.py tests/test_train_optim.py
+    tests/test_adversarial_rng.py tests/test_opcheck.py tests/test_backend.py)
   run_phase 400 0 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs --durations=10 "${TESTS[@]}"
   echo "pytest exit code $?"
   grep -E "(passed|failed|error)" "$OUT/tests.log" | tail -n 1

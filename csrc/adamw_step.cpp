@@ -5,10 +5,16 @@
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
 //   (size lr without correct_bias);  then p *= 1 - lr * weight_decay.
 // g is the gradient divided by grad_scale when one is given; with a non-zero found_inf nothing changes.
-// Math in float (double for double parameters on the CPU); the scalars of a tensor in double.
+// Math in float (double for double parameters on the CPU); the scalars of a tensor in double. The CPU
+// kernel takes four floats at a time with SSE where the compiler targets x86-64.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,20 +32,65 @@ struct CpuScalars {
 };
 
 template <typename T, typename G>
+void update_scalar(T* w, const G* g, T* m, T* v, int64_t begin, int64_t end, const CpuScalars<T>& s) {
+    for (int64_t i = begin; i < end; ++i) {
+        T gi = static_cast<T>(g[i]);
+        if (s.scaled) gi = gi / s.scale;
+        const T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;
+        const T vi = s.beta2 * v[i] + s.one_minus_beta2 * (gi * gi);
+        const T denom = std::sqrt(vi) + s.eps;
+        T wi = w[i] - s.size * (mi / denom);
+        if (s.use_decay) wi = wi * s.decay;
+        w[i] = wi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+#if defined(__SSE2__)
+template <typename G>
+inline __m128 load4(const G* g) {
+    if constexpr (std::is_same_v<G, float>) {
+        return _mm_loadu_ps(g);
+    } else {
+        alignas(16) float t[4];
+        for (int k = 0; k < 4; ++k) t[k] = static_cast<float>(g[k]);
+        return _mm_load_ps(t);
+    }
+}
+
+// Four floats at a time: the scalar loop's operations in its order, each rounded as there (no FMA), so the
+// results are the same bits. The compiler does not vectorise the scalar loop itself: std::sqrt may set errno.
+template <typename G>
+int64_t update_sse(float* w, const G* g, float* m, float* v, int64_t begin, int64_t end, const CpuScalars<float>& s) {
+    const __m128 b1 = _mm_set1_ps(s.beta1), omb1 = _mm_set1_ps(s.one_minus_beta1);
+    const __m128 b2 = _mm_set1_ps(s.beta2), omb2 = _mm_set1_ps(s.one_minus_beta2);
+    const __m128 eps = _mm_set1_ps(s.eps), size = _mm_set1_ps(s.size), decay = _mm_set1_ps(s.decay);
+    const __m128 scale = _mm_set1_ps(s.scale);
+    int64_t i = begin;
+    for (; i + 4 <= end; i += 4) {
+        __m128 gi = load4(g + i);
+        if (s.scaled) gi = _mm_div_ps(gi, scale);
+        const __m128 mi = _mm_add_ps(_mm_mul_ps(b1, _mm_loadu_ps(m + i)), _mm_mul_ps(omb1, gi));
+        const __m128 vi = _mm_add_ps(_mm_mul_ps(b2, _mm_loadu_ps(v + i)), _mm_mul_ps(omb2, _mm_mul_ps(gi, gi)));
+        const __m128 denom = _mm_add_ps(_mm_sqrt_ps(vi), eps);
+        __m128 wi = _mm_sub_ps(_mm_loadu_ps(w + i), _mm_mul_ps(size, _mm_div_ps(mi, denom)));
+        if (s.use_decay) wi = _mm_mul_ps(wi, decay);
+        _mm_storeu_ps(w + i, wi);
+        _mm_storeu_ps(m + i, mi);
+        _mm_storeu_ps(v + i, vi);
+    }
+    return i;
+}
+#endif
+
+template <typename T, typename G>
 void update_cpu(T* w, const G* g, T* m, T* v, int64_t n, const CpuScalars<T>& s) {
     at::parallel_for(0, n, int64_t(1) << 14, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            T gi = static_cast<T>(g[i]);
-            if (s.scaled) gi = gi / s.scale;
-            const T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;
-            const T vi = s.beta2 * v[i] + s.one_minus_beta2 * (gi * gi);
-            const T denom = std::sqrt(vi) + s.eps;
-            T wi = w[i] - s.size * (mi / denom);
-            if (s.use_decay) wi = wi * s.decay;
-            w[i] = wi;
-            m[i] = mi;
-            v[i] = vi;
-        }
+#if defined(__SSE2__)
+        if constexpr (std::is_same_v<T, float>) begin = update_sse(w, g, m, v, begin, end, s);
+#endif
+        update_scalar(w, g, m, v, begin, end, s);
     });
 }
 
