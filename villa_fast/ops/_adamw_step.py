@@ -138,10 +138,12 @@ def adamw_step_(
     in float64 (the CUDA kernel: in float32 with ``1 - b^t = -expm1(t log b)``, a few ulp), rounded once.
 
     Cost: one read of p, g, m, v and one write of p, m, v per element, 28 bytes per float32 parameter with float32
-    gradients (24 with bfloat16 ones), against about 80 for the multi-tensor (foreach) rule, which runs eight
-    passes over the parameters. With the CUDA extension one launch pair covers 64 tensors. Prediction for
-    UNITER-base on an H100 (about 3 TB/s): the op near the bandwidth bound, about 3x faster than the foreach
-    rule. The Triton kernel launches once per tensor.
+    gradients (24 with bfloat16 ones), against about 84 for the multi-tensor (foreach) rule, which makes eight
+    passes over the parameters (ten, about 100 bytes, with device step counts). With the CUDA extension one
+    launch pair covers 64 tensors. Prediction for UNITER-base VQA (168 tensors, 115.9M parameters) on an H100
+    (about 3 TB/s): 3.2 GB moved in about 1.1 ms, near the bandwidth bound, against about 3.3 ms for the foreach
+    rule (9.7 GB): about 3x. The Triton kernel launches once per tensor. The C++ kernel (SSE) on a 2-core CPU:
+    17 ms against 73 ms for the foreach rule over 21.7M parameters.
 
     Args:
         params: float32 tensors (the master weights; float64 too, and float16/bfloat16 through the reference).

@@ -222,8 +222,10 @@ class AdamW(torch.optim.Optimizer):
         host_counts = not group["capturable"] and found_inf is None
         host_counts = host_counts and not any(isinstance(self.state[p]["step"], Tensor) for p in ps)
         if host_counts:
-            # int counts stay ints: the op advances a copy on the device (one host-to-device copy), the ints here
-            counts = torch.tensor([float(self.state[p]["step"]) for p in ps], dtype=torch.float32)
+            # int counts stay ints: the op advances a copy on the device (one asynchronous host-to-device copy
+            # from pinned memory), the ints here
+            pin = device.type == "cuda"
+            counts = torch.tensor([float(self.state[p]["step"]) for p in ps], dtype=torch.float32, pin_memory=pin)
             steps = list(counts.to(device, non_blocking=True).unbind())
         else:
             steps = self._device_steps(ps)
