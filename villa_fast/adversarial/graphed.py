@@ -7,7 +7,8 @@ removes the launch gaps. What the capture needs (PLATFORM_NOTES.md, CUDA graphs)
 - a warm-up on a side stream before capture (Triton JIT, cuBLAS handles, optimizer state), whose effect
   on the parameters, gradients, optimizer state and loss scale is undone before capturing;
 - no host sync and no data-dependent shapes inside: the step already keeps every decision on the device,
-  the optimizer must be ``fused=True, capturable=True`` with a tensor learning rate (updated in place by
+  the optimizer must be capturable (``torch.optim.AdamW(fused=True, capturable=True)``, or
+  ``villa_fast.train.optim.AdamW(capturable=True)``) with a tensor learning rate (updated in place by
   the schedule), and clipping uses :func:`clip_grad_norm_capturable_`;
 - dropout draws from the default CUDA generator, which the graph advances at every replay, so masks
   differ across replays;
@@ -105,7 +106,8 @@ class GraphedVillaStep:
         forward_fn, loss_fn, config, text_embedding, image_input, scaler, params, generator: as for
             :class:`VillaStep`. ``generator`` (init_mag > 0) must be a CUDA generator to be captured.
         optimizer: optional optimizer stepped inside the graph; on CUDA it must be created with
-            ``fused=True, capturable=True`` and a tensor ``lr`` (a float lr would be frozen into the graph).
+            ``capturable=True`` (torch's AdamW also ``fused=True``; or villa_fast.train.optim.AdamW) and a
+            tensor ``lr`` (a float lr would be frozen into the graph).
             With a scaler, ``scaler.step`` / ``scaler.update`` run inside the graph as well.
         max_grad_norm: optional clipping threshold applied before the optimizer step.
         warmup: eager warm-up steps on a side stream before each capture (their effect is undone).
@@ -355,7 +357,9 @@ class GraphedVillaStep:
             return
         for group in self.optimizer.param_groups:
             if not group.get("capturable", False):
-                raise RuntimeError("the optimizer must be created with capturable=True (and fused=True)")
+                raise RuntimeError(
+                    "the optimizer must be created with capturable=True (torch.optim.AdamW also with fused=True)"
+                )
             if not isinstance(group["lr"], Tensor):
                 self._say_eager_lr()
                 break
