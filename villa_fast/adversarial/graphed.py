@@ -292,14 +292,17 @@ class GraphedVillaStep:
         """Give every parameter its fixed ``.grad`` tensor again if the caller dropped or replaced it."""
         if self._static_grads is None:
             return
+        dropped = []
         for p, g in zip(self._grad_params(), self._static_grads, strict=True):
             if p.grad is g:
                 continue
             if p.grad is None:
-                g.zero_()
+                dropped.append(g)
             else:
                 g.copy_(p.grad)
             p.grad = g
+        if dropped:
+            torch._foreach_zero_(dropped)  # one multi-tensor launch after zero_grad(set_to_none=True)
 
     def _snapshot(self) -> dict[str, Any]:
         params = self._all_params()
