@@ -318,7 +318,8 @@ def test_defaults_suit_what_the_task_counts(name):
 
 # -- referring expressions: the released config's batch size on the synthetic databases ---------------------------
 
-N_REFS, PER_REF, N_LOOSE = 98, 3, 6  # 300 training sentences: batches of 128, 128 and 44
+# 300 training sentences under refs: batches of 128, 128 and 44; the loose ones are under no ref, so no example
+N_REFS, PER_REF, N_LOOSE = 100, 3, 6
 
 
 def _write_re_txt_db(path: Path, rng, n_refs: int, per_ref: int, n_loose: int) -> list[list[str]]:
@@ -384,7 +385,8 @@ def test_re_batches_are_128_sentences_grouped_by_ref(re_dbs, tmp_path):
     task = ReTask(_re_cfg(root, tmp_path))
     loader = task.train_loader(DataContext())
     ds = loader.dataset
-    assert isinstance(loader.sampler, ExampleBatchSampler) and len(ds) == N_REFS * PER_REF + N_LOOSE
+    assert isinstance(loader.sampler, ExampleBatchSampler) and len(ds) == N_REFS * PER_REF
+    assert ds.ids == [s for sents in refs for s in sents]  # the authors' order: refs.json, not id2len.json
     seen = []
     for epoch in range(2):
         batches = loader.sampler.epoch_batches(epoch)
@@ -398,9 +400,9 @@ def test_re_batches_are_128_sentences_grouped_by_ref(re_dbs, tmp_path):
     assert seen[0] != seen[1]  # reshuffled every epoch
     rows = [b["targets"].size(0) for b in loader]
     assert rows == [128, 128, 44] and loader.epoch == 1
-    # evaluation: database order, batches of val_batch_size, nothing left out
+    # evaluation: the dataset's (refs.json) order, batches of val_batch_size, nothing left out
     ev = task.eval_loader(DataContext())
-    assert [i for b in ev.sampler for i in b] == list(range(len(ev.dataset)))
+    assert [i for b in ev.sampler for i in b] == list(range(len(ev.dataset))) and len(ev.dataset) == 10
 
 
 @pytest.mark.parametrize("world", [2, 7])  # 300 sentences: 7 ranks pad the epoch with one
@@ -441,7 +443,7 @@ def test_re_trains_from_the_released_batch_size(re_dbs, tmp_path):
     losses = [e["loss"] for e in history if "loss" in e]
     assert len(losses) == 4 and all(np.isfinite(losses))
     [val] = [e for e in history if "val/n" in e]
-    assert val["val/n"] == 11 and val["val/n_iou"] == 11
+    assert val["val/n"] == 10 and val["val/n_iou"] == 10  # 5 refs of 2 sentences; the loose one is no example
 
 
 def test_re_refs_naming_a_sentence_twice_is_an_error(re_dbs, tmp_path):

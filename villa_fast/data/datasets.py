@@ -81,7 +81,8 @@ def _names(img) -> list[str]:
 
 
 class DetectFeatTxtTokDataset(Dataset):
-    """Base: text ids from ``txt_db.id2len`` with their image(s) from ``txt2img``.
+    """Base: text ids from ``txt_db.id2len`` (in its order; a subclass may choose others by
+    overriding ``_texts``) with their image(s) from ``txt2img``.
 
     ``lens[i]`` (text + regions, the sampler's length) and ``pad_dims[i]`` (upper bounds of
     one row's text width with CLS/SEP and region count, used for fixed-shape padding) are
@@ -105,7 +106,7 @@ class DetectFeatTxtTokDataset(Dataset):
         txt2img = txt_db.txt2img
         ids, txt_lens, self.num_missing_img = [], [], 0
         missing: list[tuple[str, str]] = []
-        for id_, tl in txt_db.id2len.items():
+        for id_, tl in self._texts():
             if id_ not in txt2img:
                 raise DataFormatError(f"{txt_db.db_dir}/txt2img.json: no entry for text id {id_!r}")
             absent = self._missing_image(txt2img[id_])
@@ -127,6 +128,10 @@ class DetectFeatTxtTokDataset(Dataset):
         self.txt_lens = txt_lens
         self._txt2img = {id_: txt2img[id_] for id_ in ids}
         self.lens, self.pad_dims = self._compute_lens()
+
+    def _texts(self) -> Sequence[tuple[str, int]]:
+        """``(text id, token length)`` of the candidate examples, in dataset order."""
+        return list(self.txt_db.id2len.items())
 
     def _missing_image(self, img_ref) -> str | None:
         for name in _names(img_ref):
@@ -670,11 +675,29 @@ class ReTxtTokLmdb(TxtTokLmdb):
 
     Side files: ``images.json`` (``[{id, ann_ids, height, width, ...}]``, ``ann_ids`` in the order of
     the image's ground-truth regions, ``width`` / ``height`` the image size in pixels, both or neither),
-    and when present ``refs.json``, ``annotations.json`` (``[{id, bbox, ...}]``, ``Anns`` by id) and
-    ``categories.json``. Records hold ``image_id``, ``ann_id`` and, in the official databases, ``bbox``
-    (the referred box, COCO ``[x, y, w, h]`` in pixels). The official databases have no
-    ``txt2img.json``: it is then built from ``refs.json`` (each sentence id -> its image's
-    ground-truth-boxes key).
+    and when present ``refs.json`` (``[{ref_id, sent_ids, ...}]``), ``annotations.json``
+    (``[{id, bbox, ...}]``, ``Anns`` by id) and ``categories.json``. Records hold ``image_id``,
+    ``ann_id`` and, in the official databases, ``bbox`` (the referred box, COCO ``[x, y, w, h]`` in
+    pixels). The official databases have no ``txt2img.json``: it is then built from ``refs.json`` (each
+    sentence id -> its image's ground-truth-boxes key).
+
+    The examples, :attr:`sent_ids`, are chosen and ordered as in UNITER's ``data/re.py``
+    (``ReTxtTokLmdb._get_sent_ids``, read by ``ReDataset`` and ``ReEvalDataset`` alike): the refs of
+    ``refs.json`` in file order, each ref's ``sent_ids`` together in their order, a sentence kept when
+    ``max_txt_len`` is -1 or its token length (``id2len.json``, without CLS/SEP) is strictly less than
+    ``max_txt_len``. ``id2len`` keeps lengths up to ``max_txt_len`` inclusive, as every txt_db (the
+    authors' ``TxtTokLmdb`` rule), so a sentence of exactly ``max_txt_len`` tokens is in ``id2len`` but
+    is no example (``num_at_max_len`` counts them, logged). The authors' ``train_re.py`` opens the
+    training db with the config's ``max_txt_len`` and evaluation dbs with -1: every sentence.
+
+    Where ``refs.json`` and ``id2len.json`` disagree the authors' code has no rule: sentences under no
+    ref are never read, and a listed sentence missing from their length-filtered ``id2len`` (longer than
+    ``max_txt_len``, or absent from the file) stops it with a ``KeyError``. Here a longer sentence is
+    left out by the length rule; sentences under no ref are no example (``num_unreferenced``) and listed
+    sentences absent from ``id2len.json`` are skipped (``num_missing_sents``), both logged. A ref without
+    a ``sent_ids`` list, or a sentence under two refs, is a :class:`DataFormatError` naming the file.
+    Without ``refs.json`` the examples are those of ``id2len`` in its order, under the same length rule.
+    ``ref_sents`` holds ``(ref_id, its example ids)`` per ref, in ``refs.json`` order.
     """
 
     def __init__(self, db_dir: str | Path, max_txt_len: int = 120):
@@ -683,10 +706,93 @@ class ReTxtTokLmdb(TxtTokLmdb):
         self.Images = {img["id"]: img for img in images}
         for img in images:
             re_image_size(img, f"{self.db_dir}/images.json image {img['id']!r}")
+        self.has_refs = Path(self.db_dir, "refs.json").is_file()
         for name in ("refs", "annotations", "categories"):
             path = Path(self.db_dir, f"{name}.json")
             setattr(self, name, load_json(path, f"{name}.json") if path.is_file() else [])
         self.Anns = {ann["id"]: ann for ann in self.annotations}
+        self.num_at_max_len = self.num_missing_sents = self.num_unreferenced = 0
+        self.sent_ids, self.ref_sents = self._get_sent_ids()
+
+    def keeps_len(self, txt_len: int) -> bool:
+        """Whether a sentence of ``txt_len`` tokens is an example: the authors' ``sent_len < max_txt_len``."""
+        return self.max_txt_len == -1 or txt_len < self.max_txt_len
+
+    def _get_sent_ids(self) -> tuple[list[str], list[tuple[object, list[str]]]]:
+        at_max = 0
+        if not self.has_refs:
+            sent_ids = []
+            for id_, tl in self.id2len.items():
+                if self.keeps_len(tl):
+                    sent_ids.append(id_)
+                else:
+                    at_max += 1
+            self._log_at_max(at_max)
+            return sent_ids, []
+        all_lens = (
+            self.id2len
+            if self.max_txt_len == -1
+            else load_json(Path(self.db_dir, self.id2len_name), "txt_db id2len file")
+        )
+        where = f"{self.db_dir}/refs.json"
+        if not isinstance(self.refs, list):
+            raise DataFormatError(f"{where}: must be a list of refs, got {type(self.refs).__name__}")
+        sent_ids: list[str] = []
+        ref_sents: list[tuple[object, list[str]]] = []
+        owner: dict[str, object] = {}
+        missing: list[str] = []
+        for n, ref in enumerate(self.refs):
+            listed = ref.get("sent_ids") if isinstance(ref, dict) else None
+            if not isinstance(listed, list):
+                raise DataFormatError(f"{where}: entry {n} needs a 'sent_ids' list, got {ref!r:.80}")
+            ref_id = ref.get("ref_id", f"#{n}")
+            kept = []
+            for sent in listed:
+                key = str(sent)
+                if key in owner:
+                    raise DataFormatError(f"{where}: sentence {sent!r} is under refs {owner[key]!r} and {ref_id!r}")
+                owner[key] = ref_id
+                tl = all_lens.get(key)
+                if tl is None:
+                    missing.append(key)
+                elif self.keeps_len(tl):
+                    kept.append(key)
+                elif tl == self.max_txt_len:
+                    at_max += 1
+            ref_sents.append((ref_id, kept))
+            sent_ids.extend(kept)
+        unreferenced = [id_ for id_ in all_lens if id_ not in owner]
+        self.num_missing_sents = len(missing)
+        self.num_unreferenced = len(unreferenced)
+        if missing:
+            logger.warning(
+                "%s lists %d sentences that %s lacks; skipped (first: %r)",
+                where,
+                len(missing),
+                self.id2len_name,
+                missing[0],
+            )
+        if unreferenced:
+            logger.warning(
+                "%s/%s: %d sentences are under no ref of refs.json and are no example (first: %r)",
+                self.db_dir,
+                self.id2len_name,
+                len(unreferenced),
+                unreferenced[0],
+            )
+        self._log_at_max(at_max)
+        return sent_ids, ref_sents
+
+    def _log_at_max(self, at_max: int) -> None:
+        self.num_at_max_len = at_max
+        if at_max:
+            logger.info(
+                "%s: left out %d sentences of exactly max_txt_len=%d tokens "
+                "(referring expressions keep sentences strictly shorter, as the authors' data/re.py)",
+                self.db_dir,
+                at_max,
+                self.max_txt_len,
+            )
 
     @property
     def txt2img(self) -> dict:
@@ -714,6 +820,8 @@ def _re_target(txt_db: ReTxtTokLmdb, example: dict, num_bb: int, where: str) -> 
 class ReDataset(DetectFeatTxtTokDataset):
     """Items with ``obj_masks`` (0 on real regions, padded with 1) and the target region index.
 
+    The examples are the txt_db's :attr:`ReTxtTokLmdb.sent_ids`, in that order (the authors' ``refs.json``
+    order and ``max_txt_len`` rule), less any whose image is missing (see ``skip_missing_images``).
     The regions must be the image's ground-truth boxes: the target is the position of the
     record's ``ann_id`` in its image's ``ann_ids``.
     """
@@ -722,6 +830,10 @@ class ReDataset(DetectFeatTxtTokDataset):
         if not isinstance(txt_db, ReTxtTokLmdb):
             raise TypeError("txt_db must be a ReTxtTokLmdb")
         super().__init__(txt_db, img_db, **kwargs)
+
+    def _texts(self) -> list[tuple[str, int]]:
+        lens = self.txt_db.id2len
+        return [(id_, lens[id_]) for id_ in self.txt_db.sent_ids]
 
     def __getitem__(self, i: int):
         example = super().__getitem__(i)
@@ -743,6 +855,9 @@ def re_collate(inputs) -> dict:
 
 class ReEvalDataset(ReDataset):
     """Evaluation items, on the images' ground-truth boxes ("gt") or on detected boxes ("det").
+
+    The examples are those of :class:`ReDataset`, in its order; the authors, and ``ReTask``, open
+    evaluation databases with ``max_txt_len = -1``: every sentence.
 
     Items ``(sent_id, input_ids, img_feat, img_pos_feat, attn_masks, obj_masks, target, obj_boxes,
     tgt_box)``:

@@ -26,12 +26,18 @@ Batches count examples (sentences), not tokens: ``train_batch_size`` / ``val_bat
 ``batch_size`` of the authors' ``DataLoader`` (``create_dataloader`` of ``train_re.py``, and
 ``inf_re.py``; "batch by examples", 128 in the released config), per process, over their
 ``DistributedSampler``: the last, shorter batch is kept (no ``drop_last``), every training rank
-gets as many examples (the epoch padded with its first ones). Training shuffles each epoch by
-referring expression: the refs of ``refs.json`` are permuted and each keeps its sentences
-together, in order, which is what the authors' epoch-end ``dataset.shuffle()`` (a shuffle of
-``ref_ids``) is written to do; in their code it rebuilds a list the dataset does not read, so their
-order never changes between epochs. Evaluation keeps the database order. See
-:meth:`ReTask.ref_groups`.
+gets as many examples (the epoch padded with its first ones).
+
+The examples and their order are the authors' (UNITER's ``data/re.py``, see
+:class:`~villa_fast.data.ReTxtTokLmdb`): the sentences of the refs of ``refs.json``, ref by ref
+in file order, each ref's sentences together; training keeps those strictly shorter than
+``max_txt_len`` tokens (a sentence of exactly ``max_txt_len`` is left out), evaluation keeps every
+sentence (the authors open evaluation databases with ``max_txt_len = -1``, in ``train_re.py`` and
+``inf_re.py``) and reads them in that order. Training shuffles each epoch by referring expression:
+the refs are permuted and each keeps its sentences together, in order, which is what the authors'
+epoch-end ``dataset.shuffle()`` (a shuffle of ``ref_ids``) is written to do; in their code it
+rebuilds a list the dataset does not read, so their training reads the ``refs.json`` order every
+epoch, the first included. See :meth:`ReTask.ref_groups`.
 """
 
 from __future__ import annotations
@@ -108,35 +114,18 @@ class ReTask(Task):
     def ref_groups(datasets) -> list[list[int]] | None:
         """The sentences of each referring expression, as example indices of ``datasets`` concatenated.
 
-        One group per ref of each txt_db's ``refs.json`` (in file order) with its ``sent_ids`` that the
-        dataset holds, in their order (sentences over ``max_txt_len`` or without their image are not
-        there); sentences of no ref are left to the sampler, one group each. None when no database has
-        a ``refs.json``. A ref without a ``sent_ids`` list, or a sentence under two refs, is a
-        :class:`DataFormatError` naming the file.
+        One group per ref of each txt_db's ``refs.json`` (in file order) with those of its sentences that
+        the dataset holds, in their order (:attr:`ReTxtTokLmdb.ref_sents`: sentences of ``max_txt_len``
+        tokens or more, or without their image, are not there). The examples follow the same order, so a
+        group is a run of consecutive indices. Examples of a database without ``refs.json`` are left to
+        the sampler, one group each. None when there is no group (no database has a ``refs.json``).
         """
-        from villa_fast.data.codec import DataFormatError
-
         groups: list[list[int]] = []
         offset = 0
         for ds in datasets:
-            refs = ds.txt_db.refs
-            where = f"{ds.txt_db.db_dir}/refs.json"
             index = {id_: offset + k for k, id_ in enumerate(ds.ids)}
-            owner: dict[int, object] = {}
-            for n, ref in enumerate(refs):
-                sent_ids = ref.get("sent_ids") if isinstance(ref, dict) else None
-                if not isinstance(sent_ids, list):
-                    raise DataFormatError(f"{where}: entry {n} needs a 'sent_ids' list, got {ref!r:.80}")
-                ref_id = ref.get("ref_id", f"#{n}")
-                members = []
-                for sent in sent_ids:
-                    i = index.get(str(sent))
-                    if i is None:
-                        continue
-                    if i in owner:
-                        raise DataFormatError(f"{where}: sentence {sent!r} is under refs {owner[i]!r} and {ref_id!r}")
-                    owner[i] = ref_id
-                    members.append(i)
+            for _, sents in ds.txt_db.ref_sents:
+                members = [index[s] for s in sents if s in index]
                 if members:
                     groups.append(members)
             offset += len(ds)
