@@ -74,7 +74,7 @@ SCHEMA: dict[str, Key] = {
     "train_datasets": _k("dict_list", None, "pre-training: [{name, db, img, tasks, mix_ratio}]"),
     "val_datasets": _k("dict_list", None, "pre-training validation: [{name, db, img, tasks}]"),
     # -- data ------------------------------------------------------------------------------------
-    "max_txt_len": _k("int", 60, "longest text kept (tokens, without CLS/SEP)"),
+    "max_txt_len": _k("int", 60, "longest text kept (tokens, without CLS/SEP; RE training: shorter only)"),
     "conf_th": _k("float", 0.2, "detection confidence threshold (-1: fixed num_bb regions)"),
     "max_bb": _k("int", 100, "most regions per image"),
     "min_bb": _k("int", 10, "fewest regions per image"),
