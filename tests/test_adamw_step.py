@@ -235,7 +235,7 @@ def test_many_tensors_misaligned_and_non_contiguous(backend):
 
 
 def test_empty_lists_are_fine(backend):
-    ops.adamw_step_([], [], [], [], [], lr=1e-3, weight_decay=0.0, correct_bias=True, **HYPER)
+    assert ops.adamw_step_([], [], [], [], [], lr=1e-3, weight_decay=0.0, correct_bias=True, **HYPER) is None
 
 
 def _args(**over):

@@ -75,8 +75,11 @@ def test_many_tensors_misaligned_and_non_contiguous(backend):
         assert torch.equal(got, w)
 
 
-def test_empty_lists_are_fine(backend):
-    ops.add_if_([], [], torch.tensor(True, device=backend_device(backend)))
+def test_empty_lists_are_fine_and_still_checked(backend):
+    dev = backend_device(backend)
+    assert ops.add_if_([], [], torch.tensor(True, device=dev)) is None
+    with pytest.raises(ValueError, match="one-element bool"):
+        ops.add_if_([], [], torch.tensor(1.0, device=dev))
 
 
 @pytest.mark.parametrize(
