@@ -106,7 +106,7 @@ if [ -z "${QUICK:-}" ]; then
   TESTS=(tests/test_gpu_pipeline.py tests/test_graphed.py tests/test_ext_kernels.py tests/test_models_compile.py
     tests/test_add_layer_norm.py tests/test_adversarial.py tests/test_bench_step.py tests/test_perturb_update.py
     tests/test_sym_kl.py tests/test_perturb_init.py tests/test_add_if.py tests/test_adamw_step.py tests/test_train_optim.py
-    tests/test_adversarial_rng.py tests/test_opcheck.py tests/test_backend.py)
+    tests/test_adversarial_rng.py tests/test_train_tf32.py tests/test_opcheck.py tests/test_backend.py)
   run_phase 400 0 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs --durations=10 "${TESTS[@]}"
   echo "pytest exit code $?"
   grep -E "(passed|failed|error)" "$OUT/tests.log" | tail -n 1

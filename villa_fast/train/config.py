@@ -141,6 +141,13 @@ SCHEMA: dict[str, Key] = {
     "adv_clean_backward": _k("str", "once", "clean-pass backward", ("once", "per_step", "recompute"), official=False),
     "adv_graphed": _k("bool", False, "capture the VILLA step in a CUDA graph", official=False),
     "compile_layers": _k("bool", False, "run the encoder layers through torch.compile", official=False),
+    "tf32": _k(
+        "str",
+        "auto",
+        "TF32 float32 matmuls on CUDA (auto: with fp16/bf16 autocast)",
+        ("auto", "on", "off"),
+        official=False,
+    ),
     "adv_kl_reduction": _k("str", None, "KL reduction (default per task)", ("batchmean", "mean"), official=False),
     "adv_pretrain_tasks": _k("str_list", ["mlm", "itm"], "pre-training tasks trained adversarially", official=False),
     "mlm_prob": _k("float", 0.15, "pre-training: word masking probability", official=False),

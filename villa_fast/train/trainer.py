@@ -100,6 +100,18 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def tf32_wanted(setting: str, amp_dtype: torch.dtype | None) -> bool | None:
+    """The TF32 choice for float32 matmuls on CUDA: True / False to set, None to leave torch's flag alone
+    ("auto" without autocast)."""
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    if setting == "auto":
+        return True if amp_dtype in (torch.float16, torch.bfloat16) else None
+    raise ValueError(f"tf32 must be 'auto', 'on' or 'off', got {setting!r}")
+
+
 class Trainer:
     """Builds model, optimizer, data and (optionally) the VILLA step from a resolved config.
 
@@ -133,6 +145,7 @@ class Trainer:
         )
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self._set_tf32()
         self.adv_step = self._build_adv_step() if self.cfg["adv_training"] else None
         self.accumulation = self._accumulation()
         self.global_step = 0
@@ -160,6 +173,20 @@ class Trainer:
         vdist.broadcast_params(model)
         model.train()
         return model
+
+    def _set_tf32(self) -> None:
+        """TF32 for the float32 matmuls left under autocast (the float32 embedding block's image projection).
+
+        TF32 keeps 10 mantissa bits, as float16 does and 3 more than bfloat16: under fp16/bf16 autocast the
+        encoder's input cast already rounds as coarsely, so TF32 there loses no more of the perturbation
+        (bench/perturbation_survival.py) and makes that projection several times faster. Plain float32
+        training keeps full float32 matmuls unless ``tf32`` is "on". Sets torch's global flag."""
+        if self.device.type != "cuda":
+            return
+        want = tf32_wanted(self.cfg["tf32"], self.amp_dtype)
+        if want is not None:
+            torch.backends.cuda.matmul.allow_tf32 = want
+            self._log(f"TF32 float32 matmuls {'on' if want else 'off'} (tf32={self.cfg['tf32']})")
 
     def _amp_dtype(self) -> torch.dtype | None:
         if self.cfg["bf16"]:
