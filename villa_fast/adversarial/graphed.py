@@ -174,6 +174,10 @@ class GraphedVillaStep:
     def remove_hooks(self) -> None:
         self.eager.remove_hooks()
 
+    def update_scaler(self, skipped_steps: Tensor | None = None) -> None:
+        """:meth:`VillaStep.update_scaler`, for a caller that steps the optimizer outside the graph."""
+        self.eager.update_scaler(skipped_steps)
+
     # ------------------------------------------------------------------------------------------- step
     def step(
         self,

@@ -147,6 +147,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self._set_tf32()
         self.adv_step = self._build_adv_step() if self.cfg["adv_training"] else None
+        self._adv_skipped: Tensor | None = None  # this optimizer step's left-out adversarial steps
+        self._skipped_since_log: Tensor | None = None
         self.accumulation = self._accumulation()
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -288,6 +290,10 @@ class Trainer:
         if use_adv:
             txt_mask, img_mask = self.task.adv_masks(batch)
             result = self.adv_step.step(batch, txt_mask=txt_mask, img_mask=img_mask)
+            # adversarial steps left out as non-finite never reach .grad, so the loss scaler cannot see them:
+            # counted here (on the device) for its back-off and for the log
+            skipped = result.skipped_steps.detach()
+            self._adv_skipped = skipped.clone() if self._adv_skipped is None else self._adv_skipped.add_(skipped)
             return result.loss.detach().float()
         with self._autocast():
             logits = self.task.forward(self.model, batch)
@@ -312,11 +318,18 @@ class Trainer:
         grad_norm: Tensor | float = float("nan")
         if self.cfg["grad_norm"] > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_norm"])
+        skipped, self._adv_skipped = self._adv_skipped, None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if skipped is not None:
+                # scaler.update(), then the back-off a left-out overflowing step calls for (device-side)
+                self.adv_step.update_scaler(skipped)
+            else:
+                self.scaler.update()
         else:
             self.optimizer.step()
+        if skipped is not None:
+            self._skipped_since_log = skipped if self._skipped_since_log is None else self._skipped_since_log + skipped
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         return {"lr": lr, "grad_norm": grad_norm}
@@ -404,6 +417,10 @@ class Trainer:
                 ex_s = n_ex * self.dist.world_size / max(dt, 1e-9)
                 gn = info["grad_norm"]
                 entry = {"step": step, "loss": loss, "lr": info["lr"], "ex_per_s": ex_s, "grad_norm": float(gn)}
+                if self.adv_step is not None:
+                    # adversarial steps left out as non-finite since the last log (read here only)
+                    entry["adv_skipped"] = int(self._skipped_since_log) if self._skipped_since_log is not None else 0
+                    self._skipped_since_log = None
                 self._record(entry)
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_s:.0f}")
