@@ -360,3 +360,28 @@ def test_warmup_is_undone_before_capture():
             if isinstance(v, torch.Tensor):
                 assert id(v) in state_tensors and not v.any()
     assert torch.equal(gen.get_state(), gen_state)
+
+
+def test_new_shapes_beyond_max_graphs_run_eagerly(monkeypatch):
+    """The capture policy, without a GPU: signatures past ``max_graphs`` are not captured (each graph holds
+    its own memory pool) but run eagerly, with one warning naming the remedy."""
+    cfg = AdversarialConfig(steps=2, lr_txt=0.3, lr_img=0.4, modality="text+image")
+    model = make_toy(3)
+    step = _graphed(model, cfg, max_graphs=2)
+    captured, eager = [], []
+
+    class FakeGraph:
+        def replay(self, leaves, masks):
+            return "replayed"
+
+    monkeypatch.setattr(step, "_why_eager", lambda batch: "")
+    monkeypatch.setattr(step, "_attach_static_grads", lambda: None)
+    monkeypatch.setattr(step, "_capture", lambda leaves, spec, t, i, o: captured.append(leaves[0].shape) or FakeGraph())
+    monkeypatch.setattr(step, "_full", lambda batch, t, i, o: eager.append(batch["ids"].shape) or "eager")
+    with pytest.warns(RuntimeWarning, match="max_graphs=2"):
+        outs = [step.step(make_batch(b=b)) for b in (2, 3, 2, 4, 5, 3, 4)]
+    assert captured == [(2, 5), (3, 5)]
+    assert outs == ["replayed", "replayed", "replayed", "eager", "eager", "replayed", "eager"]
+    assert eager == [(4, 5), (5, 5), (4, 5)]
+    with pytest.raises(ValueError, match="max_graphs"):
+        _graphed(model, cfg, max_graphs=0)

@@ -111,6 +111,9 @@ class GraphedVillaStep:
             With a scaler, ``scaler.step`` / ``scaler.update`` run inside the graph as well.
         max_grad_norm: optional clipping threshold applied before the optimizer step.
         warmup: eager warm-up steps on a side stream before each capture (their effect is undone).
+        max_graphs: most input signatures captured; each graph keeps its own memory pool, so further new
+            signatures run eagerly (with a warning) instead of piling up graphs. Pad batches to a few fixed
+            shapes (:class:`villa_fast.data.PadBuckets`; the trainer does with ``adv_graphed``).
 
     ``step(batch, txt_mask, img_mask, optimizer_step=True)`` returns a :class:`StepResult` whose tensors
     are copies (the graph's own outputs are overwritten by the next replay). One graph is captured per
@@ -133,6 +136,7 @@ class GraphedVillaStep:
         params: Iterable[Tensor] | None = None,
         generator: torch.Generator | None = None,
         warmup: int = 3,
+        max_graphs: int = 16,
     ) -> None:
         self.eager = VillaStep(
             forward_fn,
@@ -153,6 +157,9 @@ class GraphedVillaStep:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
         self.warmup = warmup
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
+        self.max_graphs = max_graphs
         self._graphs: dict[Any, _Graph] = {}
         self._eager_keys: set = set()
         self._static_grads: list[Tensor] | None = None
@@ -197,6 +204,13 @@ class GraphedVillaStep:
         entry = self._graphs.get(key)
         if entry is None:
             if key in self._eager_keys:
+                return self._full(batch, txt_mask, img_mask, do_opt)
+            if len(self._graphs) >= self.max_graphs:
+                self._eager_keys.add(key)
+                self._say_eager(
+                    f"more than max_graphs={self.max_graphs} input shapes (each graph keeps its own memory): new "
+                    "shapes run eagerly; pad batches to a few fixed shapes (villa_fast.data.PadBuckets)"
+                )
                 return self._full(batch, txt_mask, img_mask, do_opt)
             try:
                 entry = self._capture(leaves, spec, txt_mask, img_mask, do_opt)

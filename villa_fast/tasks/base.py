@@ -78,6 +78,9 @@ class Task:
     val_batch_unit: str | None = TOKENS
     #: example-counted training leaves out each epoch's last, shorter batch (the authors' ``drop_last``)
     train_drop_last = False
+    #: the training batches (one text and one region set per row, from ``base_batch``) can be padded to a few
+    #: fixed shapes (:class:`villa_fast.data.PadBuckets`), which a CUDA-graphed step needs (``adv_graphed``)
+    fixed_shape_training = False
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = cfg
@@ -143,6 +146,7 @@ class Task:
             rank=ctx.rank,
             world_size=ctx.world_size,
             num_workers=ctx.num_workers,
+            device=ctx.device if train else None,
         )
 
     def token_loader(self, dataset, collate, ctx: DataContext, *, train: bool):
@@ -158,7 +162,24 @@ class Task:
             rank=ctx.rank,
             world_size=ctx.world_size,
             num_workers=ctx.num_workers,
+            pad_buckets=self.pad_buckets() if train else None,
+            device=ctx.device if train else None,
         )
+
+    def pad_buckets(self):
+        """The fixed training shapes when the VILLA step is captured in CUDA graphs (``adv_graphed``): one
+        graph per shape, so a handful of padded shapes instead of one per batch. None otherwise (the authors'
+        batches, padded to their longest row). A task whose batches cannot be padded so trains unpadded, with
+        a warning: its graphed step captures a graph per new shape (up to GraphedVillaStep's limit)."""
+        c = self.cfg
+        if not (c.get("adv_training") and c.get("adv_graphed")):
+            return None
+        if not self.fixed_shape_training:
+            logger.warning("task %s: adv_graphed with variable batch shapes: one CUDA graph per new shape", self.name)
+            return None
+        from villa_fast.data import PadBuckets
+
+        return PadBuckets()
 
     def train_loader(self, ctx: DataContext):
         raise NotImplementedError

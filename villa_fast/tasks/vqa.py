@@ -25,6 +25,7 @@ class VqaTask(Task):
     name = "vqa"
     kl_reduction = "batchmean"  # mean over all elements * num_answers == sum over answers, mean over rows
     main_metric = "acc"
+    fixed_shape_training = True
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -1,0 +1,49 @@
+"""Training batches for a CUDA-graphed VILLA step (``adv_graphed``) come in a few fixed padded shapes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+from tests.test_train_fixtures import task_config
+from villa_fast.data import PadBuckets
+from villa_fast.train.config import resolve_config
+from villa_fast.train.trainer import Trainer
+
+
+def _batches(tmp_path, n, **changes):
+    cfg = resolve_config(None, task_config(tmp_path, "vqa", adv_training=True, **changes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "GraphedVillaStep runs eagerly: CUDA is not available"
+        trainer = Trainer(cfg, quiet=True)
+    return trainer, list(itertools.islice(trainer.source().batches(), n))
+
+
+def test_graphed_training_pads_to_bucket_shapes(tmp_path):
+    pb = PadBuckets()
+    _, plain = _batches(tmp_path / "plain", 12)
+    trainer, fixed = _batches(tmp_path / "graphed", 12, adv_graphed=True)
+    for b in fixed:
+        lt, n = b["input_ids"].size(1), b["img_feat"].size(1)
+        assert lt in pb.txt and n in pb.img
+        assert b["attn_masks"].size(1) == lt + n == b["gather_index"].size(1)
+        # one batch size per padded shape, the padding masked out
+        assert int(b["attn_masks"].sum()) == sum(b["txt_lens"]) + sum(b["num_bbs"])
+    shapes = {(b["input_ids"].shape, b["img_feat"].shape) for b in fixed}
+    assert len(shapes) <= len(pb.txt) * len(pb.img)
+    # without adv_graphed the authors' batches: padded to their longest row only
+    assert any(b["input_ids"].size(1) not in pb.txt for b in plain) or any(
+        b["img_feat"].size(1) not in pb.img for b in plain
+    )
+    for b in plain:
+        assert b["input_ids"].size(1) == max(b["txt_lens"])
+
+
+def test_graphed_training_runs_on_the_padded_batches(tmp_path):
+    cfg = resolve_config(None, task_config(tmp_path, "vqa", adv_training=True, adv_graphed=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        history = Trainer(cfg, quiet=True).train()
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert losses and all(math.isfinite(x) for x in losses)
