@@ -385,3 +385,29 @@ def test_new_shapes_beyond_max_graphs_run_eagerly(monkeypatch):
     assert eager == [(4, 5), (5, 5), (4, 5)]
     with pytest.raises(ValueError, match="max_graphs"):
         _graphed(model, cfg, max_graphs=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphs_of_several_shapes_share_one_pool_and_replay_in_any_order():
+    """Three batch shapes captured into one memory pool, replayed interleaved: each replay equals the eager step
+    on the same weights (fp32, no dropout, no optimizer: gradients compared)."""
+    cfg = AdversarialConfig(steps=2, lr_txt=1e-2, lr_img=1e-2, modality="text+image")
+    a = _cuda_toy()
+    b = copy.deepcopy(a)
+    eager = VillaStep(toy_forward(a), vqa_loss, cfg, text_embedding=a.word, image_input=a.img)
+    graphed = _graphed(b, cfg)
+    batches = {n: _cuda_batch(seed=n, b=n) for n in (4, 8, 12)}
+    for n in (4, 8, 12, 8, 4, 12, 4):
+        batch = batches[n]
+        a.zero_grad(set_to_none=True)
+        for p in b.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        ra = eager.step(batch, batch["tmask"], batch["imask"])
+        rb = graphed.step(batch, batch["tmask"], batch["imask"])
+        torch.testing.assert_close(rb.loss, ra.loss, rtol=1e-5, atol=1e-6)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6)
+    assert len(graphed._graphs) == 3
+    assert len({tuple(g.graph.pool()) for g in graphed._graphs.values()}) == 1

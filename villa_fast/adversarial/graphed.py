@@ -3,7 +3,8 @@
 At B = 32 the eager step is bound by the host launching kernels (PERFORMANCE.md); replaying one graph
 removes the launch gaps. What the capture needs (PLATFORM_NOTES.md, CUDA graphs):
 
-- static input buffers, filled with ``copy_`` before each replay; outputs cloned after it;
+- static input buffers, filled with ``copy_`` before each replay; outputs cloned after it, so that the
+  graphs of all signatures can share one memory pool (they are replayed one at a time);
 - a warm-up on a side stream before capture (Triton JIT, cuBLAS handles, optimizer state), whose effect
   on the parameters, gradients, optimizer state and loss scale is undone before capturing;
 - no host sync and no data-dependent shapes inside: the step already keeps every decision on the device,
@@ -161,6 +162,10 @@ class GraphedVillaStep:
             raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
         self.max_graphs = max_graphs
         self._graphs: dict[Any, _Graph] = {}
+        # one memory pool for every captured signature: a replay's intermediates are dead when it ends and its
+        # outputs are cloned before anything else runs, so graphs replayed one at a time can share the pool
+        # (memory ~ the largest step's, not the sum over shapes)
+        self._pool: Any = None
         self._eager_keys: set = set()
         self._static_grads: list[Tensor] | None = None
         self._said: set[str] = set()
@@ -435,7 +440,9 @@ class GraphedVillaStep:
             clean_rng.register(graph)
         self.eager._clean_rng = clean_rng
         try:
-            with torch.cuda.graph(graph):
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
                 out = self._full(static_batch, *static_masks, do_opt, keep_grads=True)
         finally:
             self.eager._clean_rng = None
