@@ -47,3 +47,22 @@ def test_graphed_training_runs_on_the_padded_batches(tmp_path):
         history = Trainer(cfg, quiet=True).train()
     losses = [e["loss"] for e in history if "loss" in e]
     assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_one_graph_signature_per_padded_shape(tmp_path):
+    """What the graphed step keys its graphs on: the step batch (tensors only for VQA), so batches of one padded
+    shape share a graph; the full batch's per-row length lists would make each batch a signature of its own."""
+    from torch.utils import _pytree as pytree
+
+    trainer, fixed = _batches(tmp_path, 24, adv_graphed=True)
+    step = trainer.adv_step
+
+    def key(batch):
+        b = trainer.task.step_batch(trainer.task.prepare(trainer.model, batch))
+        t, i = trainer.task.adv_masks(batch)
+        return step._key(*pytree.tree_flatten(b), t, i, False)
+
+    shapes = {(b["input_ids"].shape, b["img_feat"].shape) for b in fixed}
+    assert len({key(b) for b in fixed}) == len(shapes) < len(fixed)
+    full = {step._key(*pytree.tree_flatten(b), None, None, False) for b in fixed}
+    assert len(full) > len(shapes)

@@ -198,6 +198,15 @@ class Task:
         """Per-batch fix-ups before the forward (e.g. hard-negative mining)."""
         return batch
 
+    def step_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """What the adversarial step receives of a prepared training batch (``forward`` and ``loss`` run on it).
+
+        A CUDA-graphed step (``adv_graphed``) captures one graph per input signature, non-tensor values
+        included (they are frozen into the graph): a task whose forward and loss read tensors only drops
+        the rest here, since per-row lengths kept as lists would make every batch a signature of its own.
+        """
+        return batch
+
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
         return model(batch)
 

@@ -7,6 +7,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from villa_fast.tasks.base import DataContext, Task
 from villa_fast.train.config import ConfigError
@@ -84,6 +85,10 @@ class VqaTask(Task):
         (txt, img), *_ = self.pairs(split)
         ds = self._dataset(txt, img, -1, True)
         return self.batch_loader(ds, self._collates()[1], ctx, train=False)
+
+    def step_batch(self, batch):
+        # the VQA/VE forward and loss read tensors only: txt_lens / num_bbs (lists) stay out of graph keys
+        return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
     # -- metrics ---------------------------------------------------------------------------------
     def eval_batch(self, state, model, logits, batch) -> None:

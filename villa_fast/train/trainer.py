@@ -289,7 +289,7 @@ class Trainer:
         use_adv = self.adv_step is not None and self.task.adversarial_for(batch)
         if use_adv:
             txt_mask, img_mask = self.task.adv_masks(batch)
-            result = self.adv_step.step(batch, txt_mask=txt_mask, img_mask=img_mask)
+            result = self.adv_step.step(self.task.step_batch(batch), txt_mask=txt_mask, img_mask=img_mask)
             # adversarial steps left out as non-finite never reach .grad, so the loss scaler cannot see them:
             # counted here (on the device) for its back-off and for the log
             skipped = result.skipped_steps.detach()
