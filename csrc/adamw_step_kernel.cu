@@ -49,20 +49,6 @@ __device__ __forceinline__ bool skipped(const AdamWStepParams& p) {
     return p.found_inf != nullptr && is_nonzero(p.found_inf, p.found_inf_dtype);
 }
 
-__device__ __forceinline__ int tensor_of_tile(const AdamWStepParams& p, int64_t tile) {
-    // last t with tile_begin[t] <= tile (tensors without elements have no tile of their own)
-    int lo = 0, hi = p.num_tensors - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (p.tile_begin[mid] <= tile) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    return lo;
-}
-
 struct Scalars {
     float size;   // lr, times the bias corrections
     float decay;  // 1 - lr * weight_decay
@@ -97,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) adamw_step_kernel(const AdamWStepPar
     using VF = Vec<float>;
     const int64_t total = p.tile_begin[p.num_tensors];
     for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
-        const int t = tensor_of_tile(p, tile);
+        const int t = tile_owner(p.tile_begin, p.num_tensors, tile);
         s.size = lr;
         if (p.correct_bias) {
             const float step = *p.step[t];
@@ -161,20 +147,9 @@ cudaError_t launch_adamw_step(const AdamWStepParams& params, int blocks, cudaStr
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || params.tile_begin[params.num_tensors] == 0) return err;
     if (blocks < 1) blocks = 1;
-    switch (params.grad_dtype) {
-        case DType::kFloat32:
-            adamw_step_kernel<float><<<blocks, kThreads, 0, stream>>>(params);
-            break;
-        case DType::kFloat16:
-            adamw_step_kernel<__half><<<blocks, kThreads, 0, stream>>>(params);
-            break;
-        case DType::kBFloat16:
-            adamw_step_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(params);
-            break;
-        default:
-            return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+    return with_float_type(params.grad_dtype, [&](auto tag) {
+        adamw_step_kernel<decltype(tag)><<<blocks, kThreads, 0, stream>>>(params);
+    });
 }
 
 }  // namespace villa_fast

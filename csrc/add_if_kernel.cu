@@ -33,20 +33,6 @@ __host__ __device__ constexpr int64_t tile_elems() {
     return int64_t(kThreads) * Vec16<T>::kN * kUnroll;
 }
 
-__device__ __forceinline__ int tensor_of_tile(const AddIfParams& p, int64_t tile) {
-    // last t with tile_begin[t] <= tile
-    int lo = 0, hi = p.num_tensors - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (p.tile_begin[mid] <= tile) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    return lo;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) add_if_kernel(const AddIfParams p) {
     if (!*p.ok) return;
@@ -55,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) add_if_kernel(const AddIfParams p) {
     constexpr int64_t kTile = tile_elems<T>();
     const int64_t total = p.tile_begin[p.num_tensors];
     for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
-        const int t = tensor_of_tile(p, tile);
+        const int t = tile_owner(p.tile_begin, p.num_tensors, tile);
         T* __restrict__ acc = static_cast<T*>(p.acc[t]);
         const T* __restrict__ val = static_cast<const T*>(p.val[t]);
         const int64_t n = p.numel[t];
@@ -101,20 +87,9 @@ int64_t add_if_tile_elems(DType dtype) {
 cudaError_t launch_add_if(const AddIfParams& params, int blocks, cudaStream_t stream) {
     if (params.num_tensors <= 0 || params.tile_begin[params.num_tensors] == 0) return cudaSuccess;
     if (blocks < 1) blocks = 1;
-    switch (params.dtype) {
-        case DType::kFloat32:
-            add_if_kernel<float><<<blocks, kThreads, 0, stream>>>(params);
-            break;
-        case DType::kFloat16:
-            add_if_kernel<__half><<<blocks, kThreads, 0, stream>>>(params);
-            break;
-        case DType::kBFloat16:
-            add_if_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(params);
-            break;
-        default:
-            return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+    return with_float_type(params.dtype, [&](auto tag) {
+        add_if_kernel<decltype(tag)><<<blocks, kThreads, 0, stream>>>(params);
+    });
 }
 
 }  // namespace villa_fast

@@ -179,6 +179,42 @@ __device__ __forceinline__ void block_reduce(T (&v)[N], T* smem) {
     }
 }
 
+// Multi-tensor launches cut each tensor into tiles; tile_begin[t] is the first tile of tensor t (prefix
+// sums, tile_begin[num_tensors] = all tiles). The tensor that owns ``tile``: the last t with
+// tile_begin[t] <= tile (a tensor without elements has no tile of its own).
+__device__ __forceinline__ int tile_owner(const int64_t* tile_begin, int num_tensors, int64_t tile) {
+    int lo = 0, hi = num_tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tile_begin[mid] <= tile) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
+// Calls f(T{}) with T the element type of dtype (float32, float16 or bfloat16); returns the launch's
+// error, or cudaErrorInvalidValue for another dtype.
+template <typename F>
+cudaError_t with_float_type(DType dtype, F&& f) {
+    switch (dtype) {
+        case DType::kFloat32:
+            f(float{});
+            break;
+        case DType::kFloat16:
+            f(__half{});
+            break;
+        case DType::kBFloat16:
+            f(__nv_bfloat16{});
+            break;
+        default:
+            return cudaErrorInvalidValue;
+    }
+    return cudaGetLastError();
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void block_sum(T (&v)[N], T* smem) { block_reduce<T, N, false>(v, smem); }
 template <typename T, int N>
