@@ -23,21 +23,15 @@ constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 
 template <typename T>
-struct alignas(16) Vec16 {
-    static constexpr int kN = 16 / sizeof(T);
-    T v[kN];
-};
-
-template <typename T>
 __host__ __device__ constexpr int64_t tile_elems() {
-    return int64_t(kThreads) * Vec16<T>::kN * kUnroll;
+    return int64_t(kThreads) * Pack16<T>::kSize * kUnroll;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) add_if_kernel(const AddIfParams p) {
     if (!*p.ok) return;
-    using V = Vec16<T>;
-    constexpr int kN = V::kN;
+    using V = Pack16<T>;
+    constexpr int kN = V::kSize;
     constexpr int64_t kTile = tile_elems<T>();
     const int64_t total = p.tile_begin[p.num_tensors];
     for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {

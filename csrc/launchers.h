@@ -179,6 +179,13 @@ __device__ __forceinline__ void block_reduce(T (&v)[N], T* smem) {
     }
 }
 
+// 16 bytes of T: one vectorised load or store of 16-byte aligned data.
+template <typename T>
+struct alignas(16) Pack16 {
+    static constexpr int kSize = 16 / sizeof(T);
+    T v[kSize];
+};
+
 // Multi-tensor launches cut each tensor into tiles; tile_begin[t] is the first tile of tensor t (prefix
 // sums, tile_begin[num_tensors] = all tiles). The tensor that owns ``tile``: the last t with
 // tile_begin[t] <= tile (a tensor without elements has no tile of its own).

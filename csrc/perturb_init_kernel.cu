@@ -19,17 +19,11 @@ constexpr int kThreads = 256;
 constexpr int64_t kElemsPerBlock = 16384;
 
 template <typename T>
-struct alignas(16) Pack {
-    static constexpr int kSize = 16 / sizeof(T);
-    T v[kSize];
-};
-
-template <typename T>
 __global__ void __launch_bounds__(kThreads)
     perturb_init_kernel(T* __restrict__ noise, const T* __restrict__ mask, int64_t B, int64_t P, int64_t D,
                         T init_mag, bool l2, int64_t rows_per_block) {
     __shared__ T smem[32];
-    constexpr int kVec = Pack<T>::kSize;
+    constexpr int kVec = Pack16<T>::kSize;
     const bool vec = D % kVec == 0 && reinterpret_cast<uintptr_t>(noise) % 16 == 0;
     const int64_t p0 = int64_t(blockIdx.x) * rows_per_block;
     const int64_t p1 = p0 + rows_per_block < P ? p0 + rows_per_block : P;
@@ -50,9 +44,9 @@ __global__ void __launch_bounds__(kThreads)
             const T f = mask != nullptr ? base * mask[b * P + p] : base;
             T* row = noise + (b * P + p) * D;
             if (vec) {
-                Pack<T>* rv = reinterpret_cast<Pack<T>*>(row);
+                Pack16<T>* rv = reinterpret_cast<Pack16<T>*>(row);
                 for (int64_t i = threadIdx.x; i < D / kVec; i += kThreads) {
-                    Pack<T> x = rv[i];
+                    Pack16<T> x = rv[i];
 #pragma unroll
                     for (int k = 0; k < kVec; ++k) x.v[k] *= f;
                     rv[i] = x;
