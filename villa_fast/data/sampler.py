@@ -583,8 +583,10 @@ def build_example_dataloader(
     world_size: int = 1,
     num_workers: int = 0,
     device: torch.device | str | None = None,
+    pad_buckets: PadBuckets | None = None,
 ) -> TokenBucketLoader:
-    """A :class:`TokenBucketLoader` over ``dataset`` in batches of ``batch_size`` examples.
+    """A :class:`TokenBucketLoader` over ``dataset`` in batches of ``batch_size`` examples (each padded up to
+    the smallest of ``pad_buckets``' shapes that holds it, when given).
 
     Training shuffles (``groups`` kept together), gives every rank as many examples and drops the
     last, shorter batch only with ``drop_last``; evaluation keeps every example, in order, each rank
@@ -602,7 +604,9 @@ def build_example_dataloader(
         world_size=world_size,
         even_shards=is_train,
     )
-    return TokenBucketLoader(dataset, collate_fn, sampler, num_workers=num_workers, device=device)
+    return TokenBucketLoader(
+        dataset, collate_fn, sampler, num_workers=num_workers, device=device, pad_buckets=pad_buckets
+    )
 
 
 def count_shapes(batches: Sequence[dict]) -> int:

@@ -147,6 +147,7 @@ class Task:
             world_size=ctx.world_size,
             num_workers=ctx.num_workers,
             device=ctx.device if train else None,
+            pad_buckets=self.pad_buckets() if train else None,
         )
 
     def token_loader(self, dataset, collate, ctx: DataContext, *, train: bool):

@@ -97,6 +97,11 @@ class ReTask(Task):
     train_batch_unit = EXAMPLES
     val_batch_unit = EXAMPLES
     train_drop_last = False
+    fixed_shape_training = True
+
+    def step_batch(self, batch):
+        # the RE forward and loss read tensors only: txt_lens / num_bbs (lists) stay out of graph keys
+        return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
     def build_model(self):
         from villa_fast.models import UniterForReferringExpression
