@@ -37,6 +37,7 @@ from villa_fast.data.batch import PadBuckets
 __all__ = [
     "BUCKET_SIZE",
     "ExampleBatchSampler",
+    "ResumableBatchSampler",
     "PrefetchLoader",
     "TokenBucketLoader",
     "TokenBucketSampler",
@@ -54,7 +55,40 @@ def _epoch_rng(seed: int, epoch: int) -> random.Random:
     return random.Random((int(seed) * 1_000_003 + int(epoch)) & ((1 << 63) - 1))
 
 
-class TokenBucketSampler(Sampler[list[int]]):
+class ResumableBatchSampler(Sampler[list[int]]):
+    """The position protocol of the resumable batch samplers: ``epoch``, ``seed`` and ``start_batch`` (the
+    batches already handed out in ``epoch``). A subclass gives ``epoch_batches()``, this rank's batches of the
+    current epoch; ``iter()`` continues after the first ``start_batch`` of them, and ``state_dict()`` ->
+    ``{"epoch", "batch_index", "seed"}`` restores that position."""
+
+    epoch: int
+    seed: int
+    start_batch: int
+
+    def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.start_batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.start_batch = int(state.get("batch_index", 0))
+        self.seed = int(state.get("seed", self.seed))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.epoch_batches()
+        start, self.start_batch = self.start_batch, 0
+        return iter(batches[start:])
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches())
+
+
+class TokenBucketSampler(ResumableBatchSampler):
     """Yields lists of example indices; see the module docstring.
 
     Args:
@@ -112,23 +146,12 @@ class TokenBucketSampler(Sampler[list[int]]):
         self._cache: tuple[tuple[int, int], list[list[int]]] | None = None
 
     # -- configuration -------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def set_lens(self, lens: Sequence[int], pad_dims: Sequence[tuple[int, int]] | None = None) -> None:
         """Replace the lengths (datasets whose pairing changes per epoch)."""
         self._lens = list(lens)
         if pad_dims is not None:
             self._pad_dims = list(pad_dims)
         self._cache = None
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_index": self.start_batch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self.start_batch = int(state.get("batch_index", 0))
-        self.seed = int(state.get("seed", self.seed))
 
     # -- batching --------------------------------------------------------------------
     def _shard(self, rng: random.Random) -> list[list[int]]:
@@ -216,16 +239,8 @@ class TokenBucketSampler(Sampler[list[int]]):
         self._cache = (key, mine)
         return mine
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.epoch_batches()
-        start, self.start_batch = self.start_batch, 0
-        return iter(batches[start:])
 
-    def __len__(self) -> int:
-        return len(self.epoch_batches())
-
-
-class ExampleBatchSampler(Sampler[list[int]]):
+class ExampleBatchSampler(ResumableBatchSampler):
     """Batches of ``batch_size`` examples: the authors' batching where a batch size counts examples.
 
     The authors form these batches with a plain ``DataLoader(batch_size=...)``: UNITER's
@@ -309,21 +324,10 @@ class ExampleBatchSampler(Sampler[list[int]]):
     def batch_size(self) -> int:
         return self._batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def set_lens(self, lens: Sequence[int], pad_dims: Sequence[tuple[int, int]] | None = None) -> None:
         """Called by the loader after the dataset's ``set_epoch``; only the example count matters here."""
         if len(lens) != self._n:
             raise ValueError(f"the dataset now has {len(lens)} examples, the sampler was built for {self._n}")
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_index": self.start_batch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self.start_batch = int(state.get("batch_index", 0))
-        self.seed = int(state.get("seed", self.seed))
 
     # -- batching --------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
@@ -372,14 +376,6 @@ class ExampleBatchSampler(Sampler[list[int]]):
         self.num_dropped, self.num_padded = n_drop, n_pad
         self._cache = (key, batches)
         return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.epoch_batches()
-        start, self.start_batch = self.start_batch, 0
-        return iter(batches[start:])
-
-    def __len__(self) -> int:
-        return len(self.epoch_batches())
 
 
 def move_to_device(batch, device: torch.device, non_blocking: bool = True):

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from villa_fast.data.sampler import ResumableBatchSampler
 from villa_fast.tasks.base import EXAMPLES, Accumulation, DataContext, Task, _unwrap
 from villa_fast.train.config import ConfigError
 
@@ -202,7 +203,7 @@ def score_in_minibatches(model: nn.Module, batch: Mapping[str, Any], size: int) 
     return scores.index_select(0, back)
 
 
-class AlternatingSidesSampler:
+class AlternatingSidesSampler(ResumableBatchSampler):
     """Batch sampler of hard-negative training: one item per micro-batch, an image-side item then a text-side item,
     as each pass of the loop of UNITER's ``train_itm_hard_negatives.py`` takes them.
 
@@ -232,21 +233,10 @@ class AlternatingSidesSampler:
         self.rank, self.world_size = rank, world_size
         self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def set_lens(self, lens, pad_dims=None) -> None:
         """Called by the loader after the dataset's ``set_epoch``: the dataset must still hold both sides."""
         if len(lens) != 2 * self._n:
             raise ValueError(f"the dataset now has {len(lens)} items, the sampler was built for 2 x {self._n}")
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_index": self.start_batch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self.start_batch = int(state.get("batch_index", 0))
-        self.seed = int(state.get("seed", self.seed))
 
     def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
         """This rank's micro-batches (one index each) for ``epoch`` (default: the current one)."""
@@ -259,11 +249,6 @@ class AlternatingSidesSampler:
         keep = n // world * world
         mine_t, mine_i = txt[:keep][self.rank :: world], img[:keep][self.rank :: world]
         return [[i] for pair in zip(mine_i, mine_t, strict=True) for i in pair]
-
-    def __iter__(self):
-        batches = self.epoch_batches()
-        start, self.start_batch = self.start_batch, 0
-        return iter(batches[start:])
 
     def __len__(self) -> int:
         return 2 * (self._n // self.world_size)
