@@ -99,3 +99,51 @@ def test_checkpoint_state_loads_with_weights_only(tmp_path):
     # no stray temporary files from the atomic writes
     assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "train_state.pt"]
     assert not [p for p in (tmp_path / "out" / "ckpt").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_between_log_steps_logs_what_the_uninterrupted_run_logs(tmp_path, monkeypatch):
+    """A checkpoint between two log entries carries the log window (summed losses, micro-batch count, left-out
+    adversarial steps): the resumed run's entries equal the uninterrupted run's, and history.jsonl drops the
+    entries the interrupted run wrote after its last checkpoint."""
+    from villa_fast.train.config import resolve_config
+    from villa_fast.train.trainer import Trainer
+
+    def cfg(name):
+        c = task_config(tmp_path / name, "vqa", adv_training=True, num_train_steps=9, valid_steps=100)
+        c.update(log_steps=3, save_steps=4, keep_checkpoints=0, gradient_accumulation_steps=2)
+        return resolve_config(None, c)
+
+    def losses(entries):
+        return [(e["step"], e["loss"], e["adv_skipped"]) for e in entries if "loss" in e]
+
+    ref = losses(Trainer(cfg("ref"), quiet=True).train())
+    assert [s for s, _, _ in ref] == [3, 6, 9]
+
+    class Killed(Exception):
+        pass
+
+    real_save = Trainer.save
+
+    def save_then_die(self):
+        out = real_save(self)
+        if self.global_step == 4:
+            # the run also logged an entry at step 3; it dies after the step-4 checkpoint, before step 6's entry
+            raise Killed
+        return out
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    run = cfg("run")
+    with pytest.raises(Killed):
+        Trainer(run, quiet=True).train()
+    monkeypatch.setattr(Trainer, "save", real_save)
+    hist_file = tmp_path / "run" / "out" / "log" / "history.jsonl"
+    # a stray entry written after the checkpoint (as a killed run can leave) is dropped on resume
+    with open(hist_file, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"step": 5, "loss": 123.0, "adv_skipped": 0}) + "\n")
+    state = torch.load(tmp_path / "run" / "out" / "ckpt" / "step_4" / "train_state.pt", weights_only=True)
+    assert state["log_window"]["micro_batches"] == 2  # step 4's two micro-batches, not yet logged
+
+    resumed = Trainer(run, resume=True, quiet=True)
+    assert losses(resumed.train()) == ref
+    logged = [json.loads(x) for x in hist_file.read_text().splitlines()]
+    assert losses(logged) == ref

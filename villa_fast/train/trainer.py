@@ -149,6 +149,10 @@ class Trainer:
         self.adv_step = self._build_adv_step() if self.cfg["adv_training"] else None
         self._adv_skipped: Tensor | None = None  # this optimizer step's left-out adversarial steps
         self._skipped_since_log: Tensor | None = None
+        # the log window: summed micro-batch losses (on the device) and their count since the last log entry;
+        # checkpointed with the step, so that a resumed run logs what the uninterrupted one logs
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._n_micro = 0
         self.accumulation = self._accumulation()
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -270,6 +274,16 @@ class Trainer:
             with open(self.output_dir / "log" / "history.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry) + "\n")
 
+    def _rewrite_history(self) -> None:
+        """history.jsonl as of the loaded checkpoint: entries a killed run logged after it are dropped (its
+        resumed continuation logs them again)."""
+        if self.output_dir and self.dist.is_main:
+            path = self.output_dir / "log" / "history.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in self.history), encoding="utf-8")
+            os.replace(tmp, path)
+
     # -- data --------------------------------------------------------------------------------------
     def _to_device(self, batch):
         from villa_fast.data import move_to_device
@@ -353,6 +367,11 @@ class Trainer:
             "rng": rngs,
             "data": self.source().state_dict(),
             "history": self.history,
+            "log_window": {
+                "loss_sum": float(self._loss_sum),
+                "micro_batches": self._n_micro,
+                "adv_skipped": int(self._skipped_since_log) if self._skipped_since_log is not None else 0,
+            },
             "world_size": self.dist.world_size,
             "config": to_json(self.cfg),
         }
@@ -371,7 +390,13 @@ class Trainer:
         self.source().load_state_dict(state["data"])
         self.global_step = int(state["step"])
         self.history = list(state["history"])
+        window = state.get("log_window", {})
+        self._loss_sum.fill_(float(window.get("loss_sum", 0.0)))
+        self._n_micro = int(window.get("micro_batches", 0))
+        skipped = int(window.get("adv_skipped", 0))
+        self._skipped_since_log = torch.tensor(skipped, device=self.device) if skipped else None
         set_rng_state(state["rng"][self.dist.rank])
+        self._rewrite_history()
         self._log(f"resumed from {path} at step {self.global_step}")
 
     # -- training ----------------------------------------------------------------------------------
@@ -400,20 +425,19 @@ class Trainer:
 
             pbar = tqdm(total=total, initial=self.global_step, desc=f"{self.task.name}", dynamic_ncols=True)
         self.model.train()
-        running = torch.zeros((), device=self.device)
-        n_micro, n_ex, t0 = 0, 0, time.perf_counter()
+        n_ex, t0 = 0, time.perf_counter()
         stream = self.source().batches()
         while self.global_step < total:
             for _ in range(accum):
                 batch = self._to_device(next(stream))
                 n_ex += self.task.n_examples(batch)
-                running += self.micro_step(batch)
-                n_micro += 1
+                self._loss_sum += self.micro_step(batch)
+                self._n_micro += 1
             info = self.optimizer_step()
             step = self.global_step
             if step % c["log_steps"] == 0 or step == total:
                 dt = time.perf_counter() - t0
-                loss = float(running) / max(n_micro, 1)
+                loss = float(self._loss_sum) / max(self._n_micro, 1)
                 ex_s = n_ex * self.dist.world_size / max(dt, 1e-9)
                 gn = info["grad_norm"]
                 entry = {"step": step, "loss": loss, "lr": info["lr"], "ex_per_s": ex_s, "grad_norm": float(gn)}
@@ -424,8 +448,8 @@ class Trainer:
                 self._record(entry)
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_s:.0f}")
-                running.zero_()
-                n_micro, n_ex, t0 = 0, 0, time.perf_counter()
+                self._loss_sum.zero_()
+                self._n_micro, n_ex, t0 = 0, 0, time.perf_counter()
             if pbar is not None:
                 pbar.update(1)
             if step % c["valid_steps"] == 0 or step == total:
