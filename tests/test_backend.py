@@ -28,6 +28,16 @@ def test_explicit_cuda_on_cpu_tensor_names_what_is_missing(monkeypatch):
         ops.sym_kl(torch.randn(2, 3), torch.randn(2, 3))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_gpu_backends_without_a_cuda_device_say_so(monkeypatch):
+    """A CUDA build (of torch and of villa_fast._C) on a machine without a GPU: the GPU backends are unavailable
+    for that reason, whatever the extension holds, and nothing initialises CUDA to find out."""
+    monkeypatch.setattr(_backend, "ext_with_cuda", lambda: True)
+    for name in ("cuda", "triton"):
+        assert "no CUDA device" in _backend._why_not(name, torch.device("cuda"))
+    assert _backend._why_not("reference", torch.device("cuda")) == ""
+
+
 def test_explicit_triton_without_interpreter_on_cpu(monkeypatch):
     # import Triton (if present) first: it reads TRITON_INTERPRET when the kernels are defined
     _backend._triton_import_error()

@@ -81,6 +81,8 @@ def _why_not(backend: str, device: torch.device) -> str:
     """Empty string when ``backend`` can run on ``device``, else the reason it cannot."""
     if backend == "reference":
         return ""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
     if backend == "cpp":
         if extension() is None:
             return f"the compiled extension villa_fast._C is not installed ({_load_ext()[1]})"
