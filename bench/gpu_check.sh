@@ -3,13 +3,15 @@
 # step, then the whole-step benchmark, its profile, the op benchmark and every GPU test with the time left;
 # the tables are printed last (the whole-step table at the end). bench/bench_model.py (the model alone
 # against the anchor's) is not part of it: run it by hand when there is time.
-# Logs and CSVs go to $OUT (default bench/out). Runs offline. The whole run stays under BUDGET seconds
+# Logs and CSVs go to $OUT (default bench/out; a given $OUT holding more than 8 files at the end is packed into
+# $OUT/gpu_check.tar.gz, the profiler traces beside it). Runs offline. The whole run stays under BUDGET seconds
 # (default 470): each phase gets at most what is left after the phases behind it have their share.
 #
 #   bash bench/gpu_check.sh            # everything
 #   QUICK=1 bash bench/gpu_check.sh    # build, smoke tests and the UNITER whole-step benchmark only
 set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT_GIVEN="${OUT:+1}"
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT" bench/out
 OUT="$(cd "$OUT" && pwd)"
@@ -119,4 +121,10 @@ stamp "tables"
 [ -f "$OUT/profile_step.md" ] && echo && grep -vE '^\| `' "$OUT/profile_step.md"
 [ -f "bench/out/bench_step_uniter.md" ] && [ "bench/out/bench_step_uniter.md" -nt "$OUT/env.txt" ] && echo \
   && cat "bench/out/bench_step_uniter.md"
+# a device machine returns at most 8 files from $OUT: past that, everything but the traces goes into one archive
+if [ -n "$OUT_GIVEN" ] && (($(find "$OUT" -maxdepth 1 -type f | wc -l) > 8)); then
+  (cd "$OUT" && find . -maxdepth 1 -type f ! -name '*.json.gz' ! -name '*.tar.gz' ! -name packed.txt -printf '%f\n' \
+    | sort >packed.txt && tar czf gpu_check.tar.gz -T packed.txt packed.txt && xargs rm -f <packed.txt && rm -f packed.txt)
+  echo "logs and tables packed into $OUT/gpu_check.tar.gz; $OUT now holds: $(cd "$OUT" && ls | tr '\n' ' ')"
+fi
 stamp "done"
