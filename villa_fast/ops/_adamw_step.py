@@ -10,15 +10,14 @@ from torch import Tensor
 
 from villa_fast import reference
 from villa_fast.ops import _check
-from villa_fast.ops._backend import choose, extension
+from villa_fast.ops._backend import bump_versions, choose, extension, plain_eager
 
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF = (torch.float16, torch.bfloat16)
 _SCALAR_DTYPES = (torch.float32, torch.float64)
 
 
-@torch.library.custom_op("villa_fast::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
-def _adamw_step_op(
+def _adamw_step_impl(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -79,6 +78,40 @@ def _adamw_step_op(
             grad_scale,
             found_inf,
         )
+
+
+@torch.library.custom_op("villa_fast::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+def _adamw_step_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    lr_tensor: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    backend: str,
+) -> None:
+    _adamw_step_impl(
+        params, grads, exp_avgs, exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, correct_bias,
+        grad_scale, found_inf, backend,
+    )  # fmt: skip
+
+
+def _run(params, grads, exp_avgs, exp_avg_sqs, steps, *rest) -> None:
+    """The op, called directly in plain eager mode (see :func:`plain_eager`), else through its registration."""
+    scalars = [t for t in (rest[1], rest[-3], rest[-2]) if t is not None]  # lr_tensor, grad_scale, found_inf
+    if plain_eager(params, grads, exp_avgs, exp_avg_sqs, steps, scalars):
+        _adamw_step_impl(params, grads, exp_avgs, exp_avg_sqs, steps, *rest)
+        bump_versions([*params, *exp_avgs, *exp_avg_sqs, *steps])
+    else:
+        _adamw_step_op(params, grads, exp_avgs, exp_avg_sqs, steps, *rest)
 
 
 @_adamw_step_op.register_fake
@@ -202,12 +235,12 @@ def adamw_step_(
         if odd:
             pick = sorted(odd)
             odd_lists = [[lst[i] for i in pick] for lst in names]
-            _adamw_step_op(*odd_lists, lr, lr_tensor, *hyper, grad_scale, found_inf, "reference")
+            _run(*odd_lists, lr, lr_tensor, *hyper, grad_scale, found_inf, "reference")
             keep = [i for i in range(len(params)) if i not in odd]
             names = tuple([lst[i] for i in keep] for lst in names)
             if not names[0]:
                 return
-    _adamw_step_op(*names, lr, lr_tensor, *hyper, grad_scale, found_inf, backend)
+    _run(*names, lr, lr_tensor, *hyper, grad_scale, found_inf, backend)
 
 
 def _tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, device: torch.device) -> bool:
@@ -231,6 +264,8 @@ def _tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, device: torch.devic
         return False
     if not all(s.dtype == f32 and s.numel() == 1 for s in steps):
         return False
+    if torch.compiler.is_compiling():  # traced tensors have no addresses to compare
+        return True
     ptrs = [t.data_ptr() for lst in (params, exp_avgs, exp_avg_sqs) for t in lst if t.numel()]
     ptrs += [s.data_ptr() for s in steps]
     return len(set(ptrs)) == len(ptrs)
@@ -264,7 +299,7 @@ def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, device: torch.de
         if s.device != device:
             raise ValueError(f"steps[{i}] is on {s.device} but params[0] is on {device}; they must share a device")
         for name, t in ((f"params[{i}]", p), (f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v), (f"steps[{i}]", s)):
-            if t.numel() == 0:
+            if t.numel() == 0 or torch.compiler.is_compiling():
                 continue
             if t.data_ptr() in seen:
                 raise ValueError(f"{name} and {seen[t.data_ptr()]} are the same tensor (or share their memory)")

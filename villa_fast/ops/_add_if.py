@@ -9,13 +9,12 @@ from torch import Tensor
 
 from villa_fast import reference
 from villa_fast.ops import _check
-from villa_fast.ops._backend import choose, extension
+from villa_fast.ops._backend import bump_versions, choose, extension, plain_eager
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@torch.library.custom_op("villa_fast::add_if_", mutates_args=("accs",))
-def _add_if_op(accs: list[Tensor], vals: list[Tensor], ok: Tensor, backend: str) -> None:
+def _add_if_impl(accs: list[Tensor], vals: list[Tensor], ok: Tensor, backend: str) -> None:
     if backend == "reference":
         reference.add_if_(accs, vals, ok)
     elif backend == "triton":
@@ -23,6 +22,19 @@ def _add_if_op(accs: list[Tensor], vals: list[Tensor], ok: Tensor, backend: str)
         importlib.import_module("villa_fast.kernels.add_if").add_if(accs=accs, vals=vals, ok=ok)
     else:
         extension().add_if_(accs, vals, ok)
+
+
+@torch.library.custom_op("villa_fast::add_if_", mutates_args=("accs",))
+def _add_if_op(accs: list[Tensor], vals: list[Tensor], ok: Tensor, backend: str) -> None:
+    _add_if_impl(accs, vals, ok, backend)
+
+
+def _run(accs: list[Tensor], vals: list[Tensor], ok: Tensor, backend: str) -> None:
+    if plain_eager(accs, vals, (ok,)):
+        _add_if_impl(accs, vals, ok, backend)
+        bump_versions(accs)
+    else:
+        _add_if_op(accs, vals, ok, backend)
 
 
 @_add_if_op.register_fake
@@ -49,20 +61,8 @@ def add_if_(accs: list[Tensor] | tuple[Tensor, ...], vals: list[Tensor] | tuple[
     ok = _check.tensor("ok", ok)
     if ok.dtype != torch.bool or ok.numel() != 1:
         raise ValueError(f"ok must be a one-element bool tensor, got dtype {ok.dtype} and shape {tuple(ok.shape)}")
-    seen: set[int] = set()
-    for i, (a, v) in enumerate(zip(accs, vals, strict=True)):
-        _check.tensor(f"accs[{i}]", a)
-        _check.tensor(f"vals[{i}]", v)
-        _check.floating(f"accs[{i}]", a, _DTYPES)
-        if v.dtype != a.dtype:
-            raise TypeError(f"vals[{i}] has dtype {v.dtype} but accs[{i}] has {a.dtype}")
-        if v.shape != a.shape:
-            raise ValueError(f"vals[{i}] has shape {tuple(v.shape)} but accs[{i}] has {tuple(a.shape)}")
-        _check.same_device(f"accs[{i}]", a, "ok", ok)
-        _check.same_device(f"vals[{i}]", v, "ok", ok)
-        if a.numel() and a.data_ptr() in seen:
-            raise ValueError(f"accs[{i}] appears twice in accs (or shares its memory with another entry)")
-        seen.add(a.data_ptr())
+    if not _pairs_ok(accs, vals, ok.device):
+        _check_pairs(accs, vals, ok)
     if not accs:
         return
     dtypes = {str(a.dtype) for a in accs}
@@ -75,9 +75,43 @@ def add_if_(accs: list[Tensor] | tuple[Tensor, ...], vals: list[Tensor] | tuple[
         ]
         if rest:
             odd = set(rest)
-            _add_if_op([accs[i] for i in rest], [vals[i] for i in rest], ok, "reference")
+            _run([accs[i] for i in rest], [vals[i] for i in rest], ok, "reference")
             accs = [a for i, a in enumerate(accs) if i not in odd]
             vals = [v for i, v in enumerate(vals) if i not in odd]
             if not accs:
                 return
-    _add_if_op(accs, vals, ok, backend)
+    _run(accs, vals, ok, backend)
+
+
+def _pairs_ok(accs: list, vals: list, device: torch.device) -> bool:
+    """The checks of :func:`_check_pairs` in bulk, without naming anything: the common case, kept cheap."""
+    if not (all(isinstance(t, Tensor) for t in accs) and all(isinstance(t, Tensor) for t in vals)):
+        return False
+    if any(t.device != device for t in accs) or any(t.device != device for t in vals):
+        return False
+    pairs = zip(accs, vals, strict=True)
+    if not all(a.dtype in _DTYPES and v.dtype == a.dtype and v.shape == a.shape for a, v in pairs):
+        return False
+    if torch.compiler.is_compiling():  # traced tensors have no addresses to compare
+        return True
+    ptrs = [a.data_ptr() for a in accs if a.numel()]
+    return len(set(ptrs)) == len(ptrs)
+
+
+def _check_pairs(accs: list, vals: list, ok: Tensor) -> None:
+    """Every pair, one by one: the first problem raises an error naming the tensor."""
+    seen: set[int] = set()
+    for i, (a, v) in enumerate(zip(accs, vals, strict=True)):
+        _check.tensor(f"accs[{i}]", a)
+        _check.tensor(f"vals[{i}]", v)
+        _check.floating(f"accs[{i}]", a, _DTYPES)
+        if v.dtype != a.dtype:
+            raise TypeError(f"vals[{i}] has dtype {v.dtype} but accs[{i}] has {a.dtype}")
+        if v.shape != a.shape:
+            raise ValueError(f"vals[{i}] has shape {tuple(v.shape)} but accs[{i}] has {tuple(a.shape)}")
+        _check.same_device(f"accs[{i}]", a, "ok", ok)
+        _check.same_device(f"vals[{i}]", v, "ok", ok)
+        if a.numel() and not torch.compiler.is_compiling():
+            if a.data_ptr() in seen:
+                raise ValueError(f"accs[{i}] appears twice in accs (or shares its memory with another entry)")
+            seen.add(a.data_ptr())
