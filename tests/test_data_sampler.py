@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from tests.test_data_helpers import IMG_ARGS, make_images, make_txt
 from villa_fast.data import (
@@ -111,3 +112,23 @@ def test_pad_buckets_fix_shapes(vqa):
         assert x["input_ids"].size(0) * (lt + n) <= 400
     assert count_shapes(a) >= count_shapes(b)
     assert sum(len(x["txt_lens"]) for x in b) + fixed.sampler.num_dropped == len(vqa)
+
+
+def test_concatenation_keeps_rows_per_example_and_refuses_a_mix():
+    from villa_fast.data import ConcatDatasetWithLens
+
+    class _Ds(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.lens, self.pad_dims = [3, 4], [(3, 1), (4, 1)]
+            if rows is not None:
+                self.rows_per_example = rows
+
+        def __len__(self):
+            return 2
+
+    assert ConcatDatasetWithLens([_Ds(2), _Ds(2)]).rows_per_example == 2
+    assert ConcatDatasetWithLens([_Ds(None), _Ds(1)]).rows_per_example == 1
+    with pytest.raises(ValueError, match="different rows per example"):
+        ConcatDatasetWithLens([_Ds(2), _Ds(None)])
+    with pytest.raises(ValueError, match="rows_per_example"):
+        TokenBucketSampler([3, 4], rows_per_example=0)

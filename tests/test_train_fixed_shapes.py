@@ -78,16 +78,21 @@ def _trainer(tmp_path, task, **changes):
         return Trainer(cfg, quiet=True)
 
 
-@pytest.mark.parametrize("task", ["vqa", "re"])
-def test_padding_to_a_bucket_changes_no_loss_and_no_kl(tmp_path, task):
+_TRIPLET_BUCKETS = PadBuckets(img=(32, 50, 72, 100, 136, 200))
+
+
+@pytest.mark.parametrize(
+    "task, model", [("vqa", None), ("re", None), ("nlvr2", "paired-attn"), ("nlvr2", "paired"), ("nlvr2", "triplet")]
+)
+def test_padding_to_a_bucket_changes_no_loss_and_no_kl(tmp_path, task, model):
     """The padded positions are masked everywhere: the task loss and the VILLA consistency term of a batch are
     those of the same batch padded to its bucket shape (eval mode, float32)."""
     from villa_fast.ops import sym_kl
 
-    trainer = _trainer(tmp_path, task)
+    trainer = _trainer(tmp_path, task, **({"model": model} if model else {}))
     trainer.model.eval()
     batch = trainer.task.prepare(trainer.model, next(iter(trainer.source().batches())))
-    padded = PadBuckets()(dict(batch))
+    padded = (_TRIPLET_BUCKETS if model == "triplet" else PadBuckets())(dict(batch))
     assert padded["input_ids"].shape != batch["input_ids"].shape or padded["img_feat"].shape != batch["img_feat"].shape
     with torch.no_grad():
         z, zp = trainer.task.forward(trainer.model, batch), trainer.task.forward(trainer.model, padded)
@@ -107,6 +112,42 @@ def test_example_counted_training_pads_too(tmp_path, task):
     for b in batches:
         assert b["input_ids"].size(1) in pb.txt and b["img_feat"].size(1) in pb.img
         assert b["obj_masks"].shape == b["img_feat"].shape[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        history = trainer.train()
+    assert all(math.isfinite(e["loss"]) for e in history if "loss" in e)
+
+
+@pytest.mark.parametrize("model, rows", [("paired-attn", 2), ("paired", 2), ("triplet", 1)])
+def test_nlvr2_graphed_training_pads_within_the_token_budget(tmp_path, model, rows):
+    """NLVR2 under ``adv_graphed``: bucket shapes (a triplet row's regions reach twice max_bb), one batch size
+    per shape, and the padded rows of an example (two for the paired layouts) within train_batch_size."""
+    pb = _TRIPLET_BUCKETS if model == "triplet" else PadBuckets()
+    trainer = _trainer(
+        tmp_path, "nlvr2", model=model, adv_graphed=True, num_train_steps=3, valid_steps=100, train_batch_size=1600
+    )
+    budget = trainer.cfg["train_batch_size"]
+    batches = list(itertools.islice(trainer.source().batches(), 12))
+    sizes: dict[tuple, set] = {}
+    for b in batches:
+        lt, n = b["input_ids"].size(1), b["img_feat"].size(1)
+        assert lt in pb.txt and n in pb.img, (lt, n)
+        n_ex = b["targets"].numel()
+        assert b["input_ids"].size(0) == rows * n_ex
+        assert rows * n_ex * (lt + n) <= budget
+        assert int(b["attn_masks"].sum()) == sum(b["txt_lens"]) + sum(b["num_bbs"])
+        sizes.setdefault((lt, n), set()).add(n_ex)
+    assert all(len(v) == 1 for v in sizes.values()), sizes
+    # the graph signature: one per padded shape (the per-row length lists stay out of the step batch)
+    from torch.utils import _pytree as pytree
+
+    step = trainer.adv_step
+    keys = set()
+    for b in batches:
+        sb = trainer.task.step_batch(trainer.task.prepare(trainer.model, b))
+        assert all(isinstance(v, torch.Tensor) for v in sb.values())
+        keys.add(step._key(*pytree.tree_flatten(sb), *trainer.task.adv_masks(b), False))
+    assert len(keys) == len(sizes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         history = trainer.train()

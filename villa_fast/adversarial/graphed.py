@@ -112,8 +112,9 @@ class GraphedVillaStep:
             With a scaler, ``scaler.step`` / ``scaler.update`` run inside the graph as well.
         max_grad_norm: optional clipping threshold applied before the optimizer step.
         warmup: eager warm-up steps on a side stream before each capture (their effect is undone).
-        max_graphs: most input signatures captured; each graph keeps its own memory pool, so further new
-            signatures run eagerly (with a warning) instead of piling up graphs. Pad batches to a few fixed
+        max_graphs: most input signatures captured; the graphs share one memory pool for their intermediates
+            but each keeps its static inputs and outputs, so further new signatures run eagerly (with a warning)
+            instead of piling up graphs. Pad batches to a few fixed
             shapes (:class:`villa_fast.data.PadBuckets`; the trainer does with ``adv_graphed``).
 
     ``step(batch, txt_mask, img_mask, optimizer_step=True)`` returns a :class:`StepResult` whose tensors

@@ -173,6 +173,10 @@ class ConcatDatasetWithLens(ConcatDataset):
 
     def __init__(self, datasets):
         super().__init__(datasets)
+        rows = {getattr(d, "rows_per_example", 1) for d in self.datasets}
+        if len(rows) != 1:
+            raise ValueError(f"datasets with different rows per example cannot be concatenated: {sorted(rows)}")
+        self.rows_per_example = rows.pop()
         self.lens = [n for d in datasets for n in d.lens]
         self.pad_dims = [p for d in datasets for p in getattr(d, "pad_dims", [(n, 0) for n in d.lens])]
 
@@ -274,6 +278,8 @@ class _Nlvr2Base(DetectFeatTxtTokDataset):
 
 class Nlvr2PairedDataset(_Nlvr2Base):
     """Two rows per example ``[txt, img_k]`` with image type ids k+1; target 0/1."""
+
+    rows_per_example = 2
 
     def _compute_lens(self):
         nbb = self.img_db.name2nbb

@@ -102,6 +102,8 @@ class TokenBucketSampler(ResumableBatchSampler):
         shuffle: ``False`` keeps index order (buckets still sorted by length) for evaluation.
         pad_dims, pad_buckets: per-example ``(txt_len, num_bb)`` upper bounds and the
             :class:`PadBuckets` that turn them into fixed shapes.
+        rows_per_example: rows an example makes in a batch (NLVR2 "paired": 2, one per image); with
+            ``pad_buckets`` each costs ``rows_per_example * (L_txt + N)`` tokens of the budget.
         even_batches: cut every rank to the same number of batches (default: on when
             ``world_size > 1`` and ``droplast``).
     """
@@ -122,6 +124,7 @@ class TokenBucketSampler(ResumableBatchSampler):
         pad_dims: Sequence[tuple[int, int]] | None = None,
         pad_buckets: PadBuckets | None = None,
         even_batches: bool | None = None,
+        rows_per_example: int = 1,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -129,6 +132,9 @@ class TokenBucketSampler(ResumableBatchSampler):
             raise ValueError("batch_size, bucket_size and size_multiple must be positive")
         if pad_buckets is not None and pad_dims is None:
             raise ValueError("pad_buckets needs the dataset's pad_dims")
+        if int(rows_per_example) < 1:
+            raise ValueError(f"rows_per_example must be >= 1, got {rows_per_example}")
+        self.rows_per_example = int(rows_per_example)
         self._lens = list(lens)
         self._pad_dims = None if pad_dims is None else list(pad_dims)
         self._bucket_size = bucket_size
@@ -197,9 +203,12 @@ class TokenBucketSampler(ResumableBatchSampler):
         batches, dropped = [], 0
         for shape in sorted(groups):
             members = groups[shape]
-            per = (budget // sum(shape)) // mul * mul
+            per = (budget // (self.rows_per_example * sum(shape))) // mul * mul
             if per == 0:
-                raise ValueError(f"token budget {budget} cannot hold {mul} rows of padded shape {shape}")
+                raise ValueError(
+                    f"token budget {budget} cannot hold {mul} examples of {self.rows_per_example} row(s) of padded "
+                    f"shape {shape}"
+                )
             for s in range(0, len(members), per):
                 chunk = members[s : s + per]
                 if len(chunk) < per and self._droplast:
@@ -559,6 +568,7 @@ def build_dataloader(
         shuffle=is_train,
         pad_dims=getattr(dataset, "pad_dims", None),
         pad_buckets=pad_buckets,
+        rows_per_example=getattr(dataset, "rows_per_example", 1),
     )
     return TokenBucketLoader(
         dataset, collate_fn, sampler, num_workers=num_workers, device=device, pad_buckets=pad_buckets

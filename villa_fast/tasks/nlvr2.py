@@ -8,6 +8,7 @@ images' regions. Every layout tells the images apart by image type ids 1 and 2 (
 from __future__ import annotations
 
 import torch.nn.functional as F
+from torch import Tensor
 
 from villa_fast.tasks.base import DataContext, Task
 
@@ -19,6 +20,21 @@ _MODELS = {"paired-attn": "nlvr2", "paired": "nlvr2_paired", "triplet": "nlvr2_t
 class Nlvr2Task(Task):
     name = "nlvr2"
     kl_reduction = "batchmean"
+    fixed_shape_training = True
+
+    def step_batch(self, batch):
+        # the NLVR2 forwards and loss read tensors only: txt_lens / num_bbs (lists) stay out of graph keys
+        return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+
+    def pad_buckets(self):
+        """Fixed training shapes under ``adv_graphed``; a triplet row holds both images' regions (up to twice
+        ``max_bb``), so its region sizes reach further than the default ones."""
+        buckets = super().pad_buckets()
+        if buckets is not None and self.triplet:
+            from villa_fast.data import PadBuckets
+
+            buckets = PadBuckets(txt=buckets.txt, img=(32, 50, 72, 100, 136, 200))
+        return buckets
 
     @property
     def triplet(self) -> bool:
