@@ -78,11 +78,9 @@ def _trainer(tmp_path, task, **changes):
         return Trainer(cfg, quiet=True)
 
 
-_TRIPLET_BUCKETS = PadBuckets(img=(32, 50, 72, 100, 136, 200))
-
-
 @pytest.mark.parametrize(
-    "task, model", [("vqa", None), ("re", None), ("nlvr2", "paired-attn"), ("nlvr2", "paired"), ("nlvr2", "triplet")]
+    "task, model",
+    [("vqa", None), ("re", None), ("nlvr2", "paired-attn"), ("nlvr2", "paired"), ("nlvr2", "triplet"), ("vcr", None)],
 )
 def test_padding_to_a_bucket_changes_no_loss_and_no_kl(tmp_path, task, model):
     """The padded positions are masked everywhere: the task loss and the VILLA consistency term of a batch are
@@ -92,7 +90,8 @@ def test_padding_to_a_bucket_changes_no_loss_and_no_kl(tmp_path, task, model):
     trainer = _trainer(tmp_path, task, **({"model": model} if model else {}))
     trainer.model.eval()
     batch = trainer.task.prepare(trainer.model, next(iter(trainer.source().batches())))
-    padded = (_TRIPLET_BUCKETS if model == "triplet" else PadBuckets())(dict(batch))
+    graphed = dict(trainer.cfg, adv_training=True, adv_graphed=True)
+    padded = type(trainer.task)(graphed).pad_buckets()(dict(batch))
     assert padded["input_ids"].shape != batch["input_ids"].shape or padded["img_feat"].shape != batch["img_feat"].shape
     with torch.no_grad():
         z, zp = trainer.task.forward(trainer.model, batch), trainer.task.forward(trainer.model, padded)
@@ -118,23 +117,30 @@ def test_example_counted_training_pads_too(tmp_path, task):
     assert all(math.isfinite(e["loss"]) for e in history if "loss" in e)
 
 
-@pytest.mark.parametrize("model, rows", [("paired-attn", 2), ("paired", 2), ("triplet", 1)])
-def test_nlvr2_graphed_training_pads_within_the_token_budget(tmp_path, model, rows):
-    """NLVR2 under ``adv_graphed``: bucket shapes (a triplet row's regions reach twice max_bb), one batch size
-    per shape, and the padded rows of an example (two for the paired layouts) within train_batch_size."""
-    pb = _TRIPLET_BUCKETS if model == "triplet" else PadBuckets()
+@pytest.mark.parametrize(
+    "task, model, rows, counted",
+    [("nlvr2", "paired-attn", 2, 2), ("nlvr2", "paired", 2, 2), ("nlvr2", "triplet", 1, 1), ("vcr", None, 4, 1)],
+)
+def test_multi_row_graphed_training_pads_within_the_token_budget(tmp_path, task, model, rows, counted):
+    """NLVR2 and VCR under ``adv_graphed``: the task's bucket shapes, one batch size per shape, and each example's
+    padded rows within train_batch_size as the authors count them (both rows of an NLVR2 paired example; one
+    row of a VCR question, whose lengths are the question's text plus its regions)."""
+    extra = {"model": model} if model else {}
     trainer = _trainer(
-        tmp_path, "nlvr2", model=model, adv_graphed=True, num_train_steps=3, valid_steps=100, train_batch_size=1600
+        tmp_path, task, adv_graphed=True, num_train_steps=3, valid_steps=100, train_batch_size=1600, **extra
     )
+    pb = trainer.task.pad_buckets()
+    if model == "triplet":
+        assert pb.img[-1] == 200
     budget = trainer.cfg["train_batch_size"]
     batches = list(itertools.islice(trainer.source().batches(), 12))
     sizes: dict[tuple, set] = {}
     for b in batches:
         lt, n = b["input_ids"].size(1), b["img_feat"].size(1)
         assert lt in pb.txt and n in pb.img, (lt, n)
-        n_ex = b["targets"].numel()
+        n_ex = trainer.task.n_examples(b)
         assert b["input_ids"].size(0) == rows * n_ex
-        assert rows * n_ex * (lt + n) <= budget
+        assert counted * n_ex * (lt + n) <= budget
         assert int(b["attn_masks"].sum()) == sum(b["txt_lens"]) + sum(b["num_bbs"])
         sizes.setdefault((lt, n), set()).add(n_ex)
     assert all(len(v) == 1 for v in sizes.values()), sizes
