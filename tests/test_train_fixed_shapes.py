@@ -71,6 +71,12 @@ def test_one_graph_signature_per_padded_shape(tmp_path):
     assert len(full) > len(shapes)
 
 
+def _variant(task, model) -> dict:
+    if task == "retrieval":  # sampled negatives: batches of 2 texts, 1 + 2 * 2 rows each
+        return {"hard_neg_size": 0, "negative_size": 2, "train_batch_size": 2} if model == "sampled" else {}
+    return {"model": model} if model else {}
+
+
 def _trainer(tmp_path, task, **changes):
     cfg = resolve_config(None, task_config(tmp_path, task, adv_training=True, dropout=0.0, **changes))
     with warnings.catch_warnings():
@@ -80,14 +86,23 @@ def _trainer(tmp_path, task, **changes):
 
 @pytest.mark.parametrize(
     "task, model",
-    [("vqa", None), ("re", None), ("nlvr2", "paired-attn"), ("nlvr2", "paired"), ("nlvr2", "triplet"), ("vcr", None)],
+    [
+        ("vqa", None),
+        ("re", None),
+        ("nlvr2", "paired-attn"),
+        ("nlvr2", "paired"),
+        ("nlvr2", "triplet"),
+        ("vcr", None),
+        ("retrieval", "sampled"),
+        ("retrieval", "hard"),
+    ],
 )
 def test_padding_to_a_bucket_changes_no_loss_and_no_kl(tmp_path, task, model):
     """The padded positions are masked everywhere: the task loss and the VILLA consistency term of a batch are
     those of the same batch padded to its bucket shape (eval mode, float32)."""
     from villa_fast.ops import sym_kl
 
-    trainer = _trainer(tmp_path, task, **({"model": model} if model else {}))
+    trainer = _trainer(tmp_path, task, **_variant(task, model))
     trainer.model.eval()
     batch = trainer.task.prepare(trainer.model, next(iter(trainer.source().batches())))
     graphed = dict(trainer.cfg, adv_training=True, adv_graphed=True)
@@ -154,6 +169,34 @@ def test_multi_row_graphed_training_pads_within_the_token_budget(tmp_path, task,
         assert all(isinstance(v, torch.Tensor) for v in sb.values())
         keys.add(step._key(*pytree.tree_flatten(sb), *trainer.task.adv_masks(b), False))
     assert len(keys) == len(sizes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        history = trainer.train()
+    assert all(math.isfinite(e["loss"]) for e in history if "loss" in e)
+
+
+@pytest.mark.parametrize("mode", ["sampled", "hard"])
+def test_retrieval_graphed_training_pads_to_bucket_shapes(tmp_path, mode):
+    """Retrieval under ``adv_graphed``, sampled and hard negatives: bucket shapes, one graph signature per padded
+    shape (the group size kept: the loss reads it), and training runs."""
+    from torch.utils import _pytree as pytree
+
+    variant = _variant("retrieval", mode)
+    trainer = _trainer(tmp_path, "retrieval", adv_graphed=True, num_train_steps=2, valid_steps=100, **variant)
+    pb = trainer.task.pad_buckets()
+    batches = list(itertools.islice(trainer.source().batches(), 8))
+    shapes, keys = set(), set()
+    for b in batches:
+        lt, n = b["input_ids"].size(1), b["img_feat"].size(1)
+        assert lt in pb.txt and n in pb.img, (lt, n)
+        assert int(b["attn_masks"].sum()) == sum(b["txt_lens"]) + sum(b["num_bbs"])
+        trainer.model.train()
+        prepared = trainer.task.prepare(trainer.model, b)
+        sb = trainer.task.step_batch(prepared)
+        assert set(sb) - {"sample_size"} == {k for k, v in sb.items() if isinstance(v, torch.Tensor)}
+        shapes.add((sb["input_ids"].shape, sb["img_feat"].shape))
+        keys.add(trainer.adv_step._key(*pytree.tree_flatten(sb), *trainer.task.adv_masks(prepared), False))
+    assert len(keys) == len(shapes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         history = trainer.train()

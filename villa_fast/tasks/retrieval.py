@@ -266,6 +266,8 @@ class RetrievalTask(Task):
     train_drop_last = True
     #: evaluation: one item per text (the authors' batch_size=1), its forwards sized by inf_minibatch_size
     val_batch_unit = None
+    #: training batches (sampled or hard negatives) pad to fixed shapes under adv_graphed
+    fixed_shape_training = True
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
@@ -327,7 +329,14 @@ class RetrievalTask(Task):
                 raise ValueError(f"hard-negative training: {n_txt} text-side items but {n_img} image-side items")
             ds = ConcatDatasetWithLens(txt_side + img_side)
             sampler = AlternatingSidesSampler(n_txt, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world_size)
-            return TokenBucketLoader(ds, itm_rank_hn_collate, sampler, num_workers=ctx.num_workers)
+            return TokenBucketLoader(
+                ds,
+                itm_rank_hn_collate,
+                sampler,
+                num_workers=ctx.num_workers,
+                device=ctx.device,
+                pad_buckets=self.pad_buckets(),
+            )
         sets = [ItmRankDataset(TxtTokLmdb(t, c["max_txt_len"]), self.img_db(i), c["negative_size"]) for t, i in pairs]
         ds = sets[0] if len(sets) == 1 else ConcatDatasetWithLens(sets)
         return self.batch_loader(ds, itm_rank_collate, ctx, train=True)
@@ -353,6 +362,11 @@ class RetrievalTask(Task):
         if model.training and self.cfg["hard_neg_size"] > 0:
             return m.hard_negative_batch(batch, self.cfg["hard_neg_size"])
         return batch
+
+    def step_batch(self, batch):
+        # forward and loss read tensors and the group size (one value per run): the per-row length lists stay
+        # out of graph keys
+        return {k: v for k, v in batch.items() if isinstance(v, Tensor) or k == "sample_size"}
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
         """Rank scores as ``[groups, sample_size]``: what the loss, the VILLA step's KL and the attack see.
