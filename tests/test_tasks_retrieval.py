@@ -282,3 +282,43 @@ def test_inf_minibatch_size_must_be_a_positive_integer(tmp_path, bad):
     if isinstance(bad, int) and not isinstance(bad, bool):  # values the config's own type check lets through
         with pytest.raises(ConfigError, match="inf_minibatch_size"):
             _trainer(tmp_path, inf_minibatch_size=bad)
+
+
+def test_minibatch_validation_ranks_the_gt_among_the_next_images(tmp_path):
+    """Without full_val, validation during training ranks each text's gt image among itself and the next
+    inf_minibatch_size - 1 images (the authors' validate on ItmValDataset): the ranks equal those read off the
+    full evaluation's score matrix, in float64."""
+    trainer = _trainer(tmp_path, inf_minibatch_size=5, max_val_examples=0)
+    trainer.model.double()
+    assert trainer.task.validation_split(final=False) == "minival"
+    assert trainer.task.validation_split(final=True) == "val"
+    assert trainer.task.has_split("minival")
+    orig = trainer._to_device
+    trainer._to_device = lambda b: _double(orig(b))
+    full = trainer.evaluate("val", predictions_prefix=str(tmp_path / "full"))
+    mini = trainer.evaluate("minival", predictions_prefix=str(tmp_path / "mini"))
+    scores = json.loads((tmp_path / "full.json").read_text())
+    ranks = json.loads((tmp_path / "mini.json").read_text())["minival_gt_rank"]
+    img_ids = scores["img_ids"]
+    from villa_fast.data import TxtTokLmdb
+
+    tdb = TxtTokLmdb(trainer.cfg["val_txt_db"], -1)
+    assert ranks.keys() == scores["scores"].keys() and len(ranks) == mini["n"] == full["n"]
+    want = {}
+    for txt_id, row in scores["scores"].items():
+        k = img_ids.index(tdb.txt2img[txt_id])
+        cand = [row[(k + j) % len(img_ids)] for j in range(5)]
+        want[txt_id] = sum(s > cand[0] for s in cand[1:])
+    assert ranks == want and len(set(want.values())) > 1
+    assert set(mini) == {"img_r1", "img_r5", "img_r10", "n"}
+    for k in (1, 5, 10):
+        assert mini[f"img_r{k}"] == pytest.approx(sum(r < k for r in want.values()) / len(want))
+    assert mini["img_r5"] == 1.0  # 5 candidates: the gt is always in the top 5
+
+
+@pytest.mark.parametrize("full_val", [False, True])
+def test_training_validates_on_minibatches_unless_full_val(tmp_path, full_val):
+    trainer = _trainer(tmp_path, num_train_steps=4, valid_steps=2, inf_minibatch_size=3, full_val=full_val)
+    history = trainer.train()
+    splits = [(e["step"], k.split("/")[0]) for e in history for k in e if k.endswith("/n")]
+    assert splits == [(2, "val" if full_val else "minival"), (4, "val")]

@@ -229,6 +229,10 @@ class Task:
         return batch.get("txt_mask"), batch.get("img_mask")
 
     # -- evaluation --------------------------------------------------------------------------------
+    def validation_split(self, final: bool) -> str:
+        """The split validated every ``valid_steps`` during training (``final``: at the last step)."""
+        return "val"
+
     def eval_init(self) -> dict[str, Any]:
         return {"n": 0.0, "correct": 0.0, "loss": 0.0, "pred": []}
 

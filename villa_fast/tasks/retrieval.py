@@ -254,6 +254,10 @@ class AlternatingSidesSampler(ResumableBatchSampler):
         return 2 * (self._n // self.world_size)
 
 
+#: the split name of validation on candidate minibatches (see :meth:`RetrievalTask.validation_split`)
+MINIVAL = "minival"
+
+
 class RetrievalTask(Task):
     name = "retrieval"
     main_metric = "r_mean"
@@ -345,13 +349,16 @@ class RetrievalTask(Task):
         from villa_fast.data import ItmValDataset, TxtTokLmdb
         from villa_fast.train.loader import ItemLoader
 
-        (txt, img), *_ = self.pairs(split)
+        mini = split == MINIVAL
+        (txt, img), *_ = self.pairs("val" if mini else split)
         tdb = TxtTokLmdb(txt, -1)
         idb = self.img_db(img)
         n_img = len(set(tdb.txt2img[t] for t in tdb.id2len if tdb.txt2img[t] in idb))
-        val = ItmValDataset(tdb, idb, mini_batch_size=n_img)
-        self._img_ids = list(val.all_img_ids)
-        ds = _Named(val, inf_minibatch_size(self.cfg))
+        size = inf_minibatch_size(self.cfg)
+        val = ItmValDataset(tdb, idb, mini_batch_size=min(size, n_img) if mini else n_img)
+        if not mini:
+            self._img_ids = list(val.all_img_ids)
+        ds = _Named(val, size, mini)
         limit = self.cfg["max_val_examples"]
         return ItemLoader(
             ds, _first, shuffle=False, rank=ctx.rank, world_size=ctx.world_size, num_workers=0, limit=limit
@@ -391,13 +398,28 @@ class RetrievalTask(Task):
         size = int(batch.get("sample_size") or 1)
         return int(batch["attn_masks"].size(0)) // max(size, 1)
 
-    def eval_init(self):
-        return {"n": 0.0, "pred": []}
+    def validation_split(self, final: bool) -> str:
+        """Without ``full_val``, validation during training scores each text against its image and the next
+        ``inf_minibatch_size - 1`` images only (text -> image recall, the authors' ``validate`` on
+        ``ItmValDataset``); the last validation, and every one with ``full_val``, is the full evaluation."""
+        return "val" if final or self.cfg["full_val"] else MINIVAL
 
-    sum_keys = ("n",)
+    def has_split(self, split: str) -> bool:
+        return super().has_split("val" if split == MINIVAL else split)
+
+    def eval_init(self):
+        return {"n": 0.0, "mini": 0.0, "pred": []}
+
+    sum_keys = ("n", "mini")
 
     def eval_batch(self, state, model, logits, batch) -> None:
         scores = logits.float().reshape(-1).cpu()
+        if batch.get("minival"):
+            # the gt image is the first candidate: its rank is the number of candidates scored above it
+            state["pred"].append([batch["txt_id"], int((scores[1:] > scores[0]).sum())])
+            state["mini"] += 1
+            state["n"] += 1
+            return
         # the dataset scores a text against every image, starting from its gt image: undo the rotation
         row = torch.roll(scores, shifts=int(batch["gt_pos"]))
         state["pred"].append([batch["txt_id"], row.tolist(), batch["gt_img"]])
@@ -405,6 +427,9 @@ class RetrievalTask(Task):
 
     def eval_finish(self, state) -> dict[str, Any]:
         rows = state["pred"]
+        if state["mini"]:
+            ranks = torch.tensor([r[1] for r in rows])
+            return {**{f"img_r{k}": float((ranks < k).float().mean()) for k in (1, 5, 10)}, "n": len(rows)}
         if not rows:
             return {"r_mean": 0.0, "n": 0}
         txt_ids = [r[0] for r in rows]
@@ -417,17 +442,23 @@ class RetrievalTask(Task):
         import json
 
         path = f"{path_prefix}.json"
+        if preds and isinstance(preds[0][1], int):  # minibatch validation: the gt image's rank per text
+            out = {"minival_gt_rank": {r[0]: r[1] for r in preds}}
+        else:
+            out = {"img_ids": self._img_ids, "scores": {r[0]: r[1] for r in preds}}
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump({"img_ids": self._img_ids, "scores": {r[0]: r[1] for r in preds}}, fh)
+            json.dump(out, fh)
         return path
 
 
 class _Named:
-    """ItmValDataset items plus the text id, the gt image's name and position, and the forward size."""
+    """ItmValDataset items plus the text id, the gt image's name and position, and the forward size (and the
+    ``minival`` flag: the item holds a minibatch of candidates, the gt image first)."""
 
-    def __init__(self, ds, minibatch: int):
+    def __init__(self, ds, minibatch: int, mini: bool = False):
         self.ds = ds
         self.minibatch = minibatch
+        self.mini = mini
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -440,6 +471,8 @@ class _Named:
         batch["gt_pos"] = self.ds.all_img_ids.index(gt)
         batch["gt_img"] = gt
         batch[_MINIBATCH_KEY] = self.minibatch
+        if self.mini:
+            batch["minival"] = True
         return batch
 
 

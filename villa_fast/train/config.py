@@ -129,7 +129,7 @@ SCHEMA: dict[str, Key] = {
     "hard_neg_size": _k("int", 0, "retrieval: hardest negatives kept (0: no hard-negative mining)"),
     "inf_minibatch_size": _k("int", 400, "retrieval: images scored per text at once in evaluation"),
     "margin": _k("float", 0.2, "retrieval hinge margin"),
-    "full_val": _k("bool", False, "retrieval: validate on the full set"),
+    "full_val": _k("bool", False, "retrieval: full evaluation at every validation (else minibatches; last full)"),
     "mrm_prob": _k("float", 0.15, "pre-training: region masking probability"),
     "itm_neg_prob": _k("float", 0.5, "pre-training: ITM negative probability"),
     "itm_ot_lambda": _k("float", 0.1, "pre-training: weight of the optimal-transport alignment term"),

@@ -453,9 +453,10 @@ class Trainer:
             if pbar is not None:
                 pbar.update(1)
             if step % c["valid_steps"] == 0 or step == total:
-                if self.task.has_split("val"):
-                    metrics = self.evaluate("val", write_predictions=True)
-                    self._record({"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+                split = self.task.validation_split(final=step == total)
+                if self.task.has_split(split):
+                    metrics = self.evaluate(split, write_predictions=True)
+                    self._record({"step": step, **{f"{split}/{k}": v for k, v in metrics.items()}})
                     self._log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 t0 = time.perf_counter()  # validation time is not training throughput
             if step % save_every == 0 or step == total:
