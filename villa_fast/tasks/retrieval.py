@@ -56,7 +56,6 @@ queries untouched and report them as robust.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from villa_fast.data.sampler import ResumableBatchSampler
+from villa_fast.data.sampler import ResumableBatchSampler, _epoch_rng
 from villa_fast.tasks.base import EXAMPLES, Accumulation, DataContext, Task, _unwrap
 from villa_fast.train.config import ConfigError
 
@@ -241,7 +240,7 @@ class AlternatingSidesSampler(ResumableBatchSampler):
     def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
         """This rank's micro-batches (one index each) for ``epoch`` (default: the current one)."""
         epoch = self.epoch if epoch is None else int(epoch)
-        rng = random.Random((self.seed * 1_000_003 + epoch) & ((1 << 63) - 1))
+        rng = _epoch_rng(self.seed, epoch)
         n, world = self._n, self.world_size
         txt, img = list(range(n)), list(range(n, 2 * n))
         rng.shuffle(txt)
