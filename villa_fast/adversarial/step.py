@@ -116,7 +116,9 @@ def _all_finite(tensors: list[Tensor]) -> Tensor:
     per-tensor 2-norms; a norm that overflows is treated as non-finite)."""
     norms = torch._foreach_norm(tensors)
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    return torch.isfinite(torch.stack([n.to(dtype) for n in norms]).sum())
+    if any(n.dtype != dtype for n in norms):  # the common case (all float32) makes no cast call per tensor
+        norms = [n.to(dtype) for n in norms]
+    return torch.isfinite(torch.stack(norms).sum())
 
 
 class VillaStep:
