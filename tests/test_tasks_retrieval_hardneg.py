@@ -70,6 +70,15 @@ def test_shipped_hard_negative_config_steps_on_8_pairs():
     assert build_task(cfg).accumulation() == Accumulation(16, 0.125)
 
 
+def test_unset_batch_size_takes_each_scripts_default():
+    """train_itm_hard_negatives.py steps on 32 positive pairs unless told; train_itm.py batches 128 texts."""
+    hard = resolve_config(None, {"task": "retrieval", "hard_neg_size": 2, "negative_size": 4})
+    assert hard["train_batch_size"] == 32 and build_task(hard).accumulation() == Accumulation(64, 1.0 / 32)
+    assert resolve_config(None, {"task": "retrieval", "negative_size": 4})["train_batch_size"] == 128
+    given = resolve_config(None, {"task": "retrieval", "hard_neg_size": 2, "train_batch_size": 128})
+    assert given["train_batch_size"] == 128
+
+
 @pytest.mark.parametrize("accum", [1, 3])
 def test_sampled_negatives_keep_gradient_accumulation_steps(accum):
     cfg = resolve_config(None, {"task": "retrieval", "negative_size": 1, "gradient_accumulation_steps": accum})

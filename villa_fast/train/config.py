@@ -169,6 +169,9 @@ SCHEMA: dict[str, Key] = {
 #: ``val_batch_unit``) where no source sets the key, instead of the token budgets above: the released config's
 #: value (re: train-refcoco-base-1gpu.json; vcr validation: both VCR configs), else the authors' argparse default
 #: (retrieval: train_itm.py).
+#: retrieval with hard negatives: ``train_batch_size`` (positive pairs per optimizer step) when no source sets it
+HARD_NEGATIVE_TRAIN_BATCH = 32
+
 TASK_BATCH_DEFAULTS: dict[str, dict[str, int]] = {
     "re": {"train_batch_size": 128, "val_batch_size": 128},
     "vcr": {"val_batch_size": 10},
@@ -305,6 +308,9 @@ def resolve_config(
     for key, value in TASK_BATCH_DEFAULTS.get(cfg["task"], {}).items():
         if key not in given or cfg[key] is None:
             cfg[key] = value
+    if cfg["task"] == "retrieval" and (cfg["hard_neg_size"] or 0) > 0 and "train_batch_size" not in given:
+        # positive pairs per optimizer step: train_itm_hard_negatives.py's default, not train_itm.py's
+        cfg["train_batch_size"] = HARD_NEGATIVE_TRAIN_BATCH
     _validate(cfg)
     return cfg
 
