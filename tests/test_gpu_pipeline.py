@@ -43,6 +43,30 @@ def test_trainer_villa_graphed_on_cuda(tmp_path, monkeypatch, precision, compile
     assert 0.0 <= metrics[main] <= 1.0 and 0.0 <= metrics[f"robust_{main}"] <= 1.0
 
 
+@pytest.mark.parametrize(
+    ("task", "changes"),
+    [
+        ("nlvr2", {"model": "paired-attn", "train_batch_size": 1600}),
+        ("nlvr2", {"model": "triplet", "train_batch_size": 1600}),
+        ("vcr", {"train_batch_size": 1600}),
+        ("re", {}),
+        ("retrieval", {}),  # hard negatives
+        ("retrieval", {"hard_neg_size": 0, "negative_size": 2, "train_batch_size": 2}),
+    ],
+    ids=["nlvr2-paired-attn", "nlvr2-triplet", "vcr", "re", "retrieval-hard", "retrieval-sampled"],
+)
+def test_every_padded_task_trains_graphed_on_cuda(tmp_path, task, changes):
+    """The tasks whose training batches are padded to fixed shapes under adv_graphed capture every shape they
+    meet (none falls back to eager) and train to finite losses."""
+    extra = {"device": "cuda", "adv_training": True, "adv_graphed": True, "bf16": True, "valid_steps": 100}
+    trainer = Trainer(resolve_config(None, task_config(tmp_path, task, **extra, **changes)), quiet=True)
+    history = trainer.train()
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert losses and all(math.isfinite(x) for x in losses)
+    step = trainer.adv_step
+    assert step.graphed and not step._eager_keys, step._eager_keys
+
+
 def test_uniter_bf16_autocast_on_cuda_matches_float32():
     torch.manual_seed(0)
     model = UniterModel(tiny_config(hidden_size=64, intermediate_size=128)).eval()

@@ -214,7 +214,7 @@ class GraphedVillaStep:
             if len(self._graphs) >= self.max_graphs:
                 self._eager_keys.add(key)
                 self._say_eager(
-                    f"more than max_graphs={self.max_graphs} input shapes (each graph keeps its own memory): new "
+                    f"more than max_graphs={self.max_graphs} input shapes (each graph keeps its own buffers): new "
                     "shapes run eagerly; pad batches to a few fixed shapes (villa_fast.data.PadBuckets)"
                 )
                 return self._full(batch, txt_mask, img_mask, do_opt)
