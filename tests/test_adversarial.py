@@ -621,11 +621,42 @@ def test_bf16_autocast_on_cpu_runs_and_stays_finite():
     assert res.logits.dtype == torch.float32
     s_txt, s_img = res.perturbation_survival["text"].item(), res.perturbation_survival["image"].item()
     # text: added in fp32 and kept in fp32 (LayerNorm runs in fp32 under autocast): nothing is lost;
-    # image: the projection runs in bf16, tiny perturbations of non-zero features round away (the
-    # ReLU'd features are zero about half the time, where any perturbation survives)
+    # image: W delta is added to the bf16 projection's output in fp32, and the next matrix product's bf16
+    # cast rounds most of so small a change away
     assert s_txt == 1.0
     assert 0.0 <= s_img < 0.9
     assert int(res.skipped_steps) == 0
+
+
+def test_linear_image_module_takes_the_split_product_with_the_same_function_and_gradients():
+    """A Linear image module: W delta is added to its output instead of delta to its input. Same outputs and the
+    same gradients for the delta and the weight (float64); another module keeps the input add."""
+    from villa_fast.adversarial.hooks import Injector
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4).double()
+    wrapped = nn.Sequential(lin)  # not a Linear: the delta goes into its input
+    f = torch.randn(3, 5, 6, dtype=torch.float64)
+    out = {}
+    for name, module in (("split", lin), ("input", wrapped)):
+        inj = Injector(None, module)
+        assert inj.image_split is (name == "split")
+        inj.recording = True
+        module(f)
+        inj.recording = False
+        d = (
+            1e-3 * torch.randn(3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        ).requires_grad_()
+        inj.deltas["image"] = d
+        y = module(f)
+        g = torch.autograd.grad((y.sin() * torch.arange(4.0, dtype=torch.float64)).sum(), [d, lin.weight, lin.bias])
+        out[name] = (y.detach(), *g)
+        inj.deltas["image"] = None
+        torch.testing.assert_close(module(f), lin(f), rtol=0, atol=0)  # no delta: the plain module
+        inj.remove()
+        assert not lin._forward_hooks and not lin._forward_pre_hooks and not wrapped._forward_pre_hooks
+    for a, b in zip(out["split"], out["input"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
 def test_injection_keeps_fp32_under_autocast_and_model_dtype_outside():

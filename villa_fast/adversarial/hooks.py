@@ -2,8 +2,15 @@
 
 The text delta is added to the *output* of the text-embedding module (the word lookup, before position
 embeddings and LayerNorm); the image delta to the *first input* of the image-input module (the raw region
-features, before the feature projection). The hooks stay registered but do nothing unless a step is inside
-one of its forward calls, so the model can be used normally in between.
+features, before the feature projection). When that module is an ``nn.Linear`` (UNITER's ``img_linear``) the
+product is split, ``W (f + delta) + b = (W f + b) + W delta``: the module runs on the features alone and
+``W delta``, computed from the delta alone (outside autocast, in the delta's dtype), is added to its output.
+Same function, same gradients (the delta's is ``W^T g`` either way, the weight's ``g (f + delta)^T`` as two
+products), one more matrix product of the projection's size per perturbed forward; but the perturbation, about
+1e-6 of a feature per element, is no longer rounded against the features by a TF32 or low-precision
+projection (10 mantissa bits keep almost none of it: bench/perturbation_survival.py). The hooks stay
+registered but do nothing unless a step is inside one of its forward calls, so the model can be used normally
+in between.
 
 Precision (VILLA_SPEC section 9): the add is done in the delta's dtype (float32, or float64 for a float64
 model). Under autocast the sum is returned in float32: the ops that follow either promote (the position
@@ -15,6 +22,7 @@ contract (a bf16 model without autocast then rounds small perturbations away; th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -48,11 +56,15 @@ class Injector:
         self.deltas: dict[str, Tensor | None] = {"text": None, "image": None}
         self.recorded: dict[str, tuple[torch.Size, torch.dtype, torch.device] | None] = {"text": None, "image": None}
         self.survival: dict[str, Tensor] = {}
+        #: the image delta enters as W delta added to a Linear image module's output (see the module docstring)
+        self.image_split = isinstance(image_module, nn.Linear)
         self._handles = []
         if text_module is not None:
             self._handles.append(text_module.register_forward_hook(self._text_hook))
         if image_module is not None:
             self._handles.append(image_module.register_forward_pre_hook(self._image_hook))
+            if self.image_split:
+                self._handles.append(image_module.register_forward_hook(self._image_out_hook))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -85,13 +97,17 @@ class Injector:
             )
         self.recorded[name] = meta
 
+    def _check_shape(self, name: str, x: object) -> None:
+        delta = self.deltas[name]
+        if not isinstance(x, Tensor) or x.shape != delta.shape:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise RuntimeError(f"the {name} delta has shape {tuple(delta.shape)} but the injection point saw {got}")
+
     def _apply(self, name: str, x: object) -> Tensor | None:
         delta = self.deltas[name]
         if delta is None:
             return None
-        if not isinstance(x, Tensor) or x.shape != delta.shape:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise RuntimeError(f"the {name} delta has shape {tuple(delta.shape)} but the injection point saw {got}")
+        self._check_shape(name, x)
         y = inject(x, delta)
         if self.measure:
             if name == "image" and torch.is_autocast_enabled(x.device.type):
@@ -116,4 +132,22 @@ class Injector:
         if self.recording:
             self._record("image", args[0])
             return None
+        if self.image_split:
+            self._check_shape("image", args[0])  # the delta itself enters at the output
+            return None
         return (self._apply("image", args[0]), *args[1:])
+
+    def _image_out_hook(self, module: nn.Linear, args: tuple, out: object) -> Tensor | None:
+        delta = self.deltas["image"]
+        if self.recording or delta is None or not self.image_split:
+            return None
+        if not isinstance(out, Tensor):
+            raise RuntimeError(f"the image projection returned {type(out).__name__}, not a tensor")
+        w = module.weight
+        with torch.autocast(out.device.type, enabled=False):
+            lin = F.linear(delta, w if w.dtype == delta.dtype else w.to(delta.dtype))
+        y = inject(out, lin)
+        if self.measure:
+            cd = torch.get_autocast_dtype(out.device.type) if torch.is_autocast_enabled(out.device.type) else y.dtype
+            self.survival["image"] = survival(out, lin, y, cd)
+        return y

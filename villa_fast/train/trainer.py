@@ -183,11 +183,11 @@ class Trainer:
     def _set_tf32(self) -> None:
         """TF32 for the float32 matmuls left under autocast (the float32 embedding block's image projection).
 
-        TF32 keeps 10 mantissa bits, as float16 does and 3 more than bfloat16, so under fp16/bf16 autocast it
-        is no coarser than the cast at the encoder's input, and it makes that projection several times faster.
-        It does round the projection's input (region features plus the image perturbation) to that
-        resolution. Plain float32 training keeps full float32 matmuls unless ``tf32`` is "on". Sets torch's
-        global flag."""
+        TF32 keeps 10 mantissa bits, as float16 does and 3 more than bfloat16, and makes that projection several
+        times faster. It rounds the region features to that resolution; the image perturbation enters as its
+        own product added to the projection's output (villa_fast.adversarial.hooks), so it is not rounded
+        against the features. Plain float32 training keeps full float32 matmuls unless ``tf32`` is "on". Sets
+        torch's global flag."""
         if self.device.type != "cuda":
             return
         want = tf32_wanted(self.cfg["tf32"], self.amp_dtype)
