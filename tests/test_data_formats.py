@@ -336,10 +336,14 @@ def test_re_image_size_must_be_positive_pixels(tmp_path, bad):
             [_re_example(0, 0, width=320, height=240), _re_example(1, 1), _re_example(2, 0, width=240, height=320)],
             r"re.jsonl:3: image 0 is 240 x 320 pixels here but 320 x 240 in an earlier example",
         ),
+        (
+            [_re_example(0, 0), {**_re_example(1, 0), "ann_ids": list(reversed(_re_example(1, 0)["ann_ids"]))}],
+            r"re.jsonl:2: image 0 lists ann_ids \[2, 1, 0\] here but \[0, 1, 2\] in an earlier example",
+        ),
     ],
-    ids=["half", "half-detector-names", "pairs-disagree", "examples-disagree"],
+    ids=["half", "half-detector-names", "pairs-disagree", "examples-disagree", "ann-ids-disagree"],
 )
-def test_convert_re_rejects_inconsistent_sizes(tmp_path, examples, message):
+def test_convert_re_rejects_inconsistent_images(tmp_path, examples, message):
     jsonl = _write_jsonl(tmp_path / "re.jsonl", examples)
     with pytest.raises(DataFormatError, match=message):
         convert_texts("re", jsonl, tmp_path / "txt", meta=META)

@@ -207,6 +207,11 @@ def convert_texts(
                     if key not in ex:
                         raise DataFormatError(f"{where}: missing key {key!r}")
                 entry = images.setdefault(ex["image_id"], {"id": ex["image_id"], "ann_ids": list(ex["ann_ids"])})
+                if entry["ann_ids"] != list(ex["ann_ids"]):
+                    raise DataFormatError(
+                        f"{where}: image {ex['image_id']!r} lists ann_ids {list(ex['ann_ids'])!r} here but "
+                        f"{entry['ann_ids']!r} in an earlier example (one region order per image)"
+                    )
                 size = _re_image_size(ex, where)
                 if size is not None:
                     known = (entry.get("width"), entry.get("height"))
