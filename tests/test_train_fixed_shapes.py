@@ -201,3 +201,12 @@ def test_retrieval_graphed_training_pads_to_bucket_shapes(tmp_path, mode):
         warnings.simplefilter("ignore", RuntimeWarning)
         history = trainer.train()
     assert all(math.isfinite(e["loss"]) for e in history if "loss" in e)
+
+
+def test_adv_max_graphs_reaches_the_graphed_step(tmp_path):
+    trainer = _trainer(tmp_path, "vqa", adv_graphed=True, adv_max_graphs=3)
+    assert trainer.adv_step.max_graphs == 3
+    from villa_fast.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adv_max_graphs"):
+        resolve_config(None, task_config(tmp_path / "bad", "vqa", adv_max_graphs=0))

@@ -140,6 +140,7 @@ SCHEMA: dict[str, Key] = {
     "device": _k("str", "auto", "auto, cpu or cuda[:N]", official=False),
     "adv_clean_backward": _k("str", "once", "clean-pass backward", ("once", "per_step", "recompute"), official=False),
     "adv_graphed": _k("bool", False, "capture the VILLA step in a CUDA graph", official=False),
+    "adv_max_graphs": _k("int", 16, "adv_graphed: most batch shapes captured (more run eagerly)", official=False),
     "compile_layers": _k("bool", False, "run the encoder layers through torch.compile", official=False),
     "tf32": _k(
         "str",
@@ -321,7 +322,13 @@ def _validate(cfg: dict[str, Any]) -> None:
         if v is not None and (v < 0 or (v == 0 and not allow_zero)):
             raise ConfigError(f"key {key!r} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
-    for key in ("train_batch_size", "val_batch_size", "gradient_accumulation_steps", "num_train_steps"):
+    for key in (
+        "train_batch_size",
+        "val_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_steps",
+        "adv_max_graphs",
+    ):
         positive(key)
     for key in ("warmup_steps", "n_workers", "adv_max_norm", "adv_init_mag", "adv_kl_weight", "weight_decay"):
         positive(key, allow_zero=True)

@@ -236,6 +236,7 @@ class Trainer:
             amp_dtype=self.amp_dtype,
         )
         m = self.model
+        extra = {"max_graphs": c["adv_max_graphs"]} if c["adv_graphed"] else {}
         cls = GraphedVillaStep if c["adv_graphed"] else VillaStep
         return cls(
             lambda b: self.task.forward(m, b),
@@ -246,6 +247,7 @@ class Trainer:
             scaler=self.scaler,
             # every trainable parameter: pre-training tasks reach different heads
             params=self.params,
+            **extra,
         )
 
     # -- logging -----------------------------------------------------------------------------------
