@@ -80,28 +80,9 @@ def _adamw_step_impl(
         )
 
 
-@torch.library.custom_op("villa_fast::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
-def _adamw_step_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    lr: float,
-    lr_tensor: Tensor | None,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    correct_bias: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    backend: str,
-) -> None:
-    _adamw_step_impl(
-        params, grads, exp_avgs, exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, correct_bias,
-        grad_scale, found_inf, backend,
-    )  # fmt: skip
+_adamw_step_op = torch.library.custom_op(
+    "villa_fast::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps")
+)(_adamw_step_impl)
 
 
 def _run(params, grads, exp_avgs, exp_avg_sqs, steps, *rest) -> None:

@@ -24,9 +24,7 @@ def _add_if_impl(accs: list[Tensor], vals: list[Tensor], ok: Tensor, backend: st
         extension().add_if_(accs, vals, ok)
 
 
-@torch.library.custom_op("villa_fast::add_if_", mutates_args=("accs",))
-def _add_if_op(accs: list[Tensor], vals: list[Tensor], ok: Tensor, backend: str) -> None:
-    _add_if_impl(accs, vals, ok, backend)
+_add_if_op = torch.library.custom_op("villa_fast::add_if_", mutates_args=("accs",))(_add_if_impl)
 
 
 def _run(accs: list[Tensor], vals: list[Tensor], ok: Tensor, backend: str) -> None:
