@@ -210,3 +210,12 @@ def test_adv_max_graphs_reaches_the_graphed_step(tmp_path):
 
     with pytest.raises(ConfigError, match="adv_max_graphs"):
         resolve_config(None, task_config(tmp_path / "bad", "vqa", adv_max_graphs=0))
+
+
+def test_training_reports_the_graphed_steps_captures(tmp_path, caplog):
+    trainer = _trainer(tmp_path, "vqa", adv_graphed=True, num_train_steps=2, valid_steps=100)
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="villa_fast.train"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer.train()
+    assert trainer.adv_step.stats() == {"graphs": 0, "eager_signatures": 0}  # no CUDA here: eager throughout
+    assert "graphed VILLA step: 0 batch shapes captured, 0 run eagerly (adv_max_graphs=16)" in caplog.text

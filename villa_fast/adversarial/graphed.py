@@ -184,6 +184,11 @@ class GraphedVillaStep:
         """Whether at least one step has been captured."""
         return bool(self._graphs)
 
+    def stats(self) -> dict[str, int]:
+        """``graphs``: input signatures captured; ``eager_signatures``: those run eagerly (past ``max_graphs``, or
+        whose capture failed); 0 and 0 where the step runs eagerly altogether (no CUDA)."""
+        return {"graphs": len(self._graphs), "eager_signatures": len(self._eager_keys)}
+
     def remove_hooks(self) -> None:
         self.eager.remove_hooks()
 

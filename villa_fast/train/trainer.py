@@ -465,6 +465,13 @@ class Trainer:
                 self.save()
         if pbar is not None:
             pbar.close()
+        stats = getattr(self.adv_step, "stats", None)
+        if stats is not None:
+            st = stats()
+            self._log(
+                f"graphed VILLA step: {st['graphs']} batch shapes captured, {st['eager_signatures']} run eagerly "
+                f"(adv_max_graphs={self.cfg['adv_max_graphs']})"
+            )
         if self._tb is not None:
             self._tb.flush()
         if self.output_dir and self.dist.is_main:
