@@ -53,6 +53,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -551,49 +552,45 @@ class GraphedStandard:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def time_variants(variants: dict[str, Variant], rounds: int, warmup: int, device: torch.device) -> dict[str, dict]:
+def _failure(name: str, exc: BaseException, failed: dict[str, str], cuda: bool) -> None:
+    """Record a variant that raised: the table says why, and the others are still timed."""
+    failed[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+    print(f"variant {name} {failed[name]}", file=sys.stderr, flush=True)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def time_variants(
+    variants: dict[str, Variant], rounds: int, warmup: int, device: torch.device, failed: dict[str, str] | None = None
+) -> dict[str, dict]:
+    """Median, p20/p80 and peak memory per variant. A variant that raises (a compile or capture error, out of
+    memory) is left out of the rest of the timing and named in ``failed`` with its error."""
     cuda = device.type == "cuda"
-    for v in variants.values():
-        for _ in range(max(warmup, 1)):  # at least once: first-call costs (graph capture, JIT) stay out
-            v.run()
+    failed = {} if failed is None else failed
+    variants = dict(variants)
+    for name, v in list(variants.items()):
+        try:
+            for _ in range(max(warmup, 1)):  # at least once: first-call costs (graph capture, JIT) stay out
+                v.run()
+        except Exception as exc:
+            _failure(name, exc, failed, cuda)
+            del variants[name]
     if cuda:
         torch.cuda.synchronize()
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu_times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {}
     for r in range(rounds):
-        for name, v in variants.items():
-            if cuda:
-                torch.cuda.synchronize()
-                if r == 0 and v.memory_run is not None:
-                    before = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    v.memory_run()
-                    torch.cuda.synchronize()
-                    extra = torch.cuda.max_memory_allocated() - before
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                v.run()
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end))
-                if r == 0:
-                    # this variant's parameters, gradients and optimizer state (16 B per fp32 parameter with
-                    # AdamW) plus the transient peak of its step above what was allocated before it
-                    params = sum(p.numel() for p in v.model.parameters())
-                    if v.memory_run is None:
-                        extra = torch.cuda.max_memory_allocated() - before
-                    static_grads = sum(p.grad.numel() * 4 for p in v.model.parameters() if p.grad is not None)
-                    peaks[name] = (params * 12 + static_grads + extra) / 2**30
-            else:
-                t0, c0 = time.perf_counter(), time.process_time()
-                v.run()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-                cpu_times[name].append((time.process_time() - c0) * 1e3)
+        for name, v in list(variants.items()):
+            try:
+                _time_one(name, v, r, cuda, times, cpu_times, peaks)
+            except Exception as exc:
+                _failure(name, exc, failed, cuda)
+                del variants[name]
     out = {}
-    for name, ts in times.items():
+    for name in variants:
+        ts = times[name]
         qs = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) >= 2 else [ts[0]] * 4
         out[name] = {
             "median_ms": statistics.median(ts),
@@ -603,6 +600,39 @@ def time_variants(variants: dict[str, Variant], rounds: int, warmup: int, device
             "peak_gib": peaks.get(name, math.nan),
         }
     return out
+
+
+def _time_one(name: str, v: Variant, r: int, cuda: bool, times: dict, cpu_times: dict, peaks: dict) -> None:
+    """One timed run of ``v`` (round ``r``), into ``times`` / ``cpu_times`` / ``peaks``."""
+    if cuda:
+        torch.cuda.synchronize()
+        if r == 0 and v.memory_run is not None:
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            v.memory_run()
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - before
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        v.run()
+        end.record()
+        torch.cuda.synchronize()
+        times[name].append(start.elapsed_time(end))
+        if r == 0:
+            # this variant's parameters, gradients and optimizer state (16 B per fp32 parameter with
+            # AdamW) plus the transient peak of its step above what was allocated before it
+            params = sum(p.numel() for p in v.model.parameters())
+            if v.memory_run is None:
+                extra = torch.cuda.max_memory_allocated() - before
+            static_grads = sum(p.grad.numel() * 4 for p in v.model.parameters() if p.grad is not None)
+            peaks[name] = (params * 12 + static_grads + extra) / 2**30
+    else:
+        t0, c0 = time.perf_counter(), time.process_time()
+        v.run()
+        times[name].append((time.perf_counter() - t0) * 1e3)
+        cpu_times[name].append((time.process_time() - c0) * 1e3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -653,13 +683,18 @@ def main(argv: list[str] | None = None) -> None:
             keep = ("released", "standard", *a.only.split(","))
             variants = {k: v for k, v in variants.items() if k.startswith(keep)}
         del setup
-        res = time_variants(variants, rounds, warmup, device)
-        notes = {name: v.note() for name, v in variants.items() if v.note is not None}
+        failed: dict[str, str] = {}
+        res = time_variants(variants, rounds, warmup, device, failed)
+        notes = {name: v.note() for name, v in variants.items() if v.note is not None and name in res}
+        notes.update(failed)
+        nan = {k: math.nan for k in ("median_ms", "p20_ms", "p80_ms", "cpu_ms", "peak_gib")}
+        res.update({name: dict(nan) for name in variants if name in failed})
         # on a CPU shared with other jobs the process's CPU time (one thread) is steadier than the wall clock:
         # the ratios use it there; both are reported
         key = "median_ms" if cuda else "cpu_ms"
         ref, std = res["released"][key], res["standard"][key]
-        for name, r in res.items():
+        for name in variants:
+            r = res[name]
             rows.append(
                 {
                     "model": a.model,

@@ -104,3 +104,55 @@ def test_extra_variants_same_gradients_as_released():
         assert checked > 10, name
     with pytest.raises(ValueError, match="unknown extra"):
         bs.build_variants(setup, bs.make_batch(c, 3, CPU), CPU, extra=("fast",))
+
+
+def test_a_failing_variant_is_reported_and_the_others_still_timed(capsys):
+    """One variant that raises (a compile or capture error, out of memory on a GPU) costs its own row only."""
+    model = torch.nn.Linear(2, 2)
+    calls = {"ok": 0, "late": 0}
+
+    def ok():
+        calls["ok"] += 1
+
+    def boom():
+        raise RuntimeError("Inductor could not compile\nsecond line")
+
+    def late():
+        calls["late"] += 1
+        if calls["late"] > 2:  # fails in the timed rounds, after its warm-up
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    variants = {
+        "released": bs.Variant(model, ok, ok),
+        "graphed+compile": bs.Variant(model, boom, boom),
+        "late": bs.Variant(model, late, late),
+        "standard": bs.Variant(model, ok, ok),
+    }
+    failed: dict[str, str] = {}
+    res = bs.time_variants(variants, rounds=3, warmup=1, device=CPU, failed=failed)
+    assert set(res) == {"released", "standard"} and all(len(r) == 5 for r in res.values())
+    assert failed == {
+        "graphed+compile": "failed: RuntimeError: Inductor could not compile",
+        "late": "failed: OutOfMemoryError: CUDA out of memory",
+    }
+    assert calls["ok"] == 2 * (1 + 3)  # warm-up and three rounds each, for the two that run
+    assert "variant graphed+compile failed: RuntimeError" in capsys.readouterr().err
+
+
+def test_the_table_names_a_failed_variant(monkeypatch, capsys):
+    real = bs.build_variants
+
+    def with_a_failure(*args, **kwargs):
+        variants = real(*args, **kwargs)
+
+        def boom():
+            raise RuntimeError("capture failed")
+
+        variants["broken"] = bs.Variant(variants["standard"].model, boom, boom)
+        return variants
+
+    monkeypatch.setattr(bs, "build_variants", with_a_failure)
+    bs.main(["--tiny", "--batches", "2", "--rounds", "2", "--warmup", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "| 2 | broken (failed: RuntimeError: capture failed) | nan |" in out
+    assert "| 2 | standard | " in out and "| 2 | released | " in out
