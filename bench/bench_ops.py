@@ -18,6 +18,7 @@ interpreter), so on the CPU that case times the op through its reference backend
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -254,9 +255,17 @@ def bench_adamw(device, quick, reps, rows):
 
 
 def _run(case, variants, device, reps, nbytes, rows):
+    """Time each variant; one that raises (a torch.compile or kernel error) gets a row saying so, and the
+    case's other variants are still timed."""
     base = None
     for name, fn in variants:
-        ms = time_ms(fn, device, reps=reps)
+        try:
+            ms = time_ms(fn, device, reps=reps)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
+            rows.append({"case": case, "variant": f"{name} (failed: {why})", "ms": math.nan, "GB/s": math.nan})
+            print(f"  {case:60s} {name:14s} failed: {why}", file=sys.stderr, flush=True)
+            continue
         base = ms if base is None else base
         rows.append({"case": case, "variant": name, "ms": ms, "GB/s": nbytes / ms / 1e6, "speedup": base / ms})
         print(f"  {case:60s} {name:14s} {ms:9.3f} ms", file=sys.stderr, flush=True)

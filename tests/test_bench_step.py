@@ -156,3 +156,15 @@ def test_the_table_names_a_failed_variant(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| 2 | broken (failed: RuntimeError: capture failed) | nan |" in out
     assert "| 2 | standard | " in out and "| 2 | released | " in out
+
+
+def test_bench_ops_reports_a_failing_variant_and_times_the_rest(capsys):
+    from bench import bench_ops
+
+    def boom():
+        raise RuntimeError("no kernel image is available\ndetails")
+
+    rows: list[dict] = []
+    bench_ops._run("case", [("eager", lambda: None), ("cuda", boom), ("cpp", lambda: None)], CPU, 2, 8, rows)
+    assert [r["variant"] for r in rows] == ["eager", "cuda (failed: RuntimeError: no kernel image is available)", "cpp"]
+    assert math.isnan(rows[1]["ms"]) and rows[2]["speedup"] > 0
