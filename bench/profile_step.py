@@ -237,7 +237,16 @@ def main(argv: list[str] | None = None) -> str:
             n = names[w]
             safe = re.sub(r"[^a-z0-9]+", "_", w.lower()).strip("_")
             trace = os.path.join(a.out, f"trace_{safe}_b{b}.json.gz") if a.trace else None
-            res = profile_variant(n, variants[n], a.steps, a.warmup, cuda, trace)
+            try:
+                res = profile_variant(n, variants[n], a.steps, a.warmup, cuda, trace)
+            except Exception as exc:  # say so and profile the other variants
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                text = f"### {n}, B = {b}: failed ({type(exc).__name__}: {first})"
+                print("\n" + text, flush=True)
+                sections.append(text)
+                if cuda:
+                    torch.cuda.empty_cache()
+                continue
             text = report(res, b, matmul_flops(c, b))
             print("\n" + text, flush=True)
             sections.append(text)

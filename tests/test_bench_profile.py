@@ -53,3 +53,24 @@ def test_profile_of_the_tiny_model(tmp_path):
     assert (tmp_path / "trace_graphed_b3.json.gz").stat().st_size > 1000
     with pytest.raises(SystemExit, match="no variant"):
         ps.main(["--tiny", "--batches", "3", "--variants", "nonesuch", "--out", str(tmp_path)])
+
+
+def test_a_failing_variant_is_named_and_the_others_profiled(monkeypatch, tmp_path):
+    from bench import bench_step as bs
+
+    real = bs.build_variants
+
+    def with_a_failure(*args, **kwargs):
+        variants = real(*args, **kwargs)
+        model = variants["standard"].model
+
+        def boom():
+            raise RuntimeError("capture failed")
+
+        variants["graphed (eager on CPU)"] = bs.Variant(model, boom, boom)
+        return variants
+
+    monkeypatch.setattr(bs, "build_variants", with_a_failure)
+    md = ps.main(["--tiny", "--batches", "2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+    assert "### graphed (eager on CPU), B = 2: failed (RuntimeError: capture failed)" in md
+    assert "### standard, B = 2" in md
