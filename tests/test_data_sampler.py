@@ -132,3 +132,56 @@ def test_concatenation_keeps_rows_per_example_and_refuses_a_mix():
         ConcatDatasetWithLens([_Ds(2), _Ds(None)])
     with pytest.raises(ValueError, match="rows_per_example"):
         TokenBucketSampler([3, 4], rows_per_example=0)
+
+
+def test_fitted_sizes_pad_least():
+    """PadBuckets.fit: per dimension, the sizes minimising the summed padding (brute force on small cases), the
+    largest the data's largest, at most as many as asked."""
+    import itertools
+
+    from villa_fast.data.batch import _least_padding
+
+    def padding(values, sizes):
+        return sum(min(s for s in sizes if s >= v) - v for v in values)
+
+    rng = random.Random(0)
+    for _ in range(150):
+        values = [rng.randint(1, 25) for _ in range(rng.randint(1, 30))]
+        k = rng.randint(1, 4)
+        got = _least_padding(values, k)
+        distinct = sorted(set(values))
+        best = min(
+            padding(values, [*c, distinct[-1]])
+            for r in range(min(k, len(distinct)))
+            for c in itertools.combinations(distinct[:-1], r)
+        )
+        assert padding(values, got) == best and len(got) <= k and got[-1] == max(values)
+    pb = PadBuckets.fit([(10, 36), (12, 36), (30, 100), (11, 50)], n_txt=2, n_img=2)
+    assert pb.txt == (12, 30) and pb.img == (50, 100)
+    with pytest.raises(ValueError, match="at least one"):
+        PadBuckets.fit([])
+
+
+@pytest.mark.parametrize("droplast", [True, False])
+def test_fixed_shape_remainders_join_a_larger_shape(vqa, droplast):
+    """A shape's examples that do not fill its last batch move up to a larger shape; every shape keeps one batch
+    size (the collate pads a batch of carried examples to the shape it was formed for); only the largest
+    shapes' remainders are dropped (or, without droplast, form shorter batches)."""
+    pb = PadBuckets.fit(vqa.pad_dims)
+    loader = build_dataloader(vqa, vqa_collate, batch_size_tokens=600, is_train=droplast, seed=0, pad_buckets=pb)
+    sampler = loader.sampler
+    sampler.shuffle = True  # an evaluation loader keeps every example; shuffled here like a training one
+    sizes: dict[tuple, set] = {}
+    seen = 0
+    for b in loader:
+        shape = (b["input_ids"].size(1), b["img_feat"].size(1))
+        n = b["input_ids"].size(0)
+        assert shape in pb.shapes() and n * sum(shape) <= 600
+        sizes.setdefault(shape, set()).add(n)
+        seen += n
+    if droplast:
+        assert all(v == {sampler.batch_size_of(s)} for s, v in sizes.items()), sizes
+        # what is dropped is less than one batch of each shape nothing larger holds
+        tops = [s for s in pb.shapes() if not any(t != s and t[0] >= s[0] and t[1] >= s[1] for t in pb.shapes())]
+        assert sampler.num_dropped < sum(sampler.batch_size_of(s) for s in tops)
+    assert seen + sampler.num_dropped == len(vqa)

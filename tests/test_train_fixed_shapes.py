@@ -24,9 +24,15 @@ def _batches(tmp_path, n, **changes):
 
 
 def test_graphed_training_pads_to_bucket_shapes(tmp_path):
-    pb = PadBuckets()
     _, plain = _batches(tmp_path / "plain", 12)
     trainer, fixed = _batches(tmp_path / "graphed", 12, adv_graphed=True)
+    loader = trainer.source().loader
+    pb = loader.pad_buckets
+    # fitted to the training set: the sizes that pad its examples least, the largest its largest
+    dims = loader.dataset.pad_dims
+    assert (pb.txt, pb.img) == (PadBuckets.fit(dims).txt, PadBuckets.fit(dims).img)
+    assert (pb.txt[-1], pb.img[-1]) == (max(t for t, _ in dims), max(n for _, n in dims))
+    assert len(pb.txt) * len(pb.img) <= trainer.cfg["adv_max_graphs"]
     for b in fixed:
         lt, n = b["input_ids"].size(1), b["img_feat"].size(1)
         assert lt in pb.txt and n in pb.img
@@ -36,9 +42,6 @@ def test_graphed_training_pads_to_bucket_shapes(tmp_path):
     shapes = {(b["input_ids"].shape, b["img_feat"].shape) for b in fixed}
     assert len(shapes) <= len(pb.txt) * len(pb.img)
     # without adv_graphed the authors' batches: padded to their longest row only
-    assert any(b["input_ids"].size(1) not in pb.txt for b in plain) or any(
-        b["img_feat"].size(1) not in pb.img for b in plain
-    )
     for b in plain:
         assert b["input_ids"].size(1) == max(b["txt_lens"])
 
@@ -133,20 +136,27 @@ def test_example_counted_training_pads_too(tmp_path, task):
 
 
 @pytest.mark.parametrize(
-    "task, model, rows, counted",
-    [("nlvr2", "paired-attn", 2, 2), ("nlvr2", "paired", 2, 2), ("nlvr2", "triplet", 1, 1), ("vcr", None, 4, 1)],
+    "task, model, rows, counted, budget",
+    [
+        ("nlvr2", "paired-attn", 2, 2, 1600),
+        ("nlvr2", "paired", 2, 2, 1600),
+        ("nlvr2", "triplet", 1, 1, 800),
+        ("vcr", None, 4, 1, 1600),
+    ],
 )
-def test_multi_row_graphed_training_pads_within_the_token_budget(tmp_path, task, model, rows, counted):
+def test_multi_row_graphed_training_pads_within_the_token_budget(tmp_path, task, model, rows, counted, budget):
     """NLVR2 and VCR under ``adv_graphed``: the task's bucket shapes, one batch size per shape, and each example's
     padded rows within train_batch_size as the authors count them (both rows of an NLVR2 paired example; one
     row of a VCR question, whose lengths are the question's text plus its regions)."""
     extra = {"model": model} if model else {}
+    # budgets the tiny data fills: a few batches of its largest shape
     trainer = _trainer(
-        tmp_path, task, adv_graphed=True, num_train_steps=3, valid_steps=100, train_batch_size=1600, **extra
+        tmp_path, task, adv_graphed=True, num_train_steps=3, valid_steps=100, train_batch_size=budget, **extra
     )
-    pb = trainer.task.pad_buckets()
-    if model == "triplet":
-        assert pb.img[-1] == 200
+    pb = trainer.source().loader.pad_buckets
+    dims = trainer.source().loader.dataset.pad_dims
+    # the largest sizes are the data's: a triplet row's regions are both images'
+    assert (pb.txt[-1], pb.img[-1]) == (max(t for t, _ in dims), max(n for _, n in dims))
     budget = trainer.cfg["train_batch_size"]
     batches = list(itertools.islice(trainer.source().batches(), 12))
     sizes: dict[tuple, set] = {}

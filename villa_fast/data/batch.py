@@ -12,6 +12,7 @@ position of that element in ``cat([txt_emb [L_txt], img_emb [N]])``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -134,6 +135,60 @@ class PadBuckets:
 
     def __repr__(self) -> str:
         return f"PadBuckets(txt={self.txt}, img={self.img})"
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every ``(L_txt, N)`` pair of sizes, smallest first."""
+        return sorted(((t, n) for t in self.txt for n in self.img), key=lambda s: (s[0] + s[1], s))
+
+    @classmethod
+    def fit(cls, dims: Sequence[tuple[int, int]], n_txt: int = 4, n_img: int = 4) -> PadBuckets:
+        """The sizes that pad these per-example ``(txt_len, num_bb)`` bounds least: at most ``n_txt`` text and
+        ``n_img`` region sizes, the largest of each the data's largest (no training example overflows).
+
+        A padded example costs its bucket's ``L_txt + N`` tokens, a text term plus a region term, so the two
+        dimensions are fitted apart, each exactly (the sizes minimising the summed padding over the examples).
+        """
+        if not dims:
+            raise ValueError("PadBuckets.fit needs at least one example's sizes")
+        if n_txt < 1 or n_img < 1:
+            raise ValueError(f"n_txt and n_img must be >= 1, got {n_txt} and {n_img}")
+        return cls(_least_padding([int(t) for t, _ in dims], n_txt), _least_padding([int(n) for _, n in dims], n_img))
+
+
+def _least_padding(values: list[int], k: int) -> tuple[int, ...]:
+    """At most ``k`` sizes, the largest ``max(values)``, minimising ``sum_v (smallest size >= v) - v``.
+
+    Exact dynamic programme over the distinct values (a size is best placed on a value): ``best[i][j]`` is the
+    least padding of the ``j`` smallest distinct values covered by ``i`` sizes, the ``j``-th value the largest.
+    """
+    counts = Counter(values)
+    v = sorted(counts)
+    m = len(v)
+    if m <= k:
+        return tuple(v)
+    c_pre, s_pre = [0] * (m + 1), [0] * (m + 1)  # prefix counts and prefix sums of count * value
+    for j, x in enumerate(v):
+        c_pre[j + 1] = c_pre[j] + counts[x]
+        s_pre[j + 1] = s_pre[j] + counts[x] * x
+
+    def cost(a: int, b: int) -> int:  # values a..b-1 padded to v[b-1]
+        return v[b - 1] * (c_pre[b] - c_pre[a]) - (s_pre[b] - s_pre[a])
+
+    inf = float("inf")
+    best = [[inf] * (m + 1) for _ in range(k + 1)]
+    back = [[0] * (m + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for i in range(1, k + 1):
+        for j in range(i, m + 1):
+            for t in range(i - 1, j):
+                c = best[i - 1][t] + cost(t, j)
+                if c < best[i][j]:
+                    best[i][j], back[i][j] = c, t
+    sizes, j = [], m
+    for i in range(k, 0, -1):
+        sizes.append(v[j - 1])
+        j = back[i][j]
+    return tuple(sorted(sizes))
 
 
 def _pad_dim(t: Tensor, dim: int, size: int, value) -> Tensor:

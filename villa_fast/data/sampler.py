@@ -20,7 +20,9 @@ epoch to the smallest rank's batch count (the cut examples are counted in ``num_
 Fixed shapes (``pad_buckets``): examples are grouped by the padded ``(L_txt, N)`` shape
 their row needs, each shape gets one batch size (``budget // (L_txt + N)`` rounded down
 to ``size_multiple``), and every batch is padded to its shape, so an epoch meets one shape
-per occupied bucket (plus the smaller remainders when ``droplast`` is off).
+per occupied bucket (plus the smaller remainders when ``droplast`` is off). A shape's
+examples that do not fill its last batch join the next larger shape that holds them
+(padded further instead of left out); only the largest shapes' remainders are dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from villa_fast.data.batch import PadBuckets
+from villa_fast.data.batch import PadBuckets, pad_batch
 
 __all__ = [
     "BUCKET_SIZE",
@@ -195,26 +197,38 @@ class TokenBucketSampler(ResumableBatchSampler):
                     batches.append(cur)
         return batches, dropped
 
+    def batch_size_of(self, shape: tuple[int, int]) -> int:
+        """Examples per batch of a padded ``(L_txt, N)`` shape (fixed-shape mode)."""
+        return fixed_batch_size(shape, self._max_tok, self.rows_per_example, self._size_mul)
+
     def _batches_fixed(self, ids: list[int]) -> tuple[list[list[int]], int]:
-        pb, mul, budget = self.pad_buckets, self._size_mul, self._max_tok
+        pb = self.pad_buckets
         groups: dict[tuple[int, int], list[int]] = {}
         for i in ids:
             groups.setdefault(pb.shape_of(*self._pad_dims[i]), []).append(i)
+        order = sorted(groups, key=lambda sh: (sum(sh), sh))
         batches, dropped = [], 0
-        for shape in sorted(groups):
+        for k, shape in enumerate(order):
             members = groups[shape]
-            per = (budget // (self.rows_per_example * sum(shape))) // mul * mul
+            per = self.batch_size_of(shape)
             if per == 0:
                 raise ValueError(
-                    f"token budget {budget} cannot hold {mul} examples of {self.rows_per_example} row(s) of padded "
-                    f"shape {shape}"
+                    f"token budget {self._max_tok} cannot hold {self._size_mul} examples of {self.rows_per_example} "
+                    f"row(s) of padded shape {shape}"
                 )
-            for s in range(0, len(members), per):
-                chunk = members[s : s + per]
-                if len(chunk) < per and self._droplast:
-                    dropped += len(chunk)
-                else:
-                    batches.append(chunk)
+            full = len(members) // per * per
+            batches += [members[s : s + per] for s in range(0, full, per)]
+            rest = members[full:]
+            if not rest:
+                continue
+            # the remainder joins the next larger occupied shape that holds it
+            up = next((sh for sh in order[k + 1 :] if sh[0] >= shape[0] and sh[1] >= shape[1]), None)
+            if up is not None:
+                groups[up] = groups[up] + rest
+            elif self._droplast:
+                dropped += len(rest)
+            else:
+                batches.append(rest)
         return batches, dropped
 
     def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
@@ -442,16 +456,35 @@ class PrefetchLoader:
         return len(self.loader)
 
 
-class _PadCollate:
-    """Picklable ``collate_fn`` followed by fixed-shape padding."""
+def fixed_batch_size(shape: tuple[int, int], budget: int, rows_per_example: int, size_multiple: int) -> int:
+    """Examples per batch of padded shape ``(L_txt, N)`` under a token budget (a multiple of ``size_multiple``)."""
+    return (budget // (rows_per_example * (shape[0] + shape[1]))) // size_multiple * size_multiple
 
-    def __init__(self, collate_fn: Callable, pad_buckets: PadBuckets | None):
+
+class _PadCollate:
+    """Picklable ``collate_fn`` followed by fixed-shape padding.
+
+    With ``fixed`` (the token sampler's ``(budget, rows_per_example, size_multiple)``) a batch of ``b`` examples
+    is padded to the smallest shape that holds it among those whose batch size is ``b``: the shape it was
+    formed for, also when it holds examples carried up from a smaller shape, so every shape keeps one batch
+    size. Without it, to the smallest shape that holds the batch."""
+
+    def __init__(self, collate_fn: Callable, pad_buckets: PadBuckets | None, fixed: tuple[int, int, int] | None = None):
         self.collate_fn = collate_fn
         self.pad_buckets = pad_buckets
+        self.fixed = fixed
 
     def __call__(self, inputs):
         batch = self.collate_fn(inputs)
-        return batch if self.pad_buckets is None else self.pad_buckets(batch)
+        pb = self.pad_buckets
+        if pb is None:
+            return batch
+        if self.fixed is not None:
+            lt, n = batch["input_ids"].size(1), batch["img_feat"].size(1)
+            for shape in pb.shapes():
+                if shape[0] >= lt and shape[1] >= n and fixed_batch_size(shape, *self.fixed) == len(inputs):
+                    return pad_batch(batch, *shape)
+        return pb(batch)
 
 
 class TokenBucketLoader:
@@ -481,7 +514,10 @@ class TokenBucketLoader:
         self.num_workers = num_workers
         self.device = None if device is None else torch.device(device)
         self.pad_buckets = pad_buckets
-        self.collate = _PadCollate(collate_fn, pad_buckets)
+        fixed = None
+        if pad_buckets is not None and isinstance(sampler, TokenBucketSampler):
+            fixed = (sampler._max_tok, sampler.rows_per_example, sampler._size_mul)
+        self.collate = _PadCollate(collate_fn, pad_buckets, fixed)
         self.prefetch_factor = prefetch_factor
         self.epoch = sampler.epoch
         self.batch_index = sampler.start_batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -163,15 +164,21 @@ class Task:
             rank=ctx.rank,
             world_size=ctx.world_size,
             num_workers=ctx.num_workers,
-            pad_buckets=self.pad_buckets() if train else None,
+            pad_buckets=self.pad_buckets(dataset) if train else None,
             device=ctx.device if train else None,
         )
 
-    def pad_buckets(self):
+    def pad_buckets(self, dataset=None):
         """The fixed training shapes when the VILLA step is captured in CUDA graphs (``adv_graphed``): one
         graph per shape, so a handful of padded shapes instead of one per batch. None otherwise (the authors'
         batches, padded to their longest row). A task whose batches cannot be padded so trains unpadded, with
-        a warning: its graphed step captures a graph per new shape (up to GraphedVillaStep's limit)."""
+        a warning: its graphed step captures a graph per new shape (up to GraphedVillaStep's limit).
+
+        Token-counted batches group examples by shape, so the sizes are fitted to the training set's
+        per-example bounds (``dataset.pad_dims``): those that pad least, ``sqrt(adv_max_graphs)`` per dimension
+        at most, the largest the data's largest (:meth:`PadBuckets.fit`). An example-counted batch is padded to
+        its longest row, near the data's largest for any sizeable batch: there, and without ``pad_dims``, the
+        default sizes."""
         c = self.cfg
         if not (c.get("adv_training") and c.get("adv_graphed")):
             return None
@@ -180,6 +187,12 @@ class Task:
             return None
         from villa_fast.data import PadBuckets
 
+        dims = getattr(dataset, "pad_dims", None)
+        if dims and self.train_batch_unit == TOKENS:
+            n = max(1, math.isqrt(int(c.get("adv_max_graphs") or 16)))
+            buckets = PadBuckets.fit(dims, n, n)
+            logger.info("task %s: adv_graphed pads training batches to %s", self.name, buckets)
+            return buckets
         return PadBuckets()
 
     def train_loader(self, ctx: DataContext):

@@ -26,16 +26,6 @@ class Nlvr2Task(Task):
         # the NLVR2 forwards and loss read tensors only: txt_lens / num_bbs (lists) stay out of graph keys
         return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
-    def pad_buckets(self):
-        """Fixed training shapes under ``adv_graphed``; a triplet row holds both images' regions (up to twice
-        ``max_bb``), so its region sizes reach further than the default ones."""
-        buckets = super().pad_buckets()
-        if buckets is not None and self.triplet:
-            from villa_fast.data import PadBuckets
-
-            buckets = PadBuckets(txt=buckets.txt, img=(32, 50, 72, 100, 136, 200))
-        return buckets
-
     @property
     def triplet(self) -> bool:
         return self.cfg["model"] == "triplet"

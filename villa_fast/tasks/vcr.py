@@ -26,18 +26,6 @@ class VcrTask(Task):
         # the VCR forward and loss read tensors only: txt_lens / num_bbs (lists) stay out of graph keys
         return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
-    def pad_buckets(self):
-        """Fixed training shapes under ``adv_graphed``, reaching VCR's sizes: rows of question, answer and
-        rationale (up to ``max_txt_len`` + 4 tokens) and regions of both databases (ground-truth boxes, up to
-        100, then detections). A question's four rows count once against the token budget, as the authors'
-        lengths (question text plus regions) do."""
-        buckets = super().pad_buckets()
-        if buckets is not None:
-            from villa_fast.data import PadBuckets
-
-            buckets = PadBuckets(txt=(32, 48, 64, 96, 128, 192, 256), img=(50, 100, 136, 160, 200))
-        return buckets
-
     def build_model(self):
         from villa_fast.models import UniterForVcr
 
