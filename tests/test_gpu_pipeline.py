@@ -47,7 +47,7 @@ def test_trainer_villa_graphed_on_cuda(tmp_path, monkeypatch, precision, compile
     ("task", "changes"),
     [
         ("nlvr2", {"model": "paired-attn", "train_batch_size": 1600}),
-        ("nlvr2", {"model": "triplet", "train_batch_size": 1600}),
+        ("nlvr2", {"model": "triplet", "train_batch_size": 800}),
         ("vcr", {"train_batch_size": 1600}),
         ("re", {}),
         ("retrieval", {}),  # hard negatives
