@@ -784,3 +784,59 @@ def test_matches_released_loop_with_dropout(clean):
         z_a = model(batch["ids"], batch["feat"], batch["tmask"], batch["imask"])
         z_b = model(batch["ids"], batch["feat"], batch["tmask"], batch["imask"])
     assert torch.equal(res.logits, z_a) and not torch.equal(z_a, z_b)
+
+
+@pytest.mark.parametrize("clean", ["once", "per_step"])
+@pytest.mark.parametrize("modality", ["text+image", "alter"])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_kl_mask_fn_leaves_padded_rows_out(modality, clean, reduction):
+    """Logits padded with rows the task does not own (as masked-token predictions padded to a fixed count
+    are): with kl_mask_fn naming the real rows, the step equals the released loop on the real rows alone."""
+    cfg = AdversarialConfig(
+        steps=3, lr_txt=0.3, lr_img=0.4, modality=modality, kl_reduction=reduction, clean_backward=clean
+    )
+    model = make_toy(3)
+    batch = make_batch(seed=5)
+    b = batch["ids"].shape[0]
+    # real rows at 0, 2, 3, 5 (of 4 + 3 rows): the padding rows depend on the model too, so a leak would show
+    order = torch.tensor([0, 4, 1, 2, 5, 3, 6])
+    keep = order < b
+    batch["keep"] = keep
+
+    def padded_forward(bt):
+        z = model(bt["ids"], bt["feat"], bt["tmask"], bt["imask"])
+        return torch.cat([z, 5.0 * z[:3].flip(1) - 2.0])[order]
+
+    model.zero_grad(set_to_none=True)
+    want = toy_reference(model, batch, cfg)
+    ref = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    step = VillaStep(
+        padded_forward,
+        lambda z, bt: vqa_loss(z[bt["keep"]], bt),
+        cfg,
+        text_embedding=model.word,
+        image_input=model.img,
+        kl_mask_fn=lambda bt: bt["keep"],
+    )
+    res = step.step(batch, batch["tmask"], batch["imask"])
+    assert_same(grads_of(model), ref, "param grad")
+    assert_same(res.deltas, want, "delta")
+    # and without the mask the padding rows do change the result
+    model.zero_grad(set_to_none=True)
+    step.kl_mask_fn = None
+    step.step(batch, batch["tmask"], batch["imask"])
+    assert rel_err(grads_of(model)["mix.weight"], ref["mix.weight"]) > 1e-3
+
+
+def test_kl_mask_fn_result_is_checked():
+    model = make_toy(0)
+    batch = make_batch()
+    cfg = AdversarialConfig(steps=2, lr_txt=0.1)
+    with pytest.raises(TypeError, match="kl_mask_fn must be callable"):
+        VillaStep(toy_forward(model), vqa_loss, cfg, text_embedding=model.word, kl_mask_fn=3)
+    step = VillaStep(
+        toy_forward(model), vqa_loss, cfg, text_embedding=model.word, kl_mask_fn=lambda bt: torch.ones(3).bool()
+    )
+    with pytest.raises(ValueError, match=r"kl_mask_fn must return a bool tensor \[N\] = \[4\]"):
+        step.step(batch)

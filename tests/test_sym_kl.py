@@ -121,3 +121,59 @@ def test_non_contiguous_inputs():
 def test_bad_arguments(a, b, kw, exc, match):
     with pytest.raises(exc, match=match):
         ops.sym_kl(a, b, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_row_mask_equals_the_kept_rows(backend, reduction):
+    dev = backend_device(backend)
+    n, c = 9, 37
+    a = (torch.randn(n, c, dtype=torch.float64) * 2).float()
+    b = (torch.randn(n, c, dtype=torch.float64) * 2).float()
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    a[~keep] = float("nan")  # whatever the left-out rows hold reaches neither the loss nor the gradients
+    b[~keep, 3] = float("inf")
+    xa, xb = a.to(dev).requires_grad_(), b.to(dev).requires_grad_()
+    got = ops.sym_kl(xa, xb, reduction, row_mask=keep.to(dev))
+    got.backward()
+    want, wga, wgb = reference.sym_kl_fwd(a[keep].double(), b[keep].double(), reduction)
+    atol, rtol = tol(torch.float32, backend)
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
+    gscale = 1.0 / (keep.sum().item() if reduction == "batchmean" else keep.sum().item() * c)
+    for g, w in ((xa.grad, wga), (xb.grad, wgb)):
+        g = g.double().cpu()
+        assert torch.equal(g[~keep], torch.zeros_like(g[~keep]))
+        torch.testing.assert_close(g[keep], w, atol=atol * gscale * 10, rtol=rtol * 10)
+
+
+def test_row_mask_with_no_row_kept_gives_zero():
+    a = torch.randn(4, 6, requires_grad=True)
+    b = torch.randn(4, 6, requires_grad=True)
+    got = ops.sym_kl(a, b, row_mask=torch.zeros(4, dtype=torch.bool))
+    got.backward()
+    assert got.item() == 0.0
+    assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_row_mask_all_true_changes_nothing():
+    a = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(
+        ops.sym_kl(a, b, "mean", row_mask=torch.ones(5, dtype=torch.bool)), ops.sym_kl(a, b, "mean"), rtol=1e-15, atol=0
+    )
+    assert torch.autograd.gradcheck(
+        lambda x: ops.sym_kl(x, b, row_mask=torch.tensor([True, False, True, True, False])), (a,)
+    )
+
+
+@pytest.mark.parametrize(
+    "mask, exc, match",
+    [
+        (torch.ones(3, dtype=torch.int64), TypeError, "row_mask must have dtype bool"),
+        (torch.ones(4, dtype=torch.bool), ValueError, r"row_mask must have shape \[N\] = \(3,\)"),
+        (torch.ones(3, 1, dtype=torch.bool), ValueError, "row_mask must have shape"),
+        ([True, True, False], TypeError, "row_mask must be a torch.Tensor"),
+    ],
+)
+def test_bad_row_mask(mask, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.sym_kl(torch.randn(3, 4), torch.randn(3, 4), row_mask=mask)

@@ -104,7 +104,7 @@ class GraphedVillaStep:
     """:class:`VillaStep`, optionally followed by clipping and the optimizer step, replayed as one CUDA graph.
 
     Args:
-        forward_fn, loss_fn, config, text_embedding, image_input, scaler, params, generator: as for
+        forward_fn, loss_fn, config, text_embedding, image_input, scaler, params, generator, kl_mask_fn: as for
             :class:`VillaStep`. ``generator`` (init_mag > 0) must be a CUDA generator to be captured.
         optimizer: optional optimizer stepped inside the graph; on CUDA it must be created with
             ``capturable=True`` (torch's AdamW also ``fused=True``; or villa_fast.train.optim.AdamW) and a
@@ -139,6 +139,7 @@ class GraphedVillaStep:
         generator: torch.Generator | None = None,
         warmup: int = 3,
         max_graphs: int = 16,
+        kl_mask_fn: Callable[[Any], Tensor | None] | None = None,
     ) -> None:
         self.eager = VillaStep(
             forward_fn,
@@ -149,6 +150,7 @@ class GraphedVillaStep:
             scaler=scaler,
             params=params,
             generator=generator,
+            kl_mask_fn=kl_mask_fn,
         )
         # the gradients live in fixed .grad tensors: each step adds to them directly (no second buffer)
         self.eager._grads_in_place = True

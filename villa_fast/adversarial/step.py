@@ -138,6 +138,10 @@ class VillaStep:
             are unscaled on the device.
         params: the parameters to differentiate; by default those reached by the first step's graph.
         generator: torch.Generator for the perturbation init when ``init_mag > 0``.
+        kl_mask_fn: optional ``kl_mask_fn(batch) -> bool [N] | None``, the logit rows the consistency term
+            counts (:func:`villa_fast.ops.sym_kl`'s ``row_mask``): for logits padded to a fixed row count,
+            e.g. masked-token predictions padded so that a CUDA graph can hold them. The task loss sees
+            every row (make it ignore the padding itself).
 
     The caller owns ``zero_grad``, clipping and the optimizer step, so several steps can accumulate.
     """
@@ -153,6 +157,7 @@ class VillaStep:
         scaler: torch.amp.GradScaler | None = None,
         params: Iterable[Tensor] | None = None,
         generator: torch.Generator | None = None,
+        kl_mask_fn: Callable[[Any], Tensor | None] | None = None,
     ) -> None:
         if not callable(forward_fn):
             raise TypeError("forward_fn must be callable: forward_fn(batch) -> logits")
@@ -169,6 +174,9 @@ class VillaStep:
             raise ValueError(f"modality {config.modality!r} perturbs the image: pass image_input=<module>")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if kl_mask_fn is not None and not callable(kl_mask_fn):
+            raise TypeError("kl_mask_fn must be callable: kl_mask_fn(batch) -> bool row mask [N] or None")
+        self.kl_mask_fn = kl_mask_fn
         self.forward_fn = forward_fn
         self.loss_fn = loss_fn
         self.config = config
@@ -322,6 +330,17 @@ class VillaStep:
         d = perturb_init(like, mask, init_mag=cfg.init_mag, norm_type=cfg.norm_type, generator=self.generator)
         return d.requires_grad_()
 
+    def _kl_rows(self, batch: Any, z0: Tensor) -> Tensor | None:
+        if self.kl_mask_fn is None:
+            return None
+        rows = self.kl_mask_fn(batch)
+        if rows is None:
+            return None
+        if not isinstance(rows, Tensor) or rows.dtype != torch.bool or rows.shape != z0.shape[:1]:
+            got = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, Tensor) else type(rows).__name__
+            raise ValueError(f"kl_mask_fn must return a bool tensor [N] = [{z0.size(0)}] (the logits' rows), got {got}")
+        return rows.to(z0.device, non_blocking=True)
+
     def _step(self, batch: Any, txt_mask: Tensor | None, img_mask: Tensor | None) -> StepResult:
         cfg = self.config
         K = cfg.steps
@@ -351,6 +370,7 @@ class VillaStep:
         skipped_rows = torch.zeros(2, dtype=torch.int64, device=device)
         rows_at = [_MODALITY_INDEX[n] for n in names]
         div = 2 * K if cfg.modality == "alter" else K
+        kl_rows = self._kl_rows(batch, z0)
 
         for k in range(K):
             last = k == K - 1
@@ -360,11 +380,13 @@ class VillaStep:
                     z1 = self._forward(batch, autocast, deltas["text"], None)
                     z2 = self._forward(batch, autocast, None, deltas["image"])
                     task = self.loss_fn(z1, batch) + self.loss_fn(z2, batch)
-                    kl = sym_kl(z1, z0_ref, cfg.kl_reduction) + sym_kl(z2, z0_ref, cfg.kl_reduction)
+                    kl = sym_kl(z1, z0_ref, cfg.kl_reduction, row_mask=kl_rows) + sym_kl(
+                        z2, z0_ref, cfg.kl_reduction, row_mask=kl_rows
+                    )
                 else:
                     z = self._forward(batch, autocast, deltas.get("text"), deltas.get("image"))
                     task = self.loss_fn(z, batch)
-                    kl = sym_kl(z, z0_ref, cfg.kl_reduction)
+                    kl = sym_kl(z, z0_ref, cfg.kl_reduction, row_mask=kl_rows)
             finally:
                 inj.measure = False
             loss = (task + cfg.kl_weight * kl) / div

@@ -54,13 +54,19 @@ def _backward(ctx, grad_loss, _grad_ga, _grad_gb):
 _sym_kl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def sym_kl(logits_a: Tensor, logits_b: Tensor, reduction: str = "batchmean") -> Tensor:
+def sym_kl(
+    logits_a: Tensor, logits_b: Tensor, reduction: str = "batchmean", *, row_mask: Tensor | None = None
+) -> Tensor:
     """Symmetric KL ``KL(softmax(b) || softmax(a)) + KL(softmax(a) || softmax(b))`` of [N, C] logits.
 
     Args:
         logits_a, logits_b: [N, C] with 2 <= C <= 32768, float32, bfloat16, float16 (or float64);
             the math is done in float32 (float64 for float64 inputs). Gradients flow into both.
         reduction: "batchmean" sums over classes and averages over rows; "mean" averages over all elements.
+        row_mask: optional bool [N]: only the rows where it is true count, as if the others were not there
+            (the average is over the true rows; the other rows get zero gradient, whatever their values).
+            For logits padded to a fixed row count (a CUDA graph needs fixed shapes): no host sync; with no
+            true row the loss is 0.
     Returns:
         a 0-dim float32 tensor (float64 for float64 inputs).
     """
@@ -82,7 +88,21 @@ def sym_kl(logits_a: Tensor, logits_b: Tensor, reduction: str = "batchmean") -> 
     if a.dtype != b.dtype:
         common = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(common), b.to(common)
+    keep = None
+    if row_mask is not None:
+        keep = _check.tensor("row_mask", row_mask)
+        if keep.dtype != torch.bool:
+            raise TypeError(f"row_mask must have dtype bool; got {str(keep.dtype).replace('torch.', '')}")
+        if keep.shape != (n,):
+            raise ValueError(f"row_mask must have shape [N] = ({n},) like the logits' rows, got {tuple(keep.shape)}")
+        _check.same_device("logits_a", a, "row_mask", keep)
+        # equal rows (both zero) add exactly zero to the sum, and torch.where sends them no gradient
+        col = keep.unsqueeze(1)
+        a, b = torch.where(col, a, 0), torch.where(col, b, 0)
     backend = choose("sym_kl", a.device.type, str(a.dtype))
     need_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     loss, _, _ = _sym_kl_op(a.contiguous(), b.contiguous(), reduction, need_grad, backend)
+    if keep is not None:
+        # the kernel averaged over all N rows: rescale to the kept rows' count (on the device, no sync)
+        loss = loss * (n / keep.sum().clamp(min=1).to(loss.dtype))
     return loss
