@@ -52,8 +52,9 @@ def test_trainer_villa_graphed_on_cuda(tmp_path, monkeypatch, precision, compile
         ("re", {}),
         ("retrieval", {}),  # hard negatives
         ("retrieval", {"hard_neg_size": 0, "negative_size": 2, "train_batch_size": 2}),
+        ("pretrain", {"num_train_steps": 8}),  # MLM and ITM adversarial, MRFR and MRC-kl standard steps
     ],
-    ids=["nlvr2-paired-attn", "nlvr2-triplet", "vcr", "re", "retrieval-hard", "retrieval-sampled"],
+    ids=["nlvr2-paired-attn", "nlvr2-triplet", "vcr", "re", "retrieval-hard", "retrieval-sampled", "pretrain"],
 )
 def test_every_padded_task_trains_graphed_on_cuda(tmp_path, task, changes):
     """The tasks whose training batches are padded to fixed shapes under adv_graphed capture every shape they

@@ -3,7 +3,16 @@
 The data package knows no model: it produces batch dicts (see :mod:`villa_fast.data.batch`).
 """
 
-from villa_fast.data.batch import PadBuckets, base_batch, get_gather_index, ot_inputs, pad_batch, pad_tensors
+from villa_fast.data.batch import (
+    PadBuckets,
+    base_batch,
+    get_gather_index,
+    mlm_capacity,
+    mlm_rows,
+    ot_inputs,
+    pad_batch,
+    pad_tensors,
+)
 from villa_fast.data.codec import DataFormatError
 from villa_fast.data.datasets import (
     ConcatDatasetWithLens,
@@ -117,7 +126,9 @@ __all__ = [
     "itm_rank_collate",
     "itm_rank_hn_collate",
     "itm_val_collate",
+    "mlm_capacity",
     "mlm_collate",
+    "mlm_rows",
     "move_to_device",
     "mrc_collate",
     "mrfr_collate",

@@ -12,6 +12,7 @@ position of that element in ``cat([txt_emb [L_txt], img_emb [N]])``.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -213,6 +214,8 @@ def pad_batch(batch: dict, txt_len: int, num_bb: int) -> dict:
 
     The joint width becomes ``txt_len + num_bb``; ``gather_index``, ``position_ids`` and
     ``ot_inputs`` are rebuilt; padded positions are masked everywhere (labels -1, obj_masks 1).
+    A batch with ``txt_labels`` (MLM) also gets ``mlm_index`` and ``mlm_labels`` (:func:`mlm_rows`), so that
+    its masked-token predictions have a row count fixed by the shape too.
     """
     out = dict(batch)
     txt_lens, num_bbs = batch["txt_lens"], batch["num_bbs"]
@@ -231,4 +234,43 @@ def pad_batch(batch: dict, txt_len: int, num_bb: int) -> dict:
     out["gather_index"] = get_gather_index(txt_lens, num_bbs, bs, txt_len, joint)
     if isinstance(out.get("ot_inputs"), dict):
         out["ot_inputs"] = ot_inputs(txt_lens, num_bbs, txt_len, num_bb, joint)
+    if isinstance(out.get("txt_labels"), Tensor):
+        out["mlm_index"], out["mlm_labels"] = mlm_rows(out["txt_labels"], out.get("mlm_prob"))
     return out
+
+
+def mlm_capacity(rows: int, txt_len: int, mask_prob: float | None = None) -> int:
+    """Rows reserved for the masked-token predictions of a ``[rows, txt_len]`` text block.
+
+    With the masking probability ``p`` known: six standard deviations above the most a batch of this shape
+    can expect (``p`` of the ``rows * (txt_len - 2)`` maskable tokens, plus the one token a row with none
+    masked gets, at most ``1 - p`` per row), a multiple of 8, so a batch exceeds it about never; otherwise, and
+    never more than, every text position.
+    """
+    full = rows * txt_len
+    if mask_prob is None:
+        return full
+    p = float(mask_prob)
+    n = rows * max(txt_len - 2, 1)
+    cap = p * n + rows * (1.0 - p) + 6.0 * math.sqrt(n * p * (1.0 - p) + rows)
+    return min(full, 8 * math.ceil(cap / 8))
+
+
+def mlm_rows(txt_labels: Tensor, mask_prob: float | None = None) -> tuple[Tensor, Tensor]:
+    """The masked tokens of ``txt_labels`` [B, L] (-1 = not a target) as a fixed number of rows.
+
+    Returns ``mlm_index`` (int64, flat positions ``b * L + t`` of the targets, row-major, then 0 on the padding
+    rows) and ``mlm_labels`` (their target ids, then -1), both of length :func:`mlm_capacity` ``(B, L,
+    mask_prob)``, or ``B * L`` for the rare batch with more targets. The model predicts the rows ``mlm_index``
+    names; the loss and the consistency term leave the ``-1`` rows out.
+    """
+    flat = txt_labels.reshape(-1)
+    where = (flat != -1).nonzero().squeeze(1)
+    cap = mlm_capacity(txt_labels.size(0), txt_labels.size(1), mask_prob)
+    if where.numel() > cap:
+        cap = flat.numel()
+    index = torch.zeros(cap, dtype=torch.long)
+    labels = torch.full((cap,), -1, dtype=torch.long)
+    index[: where.numel()] = where
+    labels[: where.numel()] = flat[where]
+    return index, labels

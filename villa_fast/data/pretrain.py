@@ -75,9 +75,13 @@ class MlmDataset(DetectFeatTxtTokDataset):
         return input_ids, img_feat, img_pos_feat, attn_masks, txt_labels
 
 
-def mlm_collate(inputs) -> dict:
+def mlm_collate(inputs, mask_prob: float | None = None) -> dict:
+    """Adds ``txt_labels`` [B, L] (-1 = not a target). ``mask_prob`` (the dataset's) is kept as ``mlm_prob``:
+    padding to a fixed shape sizes the masked-token rows by it (:func:`villa_fast.data.batch.mlm_rows`)."""
     batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
     batch["txt_labels"] = pad_sequence([x[4] for x in inputs], batch_first=True, padding_value=-1)
+    if mask_prob is not None:
+        batch["mlm_prob"] = float(mask_prob)
     return batch
 
 

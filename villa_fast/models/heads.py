@@ -443,11 +443,13 @@ class UniterForPretraining(_TaskModel):
 
     The task is ``batch["task"]`` (or the ``task`` argument): one of ``mlm``, ``mrfr``, ``mrc``,
     ``mrckl`` (``mrc-kl`` accepted), ``itm``. forward returns a dict with ``task`` and ``logits``:
-      mlm   [n_masked_tokens, vocab]   (rows where ``txt_labels`` != -1)
+      mlm   [n_masked_tokens, vocab]   (rows where ``txt_labels`` != -1); with ``mlm_index`` in the batch
+            (padded for a fixed shape, :func:`villa_fast.data.mlm_rows`) [len(mlm_index), vocab], the rows it
+            names, whose targets are ``mlm_labels`` (-1 on the padding rows)
       mrfr  [n_masked_regions, img_dim] (rows where ``img_mask_tgt``)
       mrc*  [n_masked_regions, 1601]
       itm   [B, 2], plus ``ot_dist`` [B] when ``ot_inputs`` is in the batch.
-    loss: mlm CE mean; mrfr MSE mean; mrc CE (argmax of the soft label over classes 1..,
+    loss: mlm CE mean (over the real rows); mrfr MSE mean; mrc CE (argmax of the soft label over classes 1..,
     background never a target) mean; mrckl KL(soft label || prediction) mean over all elements;
     itm CE mean + 0.1 * (sum OT over positives - sum over negatives) / B.
     """
@@ -478,7 +480,13 @@ class UniterForPretraining(_TaskModel):
         task = self._task(batch, task)
         if task == "mlm":
             seq = _run_uniter(self.uniter, batch)
-            txt = seq[:, : batch["input_ids"].size(1)]
+            lt = batch["input_ids"].size(1)
+            index = batch.get("mlm_index")
+            if index is not None:  # fixed row count: flat positions into [B, L_txt]
+                # index_select (backward: index_add) keeps the rows' gather free of host syncs in a CUDA graph
+                rows = (index // lt) * seq.size(1) + index % lt
+                return {"task": task, "logits": self.cls(seq.reshape(-1, seq.size(-1)).index_select(0, rows))}
+            txt = seq[:, :lt]
             return {"task": task, "logits": self.cls(_masked_rows(txt, batch["txt_labels"] != -1))}
         if task in ("mrfr", "mrc", "mrckl"):
             seq = _run_uniter(self.uniter, batch, img_masks=batch["img_masks"])
@@ -518,6 +526,8 @@ class UniterForPretraining(_TaskModel):
         task = logits["task"]
         z = logits["logits"].float()
         if task == "mlm":
+            if "mlm_labels" in batch:
+                return F.cross_entropy(z, batch["mlm_labels"], ignore_index=-1)
             labels = batch["txt_labels"]
             return F.cross_entropy(z, labels[labels != -1])
         if task == "mrfr":

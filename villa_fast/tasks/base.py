@@ -115,24 +115,25 @@ class Task:
         """What the batch size of ``split`` counts: ``train_batch_unit`` for "train", else ``val_batch_unit``."""
         return self.train_batch_unit if split == "train" else self.val_batch_unit
 
-    def batch_loader(self, dataset, collate, ctx: DataContext, *, train: bool, groups=None):
+    def batch_loader(self, dataset, collate, ctx: DataContext, *, train: bool, groups=None, graphs=None):
         """The loader of ``dataset`` whose batches follow the task's batch unit (:meth:`batch_unit`):
         :meth:`token_loader` for :data:`TOKENS`, :meth:`example_loader` for :data:`EXAMPLES`.
-        ``groups`` (example-counted training only): index lists kept together when shuffling."""
+        ``groups`` (example-counted training only): index lists kept together when shuffling. ``graphs``: the
+        CUDA graphs this loader's shapes may take under ``adv_graphed`` (:meth:`pad_buckets`)."""
         unit = self.batch_unit("train" if train else "val")
         key = "train_batch_size" if train else "val_batch_size"
         if unit == TOKENS:
             if groups is not None:
                 raise ValueError("groups apply to example-counted batches only")
-            loader = self.token_loader(dataset, collate, ctx, train=train)
+            loader = self.token_loader(dataset, collate, ctx, train=train, graphs=graphs)
         elif unit == EXAMPLES:
-            loader = self.example_loader(dataset, collate, ctx, train=train, groups=groups)
+            loader = self.example_loader(dataset, collate, ctx, train=train, groups=groups, graphs=graphs)
         else:
             raise ValueError(f"task {self.name}: {key} forms no loader batch (batch unit {unit!r})")
         logger.info("task %s: %s=%d counts %s per batch per process", self.name, key, self.cfg[key], unit)
         return loader
 
-    def example_loader(self, dataset, collate, ctx: DataContext, *, train: bool, groups=None):
+    def example_loader(self, dataset, collate, ctx: DataContext, *, train: bool, groups=None, graphs=None):
         from villa_fast.data.sampler import build_example_dataloader
 
         c = self.cfg
@@ -148,10 +149,10 @@ class Task:
             world_size=ctx.world_size,
             num_workers=ctx.num_workers,
             device=ctx.device if train else None,
-            pad_buckets=self.pad_buckets() if train else None,
+            pad_buckets=self.pad_buckets(graphs=graphs) if train else None,
         )
 
-    def token_loader(self, dataset, collate, ctx: DataContext, *, train: bool):
+    def token_loader(self, dataset, collate, ctx: DataContext, *, train: bool, graphs=None):
         from villa_fast.data import build_dataloader
 
         c = self.cfg
@@ -164,23 +165,24 @@ class Task:
             rank=ctx.rank,
             world_size=ctx.world_size,
             num_workers=ctx.num_workers,
-            pad_buckets=self.pad_buckets(dataset) if train else None,
+            pad_buckets=self.pad_buckets(dataset, graphs=graphs) if train else None,
             device=ctx.device if train else None,
         )
 
-    def pad_buckets(self, dataset=None):
+    def pad_buckets(self, dataset=None, graphs: int | None = None):
         """The fixed training shapes when the VILLA step is captured in CUDA graphs (``adv_graphed``): one
         graph per shape, so a handful of padded shapes instead of one per batch. None otherwise (the authors'
         batches, padded to their longest row). A task whose batches cannot be padded so trains unpadded, with
         a warning: its graphed step captures a graph per new shape (up to GraphedVillaStep's limit).
 
         Token-counted batches group examples by shape, so the sizes are fitted to the training set's
-        per-example bounds (``dataset.pad_dims``): those that pad least, ``sqrt(adv_max_graphs)`` per dimension
-        at most, the largest the data's largest (:meth:`PadBuckets.fit`). An example-counted batch is padded to
-        its longest row, near the data's largest for any sizeable batch: there, and without ``pad_dims``, the
-        default sizes."""
+        per-example bounds (``dataset.pad_dims``): those that pad least, ``sqrt(graphs)`` per dimension at most
+        (``graphs``: the loader's share of ``adv_max_graphs``, all of it by default; 0 = not padded), the
+        largest the data's largest (:meth:`PadBuckets.fit`). An example-counted batch is padded to its longest
+        row, near the data's largest for any sizeable batch: there, and without ``pad_dims``, the default
+        sizes."""
         c = self.cfg
-        if not (c.get("adv_training") and c.get("adv_graphed")):
+        if not (c.get("adv_training") and c.get("adv_graphed")) or graphs == 0:
             return None
         if not self.fixed_shape_training:
             logger.warning("task %s: adv_graphed with variable batch shapes: one CUDA graph per new shape", self.name)
@@ -189,7 +191,7 @@ class Task:
 
         dims = getattr(dataset, "pad_dims", None)
         if dims and self.train_batch_unit == TOKENS:
-            n = max(1, math.isqrt(int(c.get("adv_max_graphs") or 16)))
+            n = max(1, math.isqrt(int(graphs or c.get("adv_max_graphs") or 16)))
             buckets = PadBuckets.fit(dims, n, n)
             logger.info("task %s: adv_graphed pads training batches to %s", self.name, buckets)
             return buckets
@@ -240,6 +242,11 @@ class Task:
 
     def adv_masks(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor | None]:
         return batch.get("txt_mask"), batch.get("img_mask")
+
+    def kl_mask(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """The logit rows the VILLA step's consistency term counts (``VillaStep(kl_mask_fn=...)``): None = all;
+        a task whose logits carry padding rows (fixed-shape masked-token predictions) names its real rows."""
+        return None
 
     # -- evaluation --------------------------------------------------------------------------------
     def validation_split(self, final: bool) -> str:

@@ -1,18 +1,30 @@
 """Pre-training: MLM, MRFR, MRC, MRC-kl and ITM (with the optimal-transport alignment term), one task
-per accumulation cycle drawn by mix ratio; MLM and ITM adversarial by default (VILLA_SPEC section 5)."""
+per accumulation cycle drawn by mix ratio; MLM and ITM adversarial by default (VILLA_SPEC section 5).
+
+Under ``adv_graphed`` the adversarial tasks' training batches are padded to fixed shapes (sizes fitted to
+each loader's data, ``adv_max_graphs`` shared among those loaders), and an MLM batch predicts a fixed number
+of masked-token rows (:func:`villa_fast.data.batch.mlm_rows`), the padding rows left out of its loss and
+consistency term: every adversarial pre-training step can be captured in a CUDA graph. The standard-step
+tasks (MRFR, MRC) keep the authors' unpadded batches.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch.nn.functional as F
+from torch import Tensor
 
 from villa_fast.tasks.base import DataContext, Task
 from villa_fast.train.config import ConfigError
 
 __all__ = ["MixSource", "PretrainTask"]
+
+logger = logging.getLogger(__name__)
 
 _TASK_NAMES = ("mlm", "mrfr", "mrc", "mrckl", "itm")
 
@@ -88,6 +100,7 @@ class PretrainTask(Task):
     kl_reduction = "batchmean"
     main_metric = "mlm_acc"
     supports_robust = False
+    fixed_shape_training = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -114,7 +127,7 @@ class PretrainTask(Task):
             else:
                 sets.append(d.ItmDataset(tdb, idb, neg_sample_p=c["itm_neg_prob"]))
         collate = {
-            "mlm": d.mlm_collate,
+            "mlm": functools.partial(d.mlm_collate, mask_prob=c["mlm_prob"]),
             "mrfr": d.mrfr_collate,
             "mrc": d.mrc_collate,
             "mrckl": d.mrc_collate,
@@ -135,6 +148,18 @@ class PretrainTask(Task):
         entries = self.cfg.get("train_datasets")
         if not entries:
             raise ConfigError("task pretrain needs config key 'train_datasets'")
+        # under adv_graphed the adversarial MLM and ITM loaders share the graph budget; the others stay unpadded
+        # (an adversarial MRM batch predicts its masked regions only: data-dependent rows, one graph per batch)
+        adv = {_norm(t) for t in self.cfg["adv_pretrain_tasks"]} & {"mlm", "itm"}
+        odd = {_norm(t) for t in self.cfg["adv_pretrain_tasks"]} - adv
+        if odd and self.cfg.get("adv_training") and self.cfg.get("adv_graphed"):
+            logger.warning(
+                "task pretrain: adv_graphed with adversarial %s: their batches are not padded (one CUDA graph per "
+                "new shape, up to adv_max_graphs, then eager)",
+                ", ".join(sorted(odd)),
+            )
+        n_adv = sum(_norm(t) in adv for e in entries for t in e["tasks"])
+        share = max(1, int(self.cfg.get("adv_max_graphs") or 16) // max(n_adv, 1))
         loaders = {}
         for i, entry in enumerate(entries):
             pairs = self._entry_pairs(entry, "train_datasets")
@@ -143,7 +168,8 @@ class PretrainTask(Task):
                 t = _norm(task)
                 ds, collate = self._dataset(t, pairs, self.cfg["max_txt_len"])
                 key = f"{entry.get('name', i)}_{t}"
-                loaders[key] = (t, self.batch_loader(ds, collate, ctx, train=True), float(ratio))
+                loader = self.batch_loader(ds, collate, ctx, train=True, graphs=share if t in adv else 0)
+                loaders[key] = (t, loader, float(ratio))
         return MixSource(loaders, self.cfg["gradient_accumulation_steps"], ctx.seed)
 
     def has_split(self, split: str) -> bool:
@@ -177,6 +203,26 @@ class PretrainTask(Task):
     def adversarial_for(self, batch) -> bool:
         return batch["task"] in {_norm(t) for t in self.cfg["adv_pretrain_tasks"]}
 
+    def step_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        # tensors (nested ones too) and the task name: the per-row length lists, the OT inputs' scatter_max and
+        # the masking probability would make a graph signature per batch; forward and loss do not read them
+        def keep(d: Mapping[str, Any]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                if isinstance(v, Tensor):
+                    out[k] = v
+                elif isinstance(v, Mapping):
+                    out[k] = keep(v)
+            return out
+
+        return {**keep(batch), "task": batch["task"]}
+
+    def kl_mask(self, batch: Mapping[str, Any]) -> Tensor | None:
+        # fixed-shape MLM batches predict padding rows too (mlm_labels -1): the consistency term leaves them out
+        if batch.get("task") == "mlm" and isinstance(batch.get("mlm_labels"), Tensor):
+            return batch["mlm_labels"] != -1
+        return None
+
     # -- evaluation ----------------------------------------------------------------------------
     def eval_init(self):
         # every counter present from the start, so all ranks reduce the same keys
@@ -194,7 +240,11 @@ class PretrainTask(Task):
             state[key] = state.get(key, 0.0) + float(value)
 
         if t == "mlm":
-            labels = batch["txt_labels"].to(z.device)
+            if "mlm_labels" in batch:  # one row per entry, -1 on the padding rows
+                labels = batch["mlm_labels"].to(z.device)
+                z = z[labels != -1]
+            else:  # the rows are the masked positions of txt_labels
+                labels = batch["txt_labels"].to(z.device)
             labels = labels[labels != -1]
             add("mlm_correct", (z.argmax(1) == labels).sum())
             add("mlm_n", labels.numel())

@@ -247,6 +247,7 @@ class Trainer:
             scaler=self.scaler,
             # every trainable parameter: pre-training tasks reach different heads
             params=self.params,
+            kl_mask_fn=self.task.kl_mask,
             **extra,
         )
 
