@@ -211,3 +211,24 @@ def test_graphed_pretraining_trains(tmp_path):
     losses = [e["loss"] for e in history if "loss" in e]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert "val/mlm_acc" in history[-1] or any("val/mlm_acc" in e for e in history)
+
+
+def test_itm_fixed_sizes_hold_every_epochs_negatives(tmp_path):
+    """ITM re-draws its negatives each epoch, so its examples' region counts change: the largest fitted size is
+    the most regions of any image, and a concatenation follows each epoch's sizes."""
+    trainer = _trainer(tmp_path, adv_graphed=True)
+    cfg = trainer.cfg
+    entry = dict(cfg["train_datasets"][0])
+    ds, _ = trainer.task._dataset("itm", trainer.task._entry_pairs(entry, "train_datasets") * 2, cfg["max_txt_len"])
+    first = ds.datasets[0]
+    most = max(first.img_db.name2nbb[i] for i in first.all_imgs)
+    assert ds.pad_bounds == [(max(first.txt_lens) + 2, most)] * 2
+    pb = trainer.task.pad_buckets(ds)
+    assert pb.img[-1] == most and pb.txt[-1] == max(first.txt_lens) + 2
+    before = list(ds.pad_dims)
+    for epoch in range(1, 6):
+        ds.set_epoch(epoch, 7)
+        assert ds.pad_dims == [p for d in ds.datasets for p in d.pad_dims]
+        assert ds.lens == [t + n - 2 for t, n in ds.pad_dims]
+        assert all(pb.shape_of(t, n) in pb.shapes() for t, n in ds.pad_dims)
+    assert ds.pad_dims != before  # the negatives did change

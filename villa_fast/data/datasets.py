@@ -169,7 +169,7 @@ class DetectFeatTxtTokDataset(Dataset):
 
 
 class ConcatDatasetWithLens(ConcatDataset):
-    """Concatenation that keeps ``lens`` / ``pad_dims`` for token bucketing."""
+    """Concatenation that keeps ``lens`` / ``pad_dims`` (and ``pad_bounds``) for token bucketing."""
 
     def __init__(self, datasets):
         super().__init__(datasets)
@@ -177,14 +177,18 @@ class ConcatDatasetWithLens(ConcatDataset):
         if len(rows) != 1:
             raise ValueError(f"datasets with different rows per example cannot be concatenated: {sorted(rows)}")
         self.rows_per_example = rows.pop()
-        self.lens = [n for d in datasets for n in d.lens]
-        self.pad_dims = [p for d in datasets for p in getattr(d, "pad_dims", [(n, 0) for n in d.lens])]
+        self._gather()
+
+    def _gather(self) -> None:
+        self.lens = [n for d in self.datasets for n in d.lens]
+        self.pad_dims = [p for d in self.datasets for p in getattr(d, "pad_dims", [(n, 0) for n in d.lens])]
+        self.pad_bounds = [b for d in self.datasets for b in getattr(d, "pad_bounds", [])]
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         for d in self.datasets:
             if hasattr(d, "set_epoch"):
                 d.set_epoch(epoch, seed)
-        self.lens = [n for d in self.datasets for n in d.lens]
+        self._gather()  # lengths that follow the epoch (ITM's negatives) follow it here too
 
 
 # ----------------------------------------------------------------------------- VQA / VE

@@ -192,6 +192,14 @@ class ItmDataset(DetectFeatTxtTokDataset):
             self.pad_dims.append((tl + 2, nbb[img]))
         self._pair_epoch = key
 
+    @property
+    def pad_bounds(self) -> list[tuple[int, int]]:
+        """Sizes an example may reach in some epoch, beyond this epoch's ``pad_dims``: a negative can be any
+        image, so the longest text with the most regions of any image (fixed padded sizes must hold them)."""
+        if not self.txt_lens:
+            return []
+        return [(max(self.txt_lens) + 2, max(self.img_db.name2nbb[i] for i in self.all_imgs))]
+
     def __getitem__(self, i: int):
         example = super().__getitem__(i)
         img_feat, img_pos_feat, num_bb = self._get_img_feat(self.train_imgs[i])

@@ -176,7 +176,8 @@ class Task:
         a warning: its graphed step captures a graph per new shape (up to GraphedVillaStep's limit).
 
         Token-counted batches group examples by shape, so the sizes are fitted to the training set's
-        per-example bounds (``dataset.pad_dims``): those that pad least, ``sqrt(graphs)`` per dimension at most
+        per-example bounds (``dataset.pad_dims``, and ``dataset.pad_bounds`` where examples change across
+        epochs): those that pad least, ``sqrt(graphs)`` per dimension at most
         (``graphs``: the loader's share of ``adv_max_graphs``, all of it by default; 0 = not padded), the
         largest the data's largest (:meth:`PadBuckets.fit`). An example-counted batch is padded to its longest
         row, near the data's largest for any sizeable batch: there, and without ``pad_dims``, the default
@@ -191,6 +192,8 @@ class Task:
 
         dims = getattr(dataset, "pad_dims", None)
         if dims and self.train_batch_unit == TOKENS:
+            # sizes examples reach in other epochs (ITM's re-drawn negatives) must fit the largest shape too
+            dims = list(dims) + list(getattr(dataset, "pad_bounds", []))
             n = max(1, math.isqrt(int(graphs or c.get("adv_max_graphs") or 16)))
             buckets = PadBuckets.fit(dims, n, n)
             logger.info("task %s: adv_graphed pads training batches to %s", self.name, buckets)
