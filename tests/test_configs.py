@@ -83,6 +83,9 @@ def _write(tmp_path, obj) -> Path:
         ({"task": "captioning"}, ["task"]),
         ({"train_datasets": [{"db": [], "img": []}]}, ["train_datasets", "tasks"]),
         ({"train_datasets": [{"db": [], "img": [], "tasks": ["mlm"], "mix": [1]}]}, ["train_datasets", "mix"]),
+        ({"mlm_prob": 1.5}, ["mlm_prob", "[0, 1]"]),
+        ({"mrm_prob": -0.1}, ["mrm_prob", "probability"]),
+        ({"itm_neg_prob": 2}, ["itm_neg_prob", "probability"]),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, obj, words):

@@ -54,6 +54,8 @@ def test_mlm_rows_lists_the_targets_row_major_then_padding():
     full = torch.arange(18).reshape(3, 6)
     index, lab = mlm_rows(full, 0.01)
     assert mlm_capacity(3, 6, 0.01) < 18 and index.tolist() == list(range(18)) and lab.tolist() == list(range(18))
+    with pytest.raises(ValueError, match="mask_prob is a probability"):
+        mlm_capacity(3, 6, 1.2)
 
 
 def test_mlm_capacity_holds_the_batches_masking_draws():

@@ -251,6 +251,8 @@ def mlm_capacity(rows: int, txt_len: int, mask_prob: float | None = None) -> int
     if mask_prob is None:
         return full
     p = float(mask_prob)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"mask_prob is a probability: it must be in [0, 1], got {mask_prob!r}")
     n = rows * max(txt_len - 2, 1)
     cap = p * n + rows * (1.0 - p) + 6.0 * math.sqrt(n * p * (1.0 - p) + rows)
     return min(full, 8 * math.ceil(cap / 8))

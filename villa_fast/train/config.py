@@ -336,6 +336,9 @@ def _validate(cfg: dict[str, Any]) -> None:
         positive(key)
     if cfg["save_steps"] is not None:
         positive("save_steps")
+    for key in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
+        if not 0.0 <= cfg[key] <= 1.0:
+            raise ConfigError(f"key {key!r} is a probability: it must be in [0, 1], got {cfg[key]!r}")
     if not 0.0 <= cfg["dropout"] < 1.0:
         raise ConfigError(f"key 'dropout' must be in [0, 1), got {cfg['dropout']!r}")
     if len(cfg["betas"]) != 2 or not all(0.0 <= b < 1.0 for b in cfg["betas"]):
