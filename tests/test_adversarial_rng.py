@@ -40,13 +40,54 @@ def test_copies_draw_the_same_numbers_and_leave_the_default_generator_alone():
     with rng.use("again"):
         b1 = torch.rand(5)
     assert torch.equal(torch.get_rng_state(), before)
-    torch.manual_seed(3)
-    want = torch.rand(10)
+    want = torch.rand(10, generator=torch.Generator().manual_seed(rng.seed))
     assert torch.equal(torch.cat([a1, a2]), want)
     assert torch.equal(b1, want[:5])
     rng.resync()  # "again" jumps to where "first" is
     with rng.use("again"):
-        assert torch.equal(torch.rand(3), torch.rand(13, generator=torch.Generator().manual_seed(3))[10:])
+        assert torch.equal(torch.rand(3), torch.rand(13, generator=torch.Generator().manual_seed(rng.seed))[10:])
+    twin = rng.snapshot()  # both copies where "first" stands
+    for part in ("first", "again"):
+        with twin.use(part):
+            assert torch.equal(torch.rand(2), torch.rand(12, generator=torch.Generator().manual_seed(rng.seed))[10:])
+
+
+def test_the_stream_is_its_own_and_reproducible():
+    """Seeded apart from the default generator (whose next numbers the perturbed passes draw), yet the same for
+    the same default-generator state."""
+    torch.manual_seed(3)
+    rng = ForkedRng("cpu")
+    with rng.use("first"):
+        mine = torch.rand(64)
+    assert not torch.equal(mine, torch.rand(64))  # the default generator goes on with other numbers
+    torch.manual_seed(3)
+    assert ForkedRng("cpu").seed == rng.seed
+    torch.manual_seed(4)
+    assert ForkedRng("cpu").seed != rng.seed
+    assert ForkedRng("cpu", seed=11).seed == 11
+
+
+def test_clean_masks_differ_from_the_perturbed_passes():
+    """VILLA_SPEC section 2: step 0 (delta = 0) draws a different dropout mask from the clean pass's. With the
+    clean pass on its own stream no perturbed pass reproduces the clean logits."""
+    model = make_toy(5, dropout=0.3)
+    batch = make_batch(seed=6)
+    outs = []
+
+    def fwd(b):
+        z = model(b["ids"], b["feat"], b["tmask"], b["imask"])
+        outs.append(z.detach().clone())
+        return z
+
+    torch.manual_seed(123)
+    step = VillaStep(fwd, vqa_loss, AdversarialConfig(steps=3, lr_txt=0.3), text_embedding=model.word)
+    step.discover_params(batch)
+    step._clean_rng = ForkedRng("cpu")
+    for _ in range(4):
+        outs.clear()
+        step.step(batch)
+        assert len(outs) == 4 and not any(torch.equal(z, outs[0]) for z in outs[1:])
+    step.remove_hooks()
 
 
 def test_exception_inside_restores_the_default_generator():

@@ -205,10 +205,9 @@ def test_recompute_replays_the_clean_dropout_masks_on_cuda():
 def test_recompute_is_captured_and_replays_the_clean_masks():
     """clean_backward="recompute" is captured: the clean pass draws from its own registered generator states.
     Each replay's gradients (fp32, dropout 0.3) equal those of the eager "once" step started from the default
-    generator's state at that replay, with its clean pass on copies forked from that state: the recomputation
-    replays the clean masks, and the registered copies advance with every replay."""
-    from villa_fast.adversarial.rng import ForkedRng
-
+    generator's state at that replay, with its clean pass on a snapshot of the graph's own clean stream taken
+    before that replay: the recomputation replays the clean masks, and the registered copies advance with every
+    replay."""
     cfg = AdversarialConfig(steps=3, lr_txt=1e-2, lr_img=1e-2, modality="text+image", clean_backward="recompute")
     a = _cuda_toy(dropout=0.3)
     b = copy.deepcopy(a)
@@ -217,31 +216,36 @@ def test_recompute_is_captured_and_replays_the_clean_masks():
         toy_forward(a), vqa_loss, cfg.replace(clean_backward="once"), text_embedding=a.word, image_input=a.img
     )
     batch = _cuda_batch()
-    starts = []
-    for replay in range(2):
+    graphed.step(batch, batch["tmask"], batch["imask"])  # captures (and replays once)
+    entry = next(iter(graphed._graphs.values()))
+    starts, clean_streams = [], []
+    for _replay in range(2):
         for p in b.parameters():
             if p.grad is not None:
                 p.grad.zero_()
+        starts.append(torch.cuda.get_rng_state())
+        clean_streams.append(entry.clean_rng.snapshot())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if replay == 0:
-                graphed.step(batch, batch["tmask"], batch["imask"])
-                starts.append(next(iter(graphed._graphs.values())).rng_origin)
-            else:
-                starts.append(torch.cuda.get_rng_state())
-                graphed.step(batch, batch["tmask"], batch["imask"])
+            graphed.step(batch, batch["tmask"], batch["imask"])
         assert not [str(w.message) for w in caught if "runs eagerly" in str(w.message)]
-        assert graphed.graphed
         got = [p.grad.clone() for p in b.parameters()]
         after = torch.cuda.get_rng_state()
         a.zero_grad(set_to_none=True)
         torch.cuda.set_rng_state(starts[-1])
-        eager._clean_rng = ForkedRng("cuda")
+        eager._clean_rng = clean_streams[-1]
         eager.step(batch, batch["tmask"], batch["imask"])
         torch.cuda.set_rng_state(after)
         for ga, gb in zip([p.grad for p in a.parameters()], got, strict=True):
             torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
     assert not torch.equal(starts[0], starts[1])
+    # the clean stream is its own: not the default generator's, and it moved between the replays
+    with clean_streams[0].use("first"):
+        c0 = torch.rand(256, device="cuda")
+    with clean_streams[1].use("first"):
+        c1 = torch.rand(256, device="cuda")
+    torch.cuda.set_rng_state(starts[0])
+    assert not torch.equal(c0, c1) and not torch.equal(c0, torch.rand(256, device="cuda"))
 
 
 @pytest.mark.gpu

@@ -5,11 +5,14 @@ inside the final backward; the second run must draw the same dropout masks as th
 ``torch.utils.checkpoint`` does that by saving the generator's state and setting it back, but setting a
 CUDA generator's state cannot be captured: a replayed graph would recompute with other masks.
 
-:class:`ForkedRng` instead gives the pass its own two copies of the device's default generator state,
-``first`` for the forward and ``again`` for the recomputation, cloned at the same point. Each run swaps
-its copy in for the default generator and swaps the original back afterwards, so every kernel that draws
-from the default generator (dropout, attention dropout inside fused kernels) draws from that copy. Both
-copies advance by the same amount at every step, so they stay equal at the start of the next one. On
+:class:`ForkedRng` instead gives the pass its own random stream, in two equal copies, ``first`` for the
+forward and ``again`` for the recomputation. The stream is seeded apart from the default generator's (by a
+seed derived from that generator's state), so the clean pass's dropout masks are not those the perturbed
+passes draw next from the default generator: the released loop's step 0 draws a different mask from the
+clean pass's (VILLA_SPEC section 2). Each run swaps its copy in for the default generator and swaps the
+original back afterwards, so every kernel that draws from the default generator (dropout, attention
+dropout inside fused kernels) draws from that copy. Both copies advance by the same amount at every step,
+so they stay equal at the start of the next one. On
 CUDA the swap is ``graphsafe_set_state`` and both copies are registered with the graph
 (:meth:`ForkedRng.register`), which advances them at every replay as it advances the default generator:
 the same mechanism torch's compiler uses for recomputed random operations under CUDA graphs.
@@ -21,6 +24,7 @@ and ``set_state``), with the same draws, so the logic is the same on both device
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -35,15 +39,24 @@ def graphsafe_rng_available() -> bool:
     )
 
 
-class ForkedRng:
-    """Two equal copies (``first``, ``again``) of ``device``'s default generator state at construction.
+def derived_seed(state: torch.Tensor) -> int:
+    """A 63-bit seed determined by a generator state (its bytes hashed): reproducible from the default
+    generator's seed and position, and unrelated to the stream that state itself goes on to draw."""
+    digest = hashlib.blake2b(state.cpu().numpy().tobytes(), digest_size=8, person=b"villa_fast.rng").digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    ``use("first")`` / ``use("again")`` are context managers under which the default generator of
-    ``device`` draws from that copy; the default generator itself is left where it was. ``resync()``
-    makes ``again`` equal to ``first`` (outside a capture), e.g. after a forward that was not recomputed.
+
+class ForkedRng:
+    """Two equal copies (``first``, ``again``) of a random stream of its own for ``device``.
+
+    The stream is seeded by ``seed``, by default :func:`derived_seed` of the default generator's state at
+    construction (the default generator is not advanced). ``use("first")`` / ``use("again")`` are context
+    managers under which the default generator of ``device`` draws from that copy; the default generator
+    itself is left where it was. ``resync()`` makes ``again`` equal to ``first`` (outside a capture), e.g.
+    after a forward that was not recomputed.
     """
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, seed: int | None = None) -> None:
         device = torch.device(device)
         if device.type == "cuda":
             if not graphsafe_rng_available():
@@ -51,15 +64,32 @@ class ForkedRng:
             index = device.index if device.index is not None else torch.cuda.current_device()
             self._gen = torch.cuda.default_generators[index]
             self._graphsafe = True
-            self._states: dict[str, object] = {p: self._gen.clone_state() for p in _PARTS}
         elif device.type == "cpu":
             self._gen = torch.default_generator
             self._graphsafe = False
-            state = self._gen.get_state()
-            self._states = {p: state.clone() for p in _PARTS}
         else:
             raise ValueError(f"ForkedRng supports cpu and cuda devices, not {device.type!r}")
+        self.seed = derived_seed(self._gen.get_state()) if seed is None else int(seed)
+        own = torch.Generator(device=device)
+        own.manual_seed(self.seed)
+        if self._graphsafe:
+            self._states: dict[str, object] = {p: own.clone_state() for p in _PARTS}
+        else:
+            state = own.get_state()
+            self._states = {p: state.clone() for p in _PARTS}
         self.device = device
+
+    def snapshot(self) -> ForkedRng:
+        """A new ForkedRng whose two copies both stand where ``first`` stands now (outside a capture): the
+        stream the next clean pass of this one will draw."""
+        twin = object.__new__(ForkedRng)
+        twin._gen, twin._graphsafe, twin.seed, twin.device = self._gen, self._graphsafe, self.seed, self.device
+        first = self._states["first"]
+        if self._graphsafe:
+            twin._states = {p: first.clone_state() for p in _PARTS}
+        else:
+            twin._states = {p: first.clone() for p in _PARTS}
+        return twin
 
     @contextlib.contextmanager
     def use(self, part: str) -> Iterator[None]:
