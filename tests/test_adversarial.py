@@ -532,6 +532,54 @@ def test_update_scaler_backs_off_after_a_skipped_step():
     assert scaler.get_scale() == 512.0
 
 
+def test_a_skipped_step_is_an_overflow_for_the_scalers_growth():
+    """As for an overflow in .grad: the scale halves and the growth count restarts, even on the iteration that
+    would otherwise have doubled the scale."""
+    model = make_toy()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    step = VillaStep(toy_forward(model), vqa_loss, AdversarialConfig(), text_embedding=model.word, scaler=scaler)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for skipped in (0, 0, 1, 0, 0):  # the third iteration would have doubled the scale
+        scaler.scale(torch.ones(()))
+        scaler.step(opt)
+        step.update_scaler(torch.tensor(skipped))
+    assert scaler.get_scale() == 512.0 and int(scaler._get_growth_tracker()) == 2
+
+
+def test_graphed_optimizer_step_backs_off_for_any_micro_batch_of_the_cycle():
+    """GraphedVillaStep with its optimizer and accumulation: a left-out step in an earlier micro-batch of the
+    cycle backs the scale off at the optimizer step (eager on the CPU: the same code)."""
+    import warnings
+
+    from villa_fast.adversarial.graphed import GraphedVillaStep
+
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 3)
+    opt = torch.optim.SGD([*emb.parameters(), *head.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    step = GraphedVillaStep(
+        lambda b: head(emb(b["ids"]).mean(1) * b["scale"]),
+        lambda z, b: F.cross_entropy(z, b["y"]),
+        AdversarialConfig(),
+        text_embedding=emb,
+        scaler=scaler,
+        optimizer=opt,
+        max_grad_norm=2.0,
+    )
+    ids, y = torch.randint(0, 10, (2, 5)), torch.tensor([0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r1 = step.step({"ids": ids, "y": y, "scale": torch.tensor(float("inf"))}, optimizer_step=False)
+        r2 = step.step({"ids": ids, "y": y, "scale": torch.tensor(1.0)}, optimizer_step=True)
+        assert int(r1.skipped_steps) > 0 and int(r2.skipped_steps) == 0
+        assert scaler.get_scale() == 512.0
+        step.step({"ids": ids, "y": y, "scale": torch.tensor(1.0)}, optimizer_step=True)
+    assert scaler.get_scale() == 512.0  # the count started again after the optimizer step
+
+
 # ----------------------------------------------------------------------------------- non-finite steps
 
 
@@ -620,11 +668,11 @@ def test_bf16_autocast_on_cpu_runs_and_stays_finite():
     assert res.deltas["text"].dtype == torch.float32 and res.deltas["image"].dtype == torch.float32
     assert res.logits.dtype == torch.float32
     s_txt, s_img = res.perturbation_survival["text"].item(), res.perturbation_survival["image"].item()
-    # text: added in fp32 and kept in fp32 (LayerNorm runs in fp32 under autocast): nothing is lost;
-    # image: W delta is added to the bf16 projection's output in fp32, and the next matrix product's bf16
-    # cast rounds most of so small a change away
+    # both measured where the perturbed tensor leaves the injection point: text added in fp32 to the fp32
+    # embedding, image as W delta added in fp32 to the bf16 projection's output (the sum is fp32): nothing is
+    # lost there (a later matrix product's bf16 cast is what bench/perturbation_survival.py measures)
     assert s_txt == 1.0
-    assert 0.0 <= s_img < 0.9
+    assert s_img == 1.0
     assert int(res.skipped_steps) == 0
 
 
@@ -840,3 +888,18 @@ def test_kl_mask_fn_result_is_checked():
     )
     with pytest.raises(ValueError, match=r"kl_mask_fn must return a bool tensor \[N\] = \[4\]"):
         step.step(batch)
+
+
+@pytest.mark.parametrize("clean", ["once", "recompute", "per_step"])
+def test_nonfinite_clean_backward_leaves_the_micro_batch_out(clean):
+    """The clean graph is part of every step's gradient: when its backward is not finite, "once" and "recompute"
+    leave the micro-batch out as "per_step" does (there every step is non-finite)."""
+    torch.manual_seed(0)
+    model = PoisonToy(poison_at=0).double().train()  # forward 0 is the clean pass
+    batch = make_batch()
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, modality="text", clean_backward=clean)
+    res = VillaStep(toy_forward(model), vqa_loss, cfg, text_embedding=model.word).step(batch)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    assert int(res.skipped_steps) == (3 if clean == "per_step" else 4)
+    assert float(res.loss) == 0.0

@@ -171,6 +171,7 @@ class GraphedVillaStep:
         self._pool: Any = None
         self._eager_keys: set = set()
         self._static_grads: list[Tensor] | None = None
+        self._pending: Tensor | None = None
         self._said: set[str] = set()
 
     @property
@@ -286,10 +287,15 @@ class GraphedVillaStep:
     ) -> StepResult:
         """The whole step, eager: adversarial step, then (optionally) unscale, clip, optimizer step, zero."""
         result = self.eager.step(batch, txt_mask, img_mask)
+        scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
+        pending = None
+        if scaler is not None and self.optimizer is not None:
+            # the left-out steps of every micro-batch since the last optimizer step back the scale off
+            pending = self._pending_skipped(result.skipped_steps.device)
+            pending.add_(result.skipped_steps)
         if not do_opt:
             return result
         opt = self.optimizer
-        scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
         params = self._opt_params()
         if self.max_grad_norm is not None:
             if scaler is not None:
@@ -297,7 +303,8 @@ class GraphedVillaStep:
             clip_grad_norm_capturable_(params, self.max_grad_norm)
         if scaler is not None:
             scaler.step(opt)
-            self.eager.update_scaler(result.skipped_steps)
+            self.eager.update_scaler(pending.clone())
+            pending.zero_()
         else:
             opt.step()
         if keep_grads or self._static_grads is not None:
@@ -307,6 +314,12 @@ class GraphedVillaStep:
         else:
             opt.zero_grad(set_to_none=True)
         return result
+
+    def _pending_skipped(self, device: torch.device) -> Tensor:
+        """Steps left out since the last optimizer step (device counter, allocated outside any capture)."""
+        if self._pending is None:
+            self._pending = torch.zeros((), dtype=torch.int64, device=device)
+        return self._pending
 
     def _grad_params(self) -> list[Tensor]:
         return list(self.eager.params or [])
@@ -350,6 +363,8 @@ class GraphedVillaStep:
             snap["scaler"] = self.scaler.state_dict()
         if self.eager.generator is not None:
             snap["gen"] = self.eager.generator.get_state()
+        if self._pending is not None:
+            snap["pending"] = self._pending.clone()
         return snap
 
     def _restore(self, snap: dict[str, Any]) -> None:
@@ -385,6 +400,10 @@ class GraphedVillaStep:
             self.scaler.load_state_dict(snap["scaler"])
         if "gen" in snap:
             self.eager.generator.set_state(snap["gen"])
+        if "pending" in snap:
+            self._pending.copy_(snap["pending"])
+        elif self._pending is not None:
+            self._pending.zero_()  # born in the warm-up
 
     def _check_optimizer(self) -> None:
         if self.optimizer is None:
@@ -418,6 +437,8 @@ class GraphedVillaStep:
         static_masks = tuple(None if m is None else m.detach().clone() for m in (txt_mask, img_mask))
 
         self._attach_static_grads()
+        if self.scaler is not None and self.scaler.is_enabled() and self.optimizer is not None:
+            self._pending_skipped(self._grad_params()[0].device)  # a tensor of its own, not the graph pool's
         snap = self._snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

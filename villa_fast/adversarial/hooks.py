@@ -148,6 +148,7 @@ class Injector:
             lin = F.linear(delta, w if w.dtype == delta.dtype else w.to(delta.dtype))
         y = inject(out, lin)
         if self.measure:
-            cd = torch.get_autocast_dtype(out.device.type) if torch.is_autocast_enabled(out.device.type) else y.dtype
-            self.survival["image"] = survival(out, lin, y, cd)
+            # the sum leaves here in its own dtype (float32 for a float32 delta): what the next op receives, as on
+            # the text side (a LayerNorm keeps float32 under autocast; a matrix product would cast again)
+            self.survival["image"] = survival(out, lin, y, y.dtype)
         return y

@@ -53,10 +53,15 @@ class StepResult:
         deltas: final perturbations by modality ("text": [B, L, H], "image": [B, N, D]), detached.
         skipped_rows: int64 [2], rows (text, image) whose delta update was skipped for a non-finite gradient
             (a skipped step skips all its rows).
-        skipped_steps: int64 0-dim, adversarial steps (and the clean backward in "once" mode) left out of the
-            parameter gradients and of the delta update because their loss or gradients were not finite.
-        perturbation_survival: by modality, the fraction of non-zero delta elements that survive the cast to
-            the compute dtype at the injection point, measured in the last adversarial forward.
+        skipped_steps: int64 0-dim, adversarial steps left out of the parameter gradients and of the delta update
+            because their loss or gradients were not finite. With clean_backward "once" or "recompute", a
+            non-finite clean backward leaves the whole micro-batch's gradient out (K + 1: the K steps and the
+            clean backward), as "per_step" does (there every step is non-finite); the deltas have already moved
+            by then, and under GraphedVillaStep, whose steps add to ``.grad`` as they come, the K steps' own
+            gradients stay in ``.grad`` (a replay cannot take them back: the count backs the loss scale off).
+        perturbation_survival: by modality, the fraction of non-zero delta elements that survive in the dtype
+            the perturbed tensor leaves the injection point with, measured in the last adversarial forward (a
+            later matrix product under autocast rounds again: bench/perturbation_survival.py measures that).
     """
 
     loss: Tensor
@@ -236,12 +241,20 @@ class VillaStep:
         """
         if self.scaler is None:
             raise RuntimeError("update_scaler needs a scaler")
-        self.scaler.update()
-        if skipped_steps is not None and self.scaler.is_enabled():
-            dev = skipped_steps.device
-            cur = self.scaler.scale(torch.ones((), dtype=torch.float32, device=dev))
-            new = torch.where(skipped_steps > 0, cur * self.scaler.get_backoff_factor(), cur)
-            self.scaler.update(new_scale=new)
+        scaler = self.scaler
+        if skipped_steps is None or not scaler.is_enabled():
+            scaler.update()
+            return
+        bad = (skipped_steps > 0).to(torch.float32)
+        # a left-out step counts as an overflow of this iteration: added to the inf flags scaler.step recorded,
+        # so update() backs the scale off and restarts its growth count exactly as for an overflow in .grad
+        flags = [f for st in scaler._per_optimizer_states.values() for f in st.get("found_inf_per_device", {}).values()]
+        for f in flags:
+            f.add_(bad.to(f.device, non_blocking=True))
+        scaler.update()
+        if not flags:  # nothing recorded to carry the flag: back off by hand
+            cur = scaler.scale(torch.ones((), dtype=torch.float32, device=skipped_steps.device))
+            scaler.update(new_scale=torch.where(bad > 0, cur * scaler.get_backoff_factor(), cur))
 
     # --------------------------------------------------------------------------------------- internals
     def _device_type(self, batch: Any) -> str:
@@ -440,20 +453,23 @@ class VillaStep:
             z = z1 = z2 = None
             del grads, p_grads, d_grads, z_grad, out, loss, task, kl
 
+        clean_ok = None
         if once and g_clean is not None:
             grads = _owned(list(torch.autograd.grad(z0, params, grad_outputs=g_clean, allow_unused=True)), [])
-            ok = None
             if cfg.skip_nonfinite:
                 present = [g for g in grads if g is not None]
                 if present:
-                    ok = _all_finite(present)
-                    skipped_steps += ~ok
+                    clean_ok = _all_finite(present)
+                    # the clean graph is part of every step's gradient ("per_step" finds all K steps bad then):
+                    # the micro-batch is left out, the K steps and the clean backward counted
+                    skipped_steps.copy_(torch.where(clean_ok, skipped_steps, K + 1))
+                    total = torch.where(clean_ok, total, 0.0)
             if self._grads_in_place:
-                _add_to_grad(params, grads, ok)
+                _add_to_grad(params, grads, clean_ok)
             else:
-                _accumulate(acc, grads, ok)
+                _accumulate(acc, grads, clean_ok)
         if not self._grads_in_place:
-            _add_to_grad(params, acc)
+            _add_to_grad(params, acc, clean_ok)
 
         return StepResult(
             loss=total,
