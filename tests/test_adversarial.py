@@ -903,3 +903,13 @@ def test_nonfinite_clean_backward_leaves_the_micro_batch_out(clean):
     assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
     assert int(res.skipped_steps) == (3 if clean == "per_step" else 4)
     assert float(res.loss) == 0.0
+
+
+def test_finiteness_check_accepts_large_finite_half_gradients():
+    from villa_fast.adversarial.step import _all_finite
+
+    big = torch.full((100,), 60000.0, dtype=torch.float16)  # finite, but its 2-norm exceeds float16's range
+    assert bool(_all_finite([big, torch.ones(3, dtype=torch.bfloat16)]))
+    assert bool(_all_finite([big, torch.ones(2, dtype=torch.float64)]))
+    for bad in (float("nan"), float("inf")):
+        assert not bool(_all_finite([big, torch.tensor([1.0, bad], dtype=torch.float16)]))

@@ -391,6 +391,29 @@ def test_new_shapes_beyond_max_graphs_run_eagerly(monkeypatch):
         _graphed(model, cfg, max_graphs=0)
 
 
+def test_a_batch_pytree_cannot_open_runs_eagerly(monkeypatch):
+    """A graph is fed through its tensor leaves only: a batch object pytree cannot open (here a dataclass, whose
+    repr also hides most of a large tensor) would be frozen into the graph with the data of its capture. Such
+    a batch runs eagerly, with a warning naming the type and the remedy; dicts of tensors are captured."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Batch:
+        ids: torch.Tensor
+
+    cfg = AdversarialConfig(steps=2, lr_txt=0.3, lr_img=0.4, modality="text+image")
+    step = _graphed(make_toy(3), cfg)
+    captured, eager = [], []
+    monkeypatch.setattr(step, "_why_eager", lambda batch: "")
+    monkeypatch.setattr(step, "_attach_static_grads", lambda: None)
+    monkeypatch.setattr(step, "_capture", lambda *a: captured.append(1) or type("G", (), {"replay": lambda *a: 0})())
+    monkeypatch.setattr(step, "_full", lambda batch, t, i, o: eager.append(type(batch).__name__) or "eager")
+    with pytest.warns(RuntimeWarning, match="holds a Batch, which torch.utils._pytree cannot open"):
+        assert step.step({"b": Batch(torch.zeros(3))}) == "eager"
+    step.step({"ids": torch.zeros(3), "n": 3, "name": "vqa"})
+    assert eager == ["dict"] and captured == [1]
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_graphs_of_several_shapes_share_one_pool_and_replay_in_any_order():

@@ -38,6 +38,9 @@ from villa_fast.adversarial.step import StepResult, VillaStep
 
 log = logging.getLogger("villa_fast.adversarial")
 
+# non-tensor batch values a graph may freeze: compared by value in the graph's key
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
 
 def clip_grad_norm_capturable_(params: Iterable[Tensor], max_norm: float, eps: float = 1e-6) -> Tensor:
     """Scale gradients so that their total 2-norm is at most ``max_norm``, without a host sync.
@@ -214,6 +217,16 @@ class GraphedVillaStep:
             self._say_eager(why)
             return self._full(batch, txt_mask, img_mask, do_opt)
         leaves, spec = pytree.tree_flatten(batch)
+        odd = next((x for x in leaves if not isinstance(x, (Tensor, *_PLAIN))), None)
+        if odd is not None:
+            # a graph reads its inputs from fixed buffers that only tensor leaves are copied into; an object that
+            # pytree cannot open (a dataclass, a custom batch class) would be frozen into the graph, data and all
+            self._say_eager(
+                f"the batch holds a {type(odd).__name__}, which torch.utils._pytree cannot open: its contents "
+                "cannot be fed to a CUDA graph (pass dicts, lists or tuples of tensors, or register the type "
+                "with torch.utils._pytree)"
+            )
+            return self._full(batch, txt_mask, img_mask, do_opt)
         key = self._key(leaves, spec, txt_mask, img_mask, do_opt)
         entry = self._graphs.get(key)
         if entry is None:

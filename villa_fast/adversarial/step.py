@@ -118,11 +118,10 @@ def _first_tensor(obj: Any) -> Tensor | None:
 
 def _all_finite(tensors: list[Tensor]) -> Tensor:
     """0-dim bool on the device: every element of every tensor is finite (NaN and inf propagate into the
-    per-tensor 2-norms; a norm that overflows is treated as non-finite)."""
-    norms = torch._foreach_norm(tensors)
-    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    if any(n.dtype != dtype for n in norms):  # the common case (all float32) makes no cast call per tensor
-        norms = [n.to(dtype) for n in norms]
+    per-tensor 2-norms, accumulated in float32 (float64 for float64 tensors), so finite float16 or bfloat16
+    gradients whose norm exceeds their own range still count as finite)."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
     return torch.isfinite(torch.stack(norms).sum())
 
 
