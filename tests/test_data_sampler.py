@@ -19,7 +19,8 @@ from villa_fast.data import (
     vqa_collate,
 )
 
-LENS = [random.Random(7).randint(5, 90) for _ in range(3001)]
+_RNG = random.Random(7)
+LENS = [_RNG.randint(5, 90) for _ in range(3001)]
 
 
 @pytest.mark.parametrize("budget", [800, 3000])
@@ -36,6 +37,56 @@ def test_budget_and_coverage(budget, bucket):
     flat = [i for b in d for i in b]
     assert len(set(flat)) == len(flat) and len(flat) + d.num_dropped == len(LENS)
     assert all(len(b) % 8 == 0 for b in d.epoch_batches())
+
+
+def _authors_token_buckets(lens, ids, bucket_size, max_tok, droplast, size_mul=8):
+    """The batching loop of UNITER's data/sampler.py TokenBucketSampler, after its shuffle and before its batch
+    shuffle, transcribed literally."""
+    buckets = [
+        sorted(ids[i : i + bucket_size], key=lambda i: lens[i], reverse=True) for i in range(0, len(ids), bucket_size)
+    ]
+    batches = []
+    for bucket in buckets:
+        max_len = 0
+        batch_indices = []
+        for g in range(0, len(bucket), size_mul):
+            indices = bucket[g : g + size_mul]
+            max_len = max(max_len, max(lens[i] for i in indices))
+            if max_len * (len(batch_indices) + size_mul) > max_tok:
+                if not batch_indices:
+                    raise ValueError("max_tokens too small / max_seq_len too long")
+                assert len(batch_indices) % size_mul == 0
+                batches.append(batch_indices)
+                batch_indices = list(indices)
+            else:
+                batch_indices.extend(indices)
+        if not droplast and batch_indices:
+            batches.append(batch_indices)
+    return batches
+
+
+@pytest.mark.parametrize("droplast", [False, True])
+@pytest.mark.parametrize(("budget", "bucket", "mul"), [(800, 64, 8), (3000, 8192, 8), (2000, 300, 4), (1000, 37, 3)])
+def test_batches_are_the_authors(budget, bucket, mul, droplast):
+    """Batch for batch the authors' sampler: max_len runs over the whole sorted bucket (its longest example), and a
+    batch grows while a full group more fits."""
+    n = len(LENS)
+    ordered = TokenBucketSampler(
+        LENS, bucket_size=bucket, batch_size=budget, droplast=droplast, size_multiple=mul, shuffle=False
+    )
+    assert ordered.epoch_batches() == _authors_token_buckets(LENS, list(range(n)), bucket, budget, droplast, mul)
+    # shuffled: the same batches over the epoch's permutation, in a shuffled order
+    from villa_fast.data.sampler import _epoch_rng
+
+    shuffled = TokenBucketSampler(
+        LENS, bucket_size=bucket, batch_size=budget, droplast=droplast, size_multiple=mul, seed=3, epoch=2
+    )
+    perm = list(range(n))
+    _epoch_rng(3, 2).shuffle(perm)
+    want = _authors_token_buckets(LENS, perm, bucket, budget, droplast, mul)
+    assert sorted(shuffled.epoch_batches()) == sorted(want)
+    if bucket >= n and droplast:  # one bucket: every batch has the size its longest example allows
+        assert {len(b) for b in ordered.epoch_batches()} == {budget // max(LENS) // mul * mul}
 
 
 def test_budget_too_small_is_an_error():
@@ -97,6 +148,36 @@ def test_loader_resume_is_exact(vqa):
     fresh.load_state_dict(state)
     got += [b["input_ids"] for b in fresh] + [b["input_ids"] for b in fresh]
     assert len(got) == len(full) and all(a.equal(b) for a, b in zip(got, full, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["tokens", "examples"])
+def test_resume_mid_epoch_with_workers(vqa, kind):
+    """A multi-process DataLoader begins two iterators over its batch sampler: a loader resumed mid-epoch with
+    workers continues right after the batches already handed out, and ends the epoch where an uninterrupted one
+    does."""
+    from villa_fast.data.sampler import build_example_dataloader
+
+    def build(workers):
+        if kind == "tokens":
+            return build_dataloader(vqa, vqa_collate, batch_size_tokens=300, is_train=True, seed=5, num_workers=workers)
+        return build_example_dataloader(vqa, vqa_collate, batch_size=16, is_train=True, seed=5, num_workers=workers)
+
+    full = [b["input_ids"] for b in build(0)]
+    assert len(full) > 4
+    state = {"epoch": 0, "batch_index": 3, "seed": 5}
+    ld = build(2)
+    ld.load_state_dict(state)
+    rest = [b["input_ids"] for b in ld]
+    assert len(rest) == len(full) - 3 and all(a.equal(b) for a, b in zip(rest, full[3:], strict=True))
+    assert ld.state_dict() == {"epoch": 1, "batch_index": 0, "seed": 5}
+    assert ld.sampler.start_batch == 0
+    # the sampler alone: repeated iter() calls continue from the same place until one reaches the epoch's end
+    s = ld.sampler
+    s.load_state_dict(state)
+    unread = iter(s)
+    assert list(iter(s)) == s.epoch_batches()[3:] and s.start_batch == 0
+    del unread
+    assert list(s) == s.epoch_batches()
 
 
 def test_pad_buckets_fix_shapes(vqa):

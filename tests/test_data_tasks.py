@@ -115,11 +115,27 @@ def test_vcr(dbs, task):
     assert batch["targets"].shape == (8, 1)
     label = rec[f"{task}_target"]
     assert batch["targets"][:4, 0].tolist() == [int(k == label) for k in range(4)]
-    types = batch["txt_type_ids"][0, : batch["txt_lens"][0]].tolist()
+    # [CLS] and the question 0; each [SEP] takes the type of the segment it opens (the last one closes its own)
     q = len(rec["input_ids"])
-    assert types[: q + 2] == [0] * (q + 2)
-    assert types[-1] == (2 if task == "qa" else 3)
+    for k in range(4):
+        types = batch["txt_type_ids"][k, : batch["txt_lens"][k]].tolist()
+        if task == "qa":
+            want = [0] * (1 + q) + [2] * (len(rec["input_ids_as"][k]) + 2)
+        else:
+            gold = len(rec["input_ids_as"][rec["qa_target"]])
+            want = [0] * (1 + q) + [2] * (gold + 1) + [3] * (len(rec["input_ids_rs"][k]) + 2)
+        assert types == want
     assert ds.pad_dims[0][0] >= batch["txt_lens"][0]
+
+
+def _authors_eval_types(rec: dict, split: str) -> list[list[int]]:
+    """Type ids of one question's evaluation rows, written as the layout of UNITER's VcrEvalDataset."""
+    q = [0] * (1 + len(rec["input_ids"]))
+    rows = [q + [2] * (len(a) + 2) for a in rec["input_ids_as"]]
+    for k, a in enumerate(rec["input_ids_as"]):
+        if split == "test" or k == rec["qa_target"]:
+            rows += [q + [2] * (len(a) + 1) + [3] * (len(r) + 2) for r in rec["input_ids_rs"]]
+    return rows
 
 
 def test_vcr_eval(dbs):
@@ -128,6 +144,11 @@ def test_vcr_eval(dbs):
     batch = vcr_eval_collate([ds[0], ds[1]])
     check_layout(batch, 16)
     assert batch["qa_targets"].shape == (2, 1) and batch["qids"] == ds.ids[:2]
+    for split, n in (("val", 8), ("test", 20)):
+        ds = VcrEvalDataset(split, VcrTxtTokLmdb(root / "vcr", -1), img_db=img)
+        rec = ds.txt_db[ds.ids[0]]
+        rows = ds[0][0]
+        assert len(rows) == n and [r[1].tolist() for r in rows] == _authors_eval_types(rec, split)
 
 
 def test_retrieval(dbs):

@@ -162,6 +162,10 @@ class DetectFeatTxtTokDataset(Dataset):
     def __getitem__(self, i: int):
         return self.txt_db[self.ids[i]]
 
+    def _where(self, i: int) -> str:
+        """Database and key of example ``i``, for error messages."""
+        return f"{self.txt_db.db_dir} key {self.ids[i]!r}"
+
     def _get_img_feat(self, fname: str) -> tuple[Tensor, Tensor, int]:
         feat, bb = self.img_db[fname]
         img_bb = torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], dim=-1)
@@ -194,16 +198,21 @@ class ConcatDatasetWithLens(ConcatDataset):
 # ----------------------------------------------------------------------------- VQA / VE
 
 
-def _vqa_target(example: dict, num_answers: int) -> Tensor:
+def _vqa_target(example: dict, num_answers: int, where: str) -> Tensor:
+    """Soft scores ``[num_answers]`` of a record (its ``labels`` / ``scores`` already checked by the reader)."""
     target = torch.zeros(num_answers)
     tgt = example.get("target")
     if tgt is None:
         return target
+    if not isinstance(tgt, dict):
+        raise DataFormatError(
+            f"{where}: 'target' is a {type(tgt).__name__}, not the map of answer labels and scores this task needs"
+        )
     labels, scores = tgt.get("labels"), tgt.get("scores")
     if labels is not None and len(labels):
         labels = torch.as_tensor(list(labels), dtype=torch.long)
         if int(labels.max()) >= num_answers or int(labels.min()) < 0:
-            raise DataFormatError(f"answer label out of range [0, {num_answers}): {labels.tolist()}")
+            raise DataFormatError(f"{where}: answer label out of range [0, {num_answers}): {labels.tolist()}")
         target.scatter_(0, labels, torch.as_tensor(list(scores), dtype=torch.float32))
     return target
 
@@ -219,7 +228,7 @@ class VqaDataset(DetectFeatTxtTokDataset):
         example = super().__getitem__(i)
         img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
         input_ids = self.txt_db.combine_inputs(example["input_ids"])
-        target = _vqa_target(example, self.num_answers)
+        target = _vqa_target(example, self.num_answers, self._where(i))
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
         return input_ids, img_feat, img_pos_feat, attn_masks, target
 
@@ -238,7 +247,7 @@ class VqaEvalDataset(VqaDataset):
         example = DetectFeatTxtTokDataset.__getitem__(self, i)
         img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
         input_ids = self.txt_db.combine_inputs(example["input_ids"])
-        target = _vqa_target(example, self.num_answers) if "target" in example else None
+        target = _vqa_target(example, self.num_answers, self._where(i)) if "target" in example else None
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
         return self.ids[i], input_ids, img_feat, img_pos_feat, attn_masks, target
 
@@ -279,6 +288,13 @@ class _Nlvr2Base(DetectFeatTxtTokDataset):
             if len(_names(self._txt2img[id_])) != 2:
                 raise DataFormatError(f"{txt_db.db_dir}: NLVR2 text {id_!r} must refer to 2 images")
 
+    def _label(self, example: dict, i: int) -> int:
+        target = example.get("target")
+        if target is None or isinstance(target, dict):
+            what = "no 'target'" if target is None else "a map 'target'"
+            raise DataFormatError(f"{self._where(i)}: {what}, not the 0 / 1 label NLVR2 needs")
+        return int(target)
+
 
 class Nlvr2PairedDataset(_Nlvr2Base):
     """Two rows per example ``[txt, img_k]`` with image type ids k+1; target 0/1."""
@@ -303,7 +319,7 @@ class Nlvr2PairedDataset(_Nlvr2Base):
             attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
             img_type_ids = torch.full((num_bb,), k + 1, dtype=torch.long) if self.use_img_type else None
             outs.append((input_ids, img_feat, img_pos_feat, attn_masks, img_type_ids))
-        return tuple(outs), int(example["target"])
+        return tuple(outs), self._label(example, i)
 
 
 def nlvr2_paired_collate(inputs) -> dict:
@@ -351,7 +367,7 @@ class Nlvr2TripletDataset(_Nlvr2Base):
         input_ids = self.txt_db.combine_inputs(example["input_ids"])
         attn_masks = torch.ones(len(input_ids) + img_feat.size(0), dtype=torch.long)
         img_type_ids = torch.cat(types) if self.use_img_type else None
-        return input_ids, img_feat, img_pos_feat, attn_masks, img_type_ids, int(example["target"])
+        return input_ids, img_feat, img_pos_feat, attn_masks, img_type_ids, self._label(example, i)
 
 
 def nlvr2_triplet_collate(inputs) -> dict:
@@ -396,6 +412,9 @@ class VcrDataset(DetectFeatTxtTokDataset):
     ``img_fname`` of a record is ``[gt_boxes_image, detected_image]``; pass ``img_db_gt``,
     ``img_db`` or both (their regions are concatenated, ground-truth boxes first).
     Q->A rows: ``[CLS] q [SEP] a_k [SEP]``; QA->R rows: ``[CLS] q [SEP] a_gt [SEP] r_k [SEP]``.
+    ``[CLS]`` and the question are type 0; each ``[SEP]`` that opens a segment takes that
+    segment's type, as does the closing ``[SEP]``: Q->A ``0 0.. 2 2.. 2``, QA->R
+    ``0 0.. 2 2.. 3 3.. 3``.
     Targets are [4B, 1] with 1 on the correct candidate.
     """
 
@@ -448,12 +467,14 @@ class VcrDataset(DetectFeatTxtTokDataset):
             label = int(example["qa_target"])
             if label < 0:
                 raise DataFormatError(f"{self.txt_db.db_dir}: QA->R needs qa_target >= 0")
-            prefix = [cls_] + q + [sep] + list(example["input_ids_as"][label]) + [sep]
-            prefix_types = [0] * (len(q) + 2) + [2] * (len(example["input_ids_as"][label]) + 1)
+            answer = list(example["input_ids_as"][label])
+            # the [SEP] before the answer is of the answer's type, the one before the rationale of the rationale's
+            prefix = [cls_] + q + [sep] + answer + [sep]
+            prefix_types = [0] * (len(q) + 1) + [2] * (len(answer) + 1) + [3]
             choices, ctype = example["input_ids_rs"], 3
         else:
             prefix = [cls_] + q + [sep]
-            prefix_types = [0] * (len(q) + 2)
+            prefix_types = [0] * (len(q) + 1) + [2]
             choices, ctype = example["input_ids_as"], 2
         ids = [prefix + list(c) + [sep] for c in choices]
         types = [prefix_types + [ctype] * (len(c) + 1) for c in choices]

@@ -35,6 +35,7 @@ __all__ = [
     "TxtDbWriter",
     "TxtLmdb",
     "TxtTokLmdb",
+    "check_txt_record",
     "compute_num_bb",
     "img_db_name",
     "load_json",
@@ -198,11 +199,83 @@ class open_lmdb:  # noqa: N801 - the authors' name
         self.db.close()
 
 
+def _token_ids_problem(value: Any) -> str | None:
+    """Why ``value`` is not a sequence of token ids (``None`` when it is one)."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.kind not in "iu":
+            return f"a numpy array of dtype {value.dtype} and shape {value.shape}, not a 1-d integer array"
+        return None
+    if not isinstance(value, list | tuple):
+        return f"a {type(value).__name__}, not a list of token ids"
+    for k, tok in enumerate(value):
+        if type(tok) is not int:
+            return f"a list whose entry {k} is {tok!r} ({type(tok).__name__}), not a token id"
+    return None
+
+
+def _number_list_problem(value: Any, kind: str) -> str | None:
+    if isinstance(value, np.ndarray):
+        return None if value.ndim == 1 and value.dtype.kind in kind else f"an array of shape {value.shape}"
+    if not isinstance(value, list | tuple):
+        return f"a {type(value).__name__}, not a list"
+    allowed = (int,) if kind == "iu" else (int, float)
+    for k, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, allowed):
+            return f"a list whose entry {k} is {v!r} ({type(v).__name__})"
+    return None
+
+
+def check_txt_record(record: dict, where: str) -> dict:
+    """Check the fields every reader of a text record relies on; ``where`` (database and key) leads the
+    :class:`DataFormatError` that names what is wrong.
+
+    ``input_ids`` must be a list of token ids; ``target``, when present, a map of parallel ``labels`` and
+    ``scores`` lists (VQA / SNLI-VE soft targets), an integer (NLVR2's 0 / 1) or nil (NLVR2's unlabelled test
+    records); VCR's ``input_ids_as`` /
+    ``input_ids_rs``, when present, lists of token-id lists. Cost: one pass over the record's ids.
+    """
+    if "input_ids" not in record:
+        raise DataFormatError(f"{where}: no 'input_ids' (the record holds {sorted(map(str, record))})")
+    problem = _token_ids_problem(record["input_ids"])
+    if problem is not None:
+        raise DataFormatError(f"{where}: 'input_ids' is {problem}")
+    for key in ("input_ids_as", "input_ids_rs"):
+        if key not in record:
+            continue
+        choices = record[key]
+        if not isinstance(choices, list | tuple):
+            raise DataFormatError(f"{where}: {key!r} is a {type(choices).__name__}, not a list of candidates")
+        for k, ids in enumerate(choices):
+            problem = _token_ids_problem(ids)
+            if problem is not None:
+                raise DataFormatError(f"{where}: {key!r} candidate {k} is {problem}")
+    if "target" in record:
+        target = record["target"]
+        if isinstance(target, dict):
+            labels, scores = target.get("labels", []), target.get("scores", [])
+            for name, value, kind in (("labels", labels, "iu"), ("scores", scores, "iuf")):
+                problem = _number_list_problem(value, kind)
+                if problem is not None:
+                    raise DataFormatError(f"{where}: target {name!r} is {problem}")
+            if len(labels) != len(scores):
+                raise DataFormatError(
+                    f"{where}: target has {len(labels)} labels but {len(scores)} scores (one score per label)"
+                )
+        elif target is not None and not isinstance(target, int):
+            raise DataFormatError(
+                f"{where}: 'target' is a {type(target).__name__}: expected a map of labels and scores "
+                "(soft targets), an integer label or nil (no label)"
+            )
+    return record
+
+
 class TxtTokLmdb:
     """A tokenised ``txt_db``: records plus ``meta.json``, ``id2len.json`` and the txt/img maps.
 
     Examples longer than ``max_txt_len`` (``-1``: no limit) are left out of ``id2len``; how
-    many is logged and kept in ``num_too_long``.
+    many is logged and kept in ``num_too_long``.  Every record read is checked by
+    :func:`check_txt_record`, so a malformed one stops the run with an error naming the
+    database, the key and the field.
     """
 
     id2len_name = "id2len.json"
@@ -240,7 +313,7 @@ class TxtTokLmdb:
         self._img2txts = None
 
     def __getitem__(self, id_: str) -> dict:
-        return self.db[id_]
+        return check_txt_record(self.db[id_], f"{self.db_dir} key {id_!r}")
 
     def combine_inputs(self, *inputs: list[int]) -> torch.Tensor:
         """``[CLS] a [SEP] b [SEP] ...`` as a long tensor."""

@@ -6,12 +6,16 @@ VCR training and pre-training (their ``TokenBucketSampler``, :class:`TokenBucket
 examples for referring expressions, retrieval training with sampled negatives and VCR validation
 (their plain ``DataLoader(batch_size=...)``, :class:`ExampleBatchSampler` here).
 
-Token batching (the authors' scheme): shuffle the examples, cut them into buckets of
-``bucket_size``, sort each bucket by length (longest first), grow batches
-``size_multiple`` examples at a time while ``max_len * n`` (padding counted) stays within
-``batch_size`` tokens, then shuffle the batch order.  Everything is drawn from a generator
-seeded by ``(seed, epoch)``, so each epoch is reproducible, and ``state_dict`` (epoch and
-batch index) restores the exact position.
+Token batching (the authors' scheme, step for step): shuffle the examples, cut them into buckets
+of ``bucket_size``, sort each bucket by length (longest first) and walk it ``size_multiple``
+examples at a time; ``max_len`` is the longest example of the bucket met so far, never reset
+within the bucket (so, as the bucket is sorted, its first example's length), and a group joins
+the current batch while ``max_len * (n + size_multiple)`` stays within ``batch_size`` tokens
+(``n`` the examples already in it), else it starts the next batch.  Every batch of a bucket but
+its last thus has the same size, set by the bucket's longest example; the last (the bucket's
+remainder) is dropped with ``droplast``.  Then the batch order is shuffled.  Everything is drawn
+from a generator seeded by ``(seed, epoch)``, so each epoch is reproducible, and ``state_dict``
+(epoch and batch index) restores the exact position.
 
 Distributed: all ranks draw the same permutation and rank ``r`` keeps ``perm[r::world]``,
 so shards are disjoint and together complete; with ``even_batches`` every rank cuts its
@@ -61,7 +65,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """The position protocol of the resumable batch samplers: ``epoch``, ``seed`` and ``start_batch`` (the
     batches already handed out in ``epoch``). A subclass gives ``epoch_batches()``, this rank's batches of the
     current epoch; ``iter()`` continues after the first ``start_batch`` of them, and ``state_dict()`` ->
-    ``{"epoch", "batch_index", "seed"}`` restores that position."""
+    ``{"epoch", "batch_index", "seed"}`` restores that position.
+
+    ``iter()`` leaves the position as it is: every iterator begun before one of them reaches the end of the
+    epoch continues from the same batch (a multi-process ``DataLoader`` begins an iterator over its batch
+    sampler, drops it unread and begins another). An iterator that runs to the end of the epoch sets
+    ``start_batch`` back to 0, the start of an epoch."""
 
     epoch: int
     seed: int
@@ -82,9 +91,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.seed = int(state.get("seed", self.seed))
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self.epoch_batches()
-        start, self.start_batch = self.start_batch, 0
-        return iter(batches[start:])
+        return self._continue(self.epoch_batches()[self.start_batch :])
+
+    def _continue(self, batches: list[list[int]]) -> Iterator[list[int]]:
+        yield from batches
+        self.start_batch = 0
 
     def __len__(self) -> int:
         return len(self.epoch_batches())
@@ -175,19 +186,20 @@ class TokenBucketSampler(ResumableBatchSampler):
         batches, dropped = [], 0
         for start in range(0, len(ids), self._bucket_size):
             bucket = sorted(ids[start : start + self._bucket_size], key=lambda i: lens[i], reverse=True)
+            # max_len runs over the whole bucket (longest first): every batch is priced at the bucket's longest
+            # example, and a batch grows only while a full group more still fits
             max_len, cur = 0, []
             for g in range(0, len(bucket), mul):
                 group = bucket[g : g + mul]
                 max_len = max(max_len, max(lens[i] for i in group))
-                if max_len * (len(cur) + len(group)) > budget:
+                if max_len * (len(cur) + mul) > budget:
                     if not cur:
                         raise ValueError(
-                            f"token budget {budget} cannot hold {len(group)} examples of length {max_len}: "
+                            f"token budget {budget} cannot hold {mul} examples of length {max_len}: "
                             "raise the batch size or lower max_txt_len / max_bb"
                         )
                     batches.append(cur)
                     cur = list(group)
-                    max_len = max(lens[i] for i in group)
                 else:
                     cur.extend(group)
             if cur:

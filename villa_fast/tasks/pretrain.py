@@ -257,7 +257,10 @@ class PretrainTask(Task):
             add("mrfr_n", z.size(0))
         else:
             soft = batch["label_targets"].float().to(z.device)
-            add(f"{t}_correct", (z[:, 1:].argmax(1) == soft[:, 1:].argmax(1)).sum())
+            if t == "mrc":  # the background class (0) is never the answer: the argmax over classes 1..
+                z, soft = z[:, 1:], soft[:, 1:]
+            # MRC-kl: the argmax over every class, background included, of the prediction and of the target
+            add(f"{t}_correct", (z.argmax(1) == soft.argmax(1)).sum())
             add(f"{t}_n", z.size(0))
         state["n"] += 1
 
