@@ -98,3 +98,22 @@ def test_demo_end_to_end_short(tmp_path):
     assert (tmp_path / "demo" / "training_curves.png").is_file()
     for run in ("standard", "villa"):
         assert 0.0 <= res[run]["acc"] <= 1.0 and 0.0 <= res[run]["robust_acc"] <= 1.0
+    # a second demo in the same directory replaces the first one's runs
+    run_demo(tmp_path / "demo", steps=2, quiet=True, out=io.StringIO(), max_val_examples=64)
+    for run in ("standard", "villa"):
+        ckpt = tmp_path / "demo" / run / "ckpt"
+        assert sorted(p.name for p in ckpt.iterdir()) == ["model_final.safetensors", "step_2"]
+        history = (tmp_path / "demo" / run / "log" / "history.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in history if "loss" in json.loads(x)] == [2]
+
+
+def test_a_new_run_in_a_used_output_dir_says_how_to_proceed(tmp_path, capsys):
+    cfg = task_config(tmp_path, "ve", num_train_steps=2, valid_steps=2)
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(p)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(p), "--seed", "8"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "out") in err and "--resume" in err and "output_dir" in err
+    assert main(["train", "--config", str(p), "--resume"]) == 0

@@ -119,3 +119,23 @@ def test_demo_config_file_matches_the_demo():
         if key != "adv_training":
             assert shipped[key] == value, key
     assert shipped["adv_training"] is True
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["seed", "grad_norm", "lr_mul", "valid_steps", "log_steps", "num_train_steps", "adv_steps", "fp16"]
+    + ["keep_checkpoints", "learning_rate", "dropout", "train_batch_size", "betas", "adv_modality"],
+)
+def test_null_is_refused_where_a_key_needs_a_value(tmp_path, key):
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(_write(tmp_path, {"task": "vqa", key: None}))
+    msg = str(exc.value)
+    assert repr(key) in msg and "null" in msg and "default" in msg
+    with pytest.raises(ConfigError, match=key):
+        resolve_config(None, {"task": "vqa", key: None})
+
+
+@pytest.mark.parametrize("key", ["save_steps", "attack_lr", "checkpoint", "adv_kl_reduction", "output_dir", "task"])
+def test_null_is_accepted_where_it_means_unset(tmp_path, key):
+    cfg = resolve_config(_write(tmp_path, {key: None}))
+    assert cfg[key] is None

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["atomic_save", "latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "atomic_save",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "run_files",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -73,15 +81,17 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned; its tensors may sit on any device that copies to the CPU
+    (the generators take CPU byte tensors)."""
     py = state["python"]
     random.setstate((int(py[0]), tuple(int(x) for x in py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        (n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(
@@ -120,6 +130,23 @@ def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
             if m and (p / "train_state.pt").is_file() and (p / "model.safetensors").is_file():
                 out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def run_files(output_dir: str | os.PathLike) -> list[str]:
+    """What a training run left in ``output_dir``: its checkpoints (complete or not), final weights and
+    history (paths relative to ``output_dir``); empty for a directory no run has trained in."""
+    output_dir = Path(output_dir)
+    ckpt = output_dir / "ckpt"
+    found = []
+    if ckpt.is_dir():
+        steps = [(int(m.group(1)), p.name) for p in ckpt.iterdir() if (m := _STEP_DIR.match(p.name))]
+        found += [f"ckpt/{name}" for _, name in sorted(steps)]
+        if (ckpt / "model_final.safetensors").exists():
+            found.append("ckpt/model_final.safetensors")
+    history = output_dir / "log" / "history.jsonl"
+    if history.is_file() and history.stat().st_size > 0:
+        found.append("log/history.jsonl")
+    return found
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:

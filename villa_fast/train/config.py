@@ -21,12 +21,14 @@ __all__ = [
     "SCHEMA",
     "TASKS",
     "TASK_BATCH_DEFAULTS",
+    "RESUME_FIXED_KEYS",
     "ConfigError",
     "add_override_flags",
     "infer_task",
     "load_config",
     "overrides_from_args",
     "resolve_config",
+    "resume_differences",
     "to_json",
 ]
 
@@ -161,7 +163,9 @@ SCHEMA: dict[str, Key] = {
     "max_val_examples": _k("int", 0, "cap on validation examples (0: all)", official=False),
     "attack_steps": _k("int", 3, "robust evaluation: attack steps K", official=False),
     "attack_eps": _k("float", 1.0, "robust evaluation: l2 radius of the attack per example", official=False),
-    "attack_lr": _k("float", None, "robust evaluation: step size (default eps / 2)", official=False),
+    "attack_lr": _k(
+        "float", None, "robust evaluation: step size (default 2.5 * attack_eps / attack_steps)", official=False
+    ),
     "attack_modality": _k("str_list", ["text"], "robust evaluation: attacked modalities", official=False),
 }
 
@@ -188,43 +192,60 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+_KIND_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "str_list": "a list of strings",
+    "float_list": "a list of numbers",
+    "dict_list": "a list of objects",
+}
+
+
 def _check(key: str, value: Any, where: str) -> Any:
     spec = SCHEMA[key]
     if value is None:
-        return None
+        # null means "unset" only for the keys whose default is unset (their code picks a value or goes without)
+        if spec.default is None:
+            return None
+        raise ConfigError(
+            f"{where}: key {key!r} needs a value, got null: set it to {_KIND_WORDS[spec.kind]} or leave the key "
+            f"out for the default {spec.default!r}"
+        )
     kind = spec.kind
     bad = None
     if kind == "int":
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not _is_int(value):
-            bad = "an integer"
+            bad = _KIND_WORDS["int"]
     elif kind == "float":
         if not _is_num(value):
-            bad = "a number"
+            bad = _KIND_WORDS["float"]
         else:
             value = float(value)
     elif kind == "bool":
         if not isinstance(value, bool):
-            bad = "true or false"
+            bad = _KIND_WORDS["bool"]
     elif kind == "str":
         if not isinstance(value, str):
-            bad = "a string"
+            bad = _KIND_WORDS["str"]
     elif kind == "str_list":
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            bad = "a list of strings"
+            bad = _KIND_WORDS["str_list"]
         else:
             value = list(value)
     elif kind == "float_list":
         if not isinstance(value, list | tuple) or not all(_is_num(v) for v in value):
-            bad = "a list of numbers"
+            bad = _KIND_WORDS["float_list"]
         else:
             value = [float(v) for v in value]
     elif kind == "dict_list":
         if not isinstance(value, list | tuple) or not all(isinstance(v, Mapping) for v in value):
-            bad = "a list of objects"
+            bad = _KIND_WORDS["dict_list"]
         else:
             value = [dict(v) for v in value]
     if bad:
@@ -368,6 +389,80 @@ def _validate(cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"key {name!r}[{i}] has unknown keys {sorted(extra)}")
             if "mix_ratio" in ds and len(ds["mix_ratio"]) != len(ds["tasks"]):
                 raise ConfigError(f"key {name!r}[{i}]: mix_ratio and tasks differ in length")
+
+
+#: keys that set the training trajectory: a resumed run must keep the checkpoint's values. The others
+#: (output paths and data locations, workers, logging, validation and checkpoint cadence, progress bar,
+#: TensorBoard, device, evaluation settings, execution choices such as tf32 or compile_layers) may change.
+#: ``model_config`` is a path: the trainer compares the model it builds with the one the checkpoint's weights
+#: record instead.
+RESUME_FIXED_KEYS = (
+    "task",
+    "max_txt_len",
+    "conf_th",
+    "max_bb",
+    "min_bb",
+    "num_bb",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_mul",
+    "num_train_steps",
+    "warmup_steps",
+    "decay",
+    "optim",
+    "betas",
+    "dropout",
+    "weight_decay",
+    "grad_norm",
+    "seed",
+    "fp16",
+    "bf16",
+    "adv_training",
+    "adv_modality",
+    "adv_lr_txt",
+    "adv_lr_img",
+    "adv_steps",
+    "norm_type",
+    "adv_max_norm",
+    "adv_init_mag",
+    "adv_kl_weight",
+    "adv_clean_backward",
+    "adv_graphed",  # adv_max_graphs, a cap on captured batch shapes, may change
+    "adv_kl_reduction",
+    "adv_pretrain_tasks",
+    "model",
+    "use_img_type",
+    "negative_size",
+    "hard_neg_size",
+    "margin",
+    "mrm_prob",
+    "itm_neg_prob",
+    "itm_ot_lambda",
+    "mlm_prob",
+    "mlp",
+    "train_datasets",
+)
+
+
+def _trajectory_value(key: str, value: Any) -> Any:
+    if key == "train_datasets" and value:
+        # the task mix, not where the databases are
+        return [{k: v for k, v in ds.items() if k not in ("db", "img")} for ds in value]
+    return value
+
+
+def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for the :data:`RESUME_FIXED_KEYS` on which a checkpoint's
+    configuration and the current one differ; keys the saved configuration lacks are not compared."""
+    out = []
+    for key in RESUME_FIXED_KEYS:
+        if key not in saved or key not in current:
+            continue
+        old, new = _trajectory_value(key, saved[key]), _trajectory_value(key, current[key])
+        if old != new:
+            out.append((key, saved[key], current[key]))
+    return out
 
 
 def to_json(cfg: Mapping[str, Any]) -> str:

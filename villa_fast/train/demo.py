@@ -2,7 +2,8 @@
 
 Builds the demo data (synthetic scenes and template questions, :mod:`villa_fast.data.demo`) if
 missing, trains the same model twice from the same initialisation and data order (standard,
-then VILLA), evaluates clean accuracy and accuracy under a K-step embedding-space attack, writes
+then VILLA; each a new run: an earlier demo's checkpoints, logs and predictions in its run
+directory are replaced), evaluates clean accuracy and accuracy under a K-step embedding-space attack, writes
 the training curves as a PNG and prints a table.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,6 +80,12 @@ def demo_config(data: dict[str, Any], output_dir: str | os.PathLike, **changes: 
     return cfg
 
 
+def _clear_run(run_dir: Path) -> None:
+    """Remove what an earlier demo run wrote in ``run_dir`` (the trainer's ckpt, log and results)."""
+    for sub in ("ckpt", "log", "results"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
+
+
 def _train_and_eval(cfg: dict[str, Any], quiet: bool) -> tuple[list[dict], dict, float]:
     from villa_fast.train.config import resolve_config
     from villa_fast.train.trainer import Trainer
@@ -142,7 +150,9 @@ def run_demo(
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     for k, (name, adv) in enumerate((("standard", False), ("VILLA", True)), start=2):
-        cfg = demo_config(data, output_dir / name.lower(), adv_training=adv, **changes)
+        run_dir = output_dir / name.lower()
+        _clear_run(run_dir)
+        cfg = demo_config(data, run_dir, adv_training=adv, **changes)
         what = (
             f"VILLA fine-tuning (K={cfg['adv_steps']} adversarial steps on the word embeddings)"
             if adv

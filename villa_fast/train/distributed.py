@@ -1,9 +1,10 @@
 """torch.distributed helpers: setup from the ``torchrun`` environment, one gradient all-reduce per step.
 
-Gradients are averaged explicitly once per optimizer step (after all accumulation micro-batches
+Gradients are all-reduced explicitly once per optimizer step (after all accumulation micro-batches
 and all backward passes of the adversarial step), in flat buckets, instead of through DDP's
 autograd hooks: a VILLA step runs several backward passes per micro-batch, and hooks would
-all-reduce on each unless every one of them sat under ``no_sync``. The effect is DDP's.
+all-reduce on each unless every one of them sat under ``no_sync``. The trainer sums them over the
+processes (``average=False``), as the authors' scripts do, where DDP would average them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_grads", "all_reduce_sum", "broadcast_params", "init_distributed"]
+__all__ = [
+    "DistInfo",
+    "all_gather_objects",
+    "all_reduce_grads",
+    "all_reduce_sum",
+    "all_reduce_tensor_",
+    "broadcast_object",
+    "broadcast_params",
+    "init_distributed",
+]
 
 _BUCKET_BYTES = 32 * 1024 * 1024
 
@@ -103,6 +113,23 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+@torch.no_grad()
+def all_reduce_tensor_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over the group in place, on its device (no host sync); returns ``t``."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (only JSON-like data is exchanged)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
 
 
 def all_gather_objects(obj):

@@ -14,7 +14,9 @@ from villa_fast.ops._backend import choose
 
 __all__ = ["NO_DECAY", "AdamW", "WarmupLinear", "build_optimizer", "set_dropout", "warmup_linear"]
 
-#: parameter-name fragments without weight decay, as in the authors' optimizer setup
+#: parameter-name fragments without weight decay, as in the authors' optimizer setup. This follows their
+#: naming rule, not the module types: the weight of a layer norm whose name lacks "LayerNorm"
+#: (``img_layer_norm.weight``, ``pos_layer_norm.weight``) gets weight decay, as in the authors' code.
 NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
 
 

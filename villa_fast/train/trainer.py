@@ -28,8 +28,15 @@ from torch import Tensor, nn
 
 from villa_fast.tasks import DataContext, Task, build_task
 from villa_fast.train import distributed as vdist
-from villa_fast.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from villa_fast.train.config import to_json
+from villa_fast.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    run_files,
+    save_checkpoint,
+    set_rng_state,
+)
+from villa_fast.train.config import ConfigError, resume_differences, to_json
 from villa_fast.train.optim import WarmupLinear, build_optimizer, set_dropout
 from villa_fast.train.robust import EmbeddingAttack
 
@@ -90,6 +97,21 @@ class LoaderSource:
         self.loader.load_state_dict(state)
 
 
+def _few(names: list[str], n: int = 5) -> str:
+    """The first ``n`` names, and how many more."""
+    head = ", ".join(names[:n])
+    return head + (f" ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _saved_model_config(path: str | os.PathLike) -> dict | None:
+    """The UNITER config recorded with a checkpoint's weights (None if it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as fh:
+        raw = (fh.metadata() or {}).get("uniter_config")
+    return json.loads(raw) if raw else None
+
+
 def _plain(x: Any) -> Any:
     if isinstance(x, Tensor):
         return x.item() if x.numel() == 1 else x.tolist()
@@ -118,7 +140,8 @@ class Trainer:
     Args:
         cfg: a configuration from :func:`villa_fast.train.config.resolve_config`.
         task: the task glue (default: from ``cfg["task"]``).
-        resume: continue from the newest checkpoint in ``output_dir/ckpt`` (if any).
+        resume: continue from the newest checkpoint in ``output_dir/ckpt`` (if any). Without it, training
+            refuses an ``output_dir`` that already holds checkpoints or a history of another run.
         quiet: no progress bar and no log lines (the history is still recorded).
     """
 
@@ -170,6 +193,7 @@ class Trainer:
         ckpt = self.cfg.get("checkpoint")
         if ckpt:
             report = load_pretrained(model, ckpt)
+            self._check_pretrained(model, ckpt, report)
             self._log(f"loaded {ckpt}: {report}")
         set_dropout(model, self.cfg["dropout"])
         if self.cfg["compile_layers"]:
@@ -179,6 +203,29 @@ class Trainer:
         vdist.broadcast_params(model)
         model.train()
         return model
+
+    def _check_pretrained(self, model: nn.Module, ckpt: str, report) -> None:
+        """Initial weights that fit no key of the model are an error; encoder weights the model keeps at their
+        random initialisation are a warning. A task head (the keys outside ``uniter.``) missing from the
+        checkpoint is expected (a pre-trained checkpoint has none): the load report (INFO) lists it."""
+        own = list(model.state_dict())
+        missing = set(report.missing)
+        if all(k in missing for k in own):
+            from villa_fast.models.checkpoint import read_state_dict
+
+            theirs = sorted(read_state_dict(ckpt))
+            raise ConfigError(
+                f"key 'checkpoint': no weight of {ckpt} fits the {type(model).__name__} of task {self.task.name}: "
+                f"the file holds {_few(theirs) if theirs else 'no tensors'}, the model expects {_few(own)}. "
+                "Point 'checkpoint' at UNITER/VILLA weights (official .pt or safetensors) or Hugging Face BERT "
+                "weights, or leave it out to start from random initialisation"
+            )
+        encoder = [k for k in report.missing if k.startswith("uniter.")]
+        if encoder and self.dist.is_main:
+            logger.warning(
+                f"{ckpt} lacks {len(encoder)} encoder weights of the model, which keep their random initialisation: "
+                f"{_few(encoder)}"
+            )
 
     def _set_tf32(self) -> None:
         """TF32 for the float32 matmuls left under autocast (the float32 embedding block's image projection).
@@ -336,6 +383,12 @@ class Trainer:
         if self.cfg["grad_norm"] > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_norm"])
         skipped, self._adv_skipped = self._adv_skipped, None
+        if self.adv_step is not None and self.dist.enabled:
+            # summed over the ranks (on the device): every rank backs its loss scale off alike, as the gradients,
+            # all-reduced while scaled, need one scale on all ranks; the log counts every rank's left-out steps
+            if skipped is None:
+                skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+            vdist.all_reduce_tensor_(skipped)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             if skipped is not None:
@@ -381,11 +434,17 @@ class Trainer:
         return save_checkpoint(self._ckpt_dir(), self.global_step, self.model, state, keep=self.cfg["keep_checkpoints"])
 
     def load(self, path: str | os.PathLike) -> None:
-        state = load_checkpoint(path, self.model, map_location=self.device)
+        """Resume from the training checkpoint ``path`` (all ranks call it with the same path)."""
+        # the training state is read on the CPU (the random states must be CPU tensors); the weights and the
+        # optimizer state go to the parameters' device as they load
+        state = load_checkpoint(path, self.model, map_location="cpu")
         if state["world_size"] != self.dist.world_size:
             raise RuntimeError(
                 f"{path} was written by a run with {state['world_size']} processes; resume with the same number"
             )
+        saved = state.get("config")
+        if saved:
+            self._check_resume_config(path, json.loads(saved) if isinstance(saved, str) else saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"]:
@@ -402,7 +461,47 @@ class Trainer:
         self._rewrite_history()
         self._log(f"resumed from {path} at step {self.global_step}")
 
+    def _check_resume_config(self, path: str | os.PathLike, saved: Mapping[str, Any]) -> None:
+        """The checkpoint's configuration and the current one agree on the keys that set the training
+        trajectory (:data:`villa_fast.train.config.RESUME_FIXED_KEYS`), and on the model's architecture."""
+        diffs = resume_differences(saved, self.cfg)
+        model = _saved_model_config(path)
+        if model is not None:
+            now = json.loads(json.dumps(self.model.uniter.config.to_dict()))
+            # the architecture; the *_impl fields choose kernels, not the model
+            keys = sorted(k for k in set(model) | set(now) if not k.endswith("_impl") and model.get(k) != now.get(k))
+            if keys:
+                diffs.append(("model_config", {k: model.get(k) for k in keys}, {k: now.get(k) for k in keys}))
+        if diffs:
+            lines = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in diffs)
+            raise ConfigError(
+                f"cannot resume from {path}: keys that set the training trajectory differ ({lines}). Resume with "
+                "the checkpoint's values, or start a new run in another or an empty output_dir"
+            )
+
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint a resumed run continues from: rank 0's newest in ``output_dir/ckpt``, the same on
+        every rank (None: none there, or no output_dir)."""
+        if self._ckpt_dir() is None:
+            return None
+        last = latest_checkpoint(self._ckpt_dir()) if self.dist.is_main else None
+        last = vdist.broadcast_object(str(last) if last is not None else None)
+        return Path(last) if last is not None else None
+
     # -- training ----------------------------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        """A new run (not resumed) refuses an output_dir where another run left checkpoints or a history:
+        pruning, history.jsonl and a later resume would mix the two."""
+        if self._resume or self.output_dir is None:
+            return
+        found = vdist.broadcast_object(run_files(self.output_dir) if self.dist.is_main else None)
+        if found:
+            raise ConfigError(
+                f"output_dir {self.output_dir} already holds a training run ({_few(found)}): pass --resume "
+                "(Trainer(resume=True)) to continue it, or set output_dir to another or an empty directory to "
+                "start a new run"
+            )
+
     def _prepare_output(self) -> None:
         if self.output_dir and self.dist.is_main:
             for sub in ("ckpt", "log", "results"):
@@ -415,11 +514,14 @@ class Trainer:
         """Train to ``num_train_steps``, validating and checkpointing every ``valid_steps`` /
         ``save_steps``; returns the history (one entry per log / validation)."""
         c = self.cfg
+        self._check_output_dir()
         self._prepare_output()
-        if self._resume and self._ckpt_dir() is not None:
-            last = latest_checkpoint(self._ckpt_dir())
+        if self._resume:
+            last = self.resume_checkpoint()
             if last is not None:
                 self.load(last)
+            else:
+                self._rewrite_history()  # nothing to resume: a history left without a checkpoint starts over
         total, accum = c["num_train_steps"], self.accumulation.micro_batches
         save_every = c["save_steps"] or c["valid_steps"]
         pbar = None
@@ -537,7 +639,8 @@ class Trainer:
         finally:
             model.train(was_training)
             self.eval_loader(split).load_state_dict({"epoch": 0, "batch_index": 0})
-        out = task.eval_finish(self._reduce(clean))
+        clean = self._reduce(clean)  # every rank's examples
+        out = task.eval_finish(clean)
         if attack is not None:
             out.update({f"robust_{k}": v for k, v in task.eval_finish(self._reduce(adv)).items() if k != "n"})
         if self.dist.is_main and (predictions_prefix or (write_predictions and self.output_dir)):
