@@ -514,14 +514,20 @@ def test_grad_scaler_scales_params_and_unscales_deltas(clean):
     assert_same(res.deltas, want_d, "delta")
 
 
-def test_update_scaler_backs_off_after_a_skipped_step():
+def _scaled_step(growth_interval):
+    """A VillaStep with a GradScaler (scale 1024) and an optimizer over gradients already present."""
     model = make_toy()
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=growth_interval)
     step = VillaStep(toy_forward(model), vqa_loss, AdversarialConfig(), text_embedding=model.word, scaler=scaler)
     for p in params:
         p.grad = torch.zeros_like(p)
+    return step, scaler, opt
+
+
+def test_update_scaler_backs_off_after_a_skipped_step():
+    step, scaler, opt = _scaled_step(1000)
     scaler.scale(torch.ones(()))
     scaler.step(opt)
     step.update_scaler(torch.tensor(1))
@@ -535,13 +541,7 @@ def test_update_scaler_backs_off_after_a_skipped_step():
 def test_a_skipped_step_is_an_overflow_for_the_scalers_growth():
     """As for an overflow in .grad: the scale halves and the growth count restarts, even on the iteration that
     would otherwise have doubled the scale."""
-    model = make_toy()
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
-    step = VillaStep(toy_forward(model), vqa_loss, AdversarialConfig(), text_embedding=model.word, scaler=scaler)
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    step, scaler, opt = _scaled_step(3)
     for skipped in (0, 0, 1, 0, 0):  # the third iteration would have doubled the scale
         scaler.scale(torch.ones(()))
         scaler.step(opt)
