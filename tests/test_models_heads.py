@@ -356,3 +356,29 @@ def test_ot_distance_matches_unpadded_ipot():
         )
     dist.sum().backward()
     assert txt.grad[0].abs().sum() > 0 and txt.grad[1, 3:].abs().sum() == 0
+
+
+def test_vcr_rebuilt_from_its_source_config_has_the_same_shapes(tmp_path):
+    """UniterForVcr adds 81 token rows and two type rows to the config it is given; the config it records for
+    rebuilding (and the trainer's log/model.json) is that given one, so a rebuild does not add them twice."""
+    import json
+    import warnings
+
+    from tests.test_train_fixtures import task_config
+    from villa_fast.models import UniterConfig, UniterForVcr
+    from villa_fast.train.config import resolve_config
+    from villa_fast.train.trainer import Trainer
+
+    cfg = UniterConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    m = UniterForVcr(cfg)
+    assert m.uniter.config.vocab_size == 181 and m.source_config.vocab_size == 100
+    again = UniterForVcr(m.source_config.to_dict())
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer = Trainer(resolve_config(None, task_config(tmp_path, "vcr")), quiet=True)
+    trainer._prepare_output()
+    written = json.loads((trainer.output_dir / "log" / "model.json").read_text())
+    rebuilt = UniterForVcr(written)
+    assert rebuilt.uniter.config.vocab_size == trainer.model.uniter.config.vocab_size

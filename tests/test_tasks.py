@@ -123,3 +123,31 @@ def test_retrieval_hard_negatives_train_on_top_k(tmp_path):
     assert batch["attn_masks"].size(0) == 5  # the positive and negative_size=4 sampled negatives
     mined = trainer.task.prepare(trainer.model, batch)
     assert mined["attn_masks"].size(0) == 3 and mined["sample_size"] == 3  # positive + hard_neg_size=2
+
+
+def test_ve_classes_follow_the_official_order():
+    """The official SNLI-VE txt_dbs and fine-tuned checkpoints number the classes contradiction 0, entailment 1,
+    neutral 2 (the authors' VE_ENT2IDX); the converter and the predictions use that order."""
+    from villa_fast.data.convert import _VE_LABELS
+    from villa_fast.tasks.vqa import VE_LABELS
+
+    assert VE_LABELS == ("contradiction", "entailment", "neutral")
+    assert {a: i for i, a in enumerate(VE_LABELS)} == _VE_LABELS
+
+
+def test_vqa_predictions_carry_integer_question_ids():
+    """As the VQA evaluation files hold them (the authors' inference writes int(qid)); other ids stay as they are."""
+    from villa_fast.tasks.vqa import _question_id
+
+    assert _question_id("262148000") == 262148000
+    assert _question_id("val_000001") == "val_000001"
+
+
+def test_build_task_names_an_unknown_task():
+    from villa_fast.tasks import build_task
+    from villa_fast.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'task' is 'VQA', not a task"):
+        build_task({"task": "VQA"})
+    with pytest.raises(ConfigError, match="'task' is not set"):
+        build_task({})

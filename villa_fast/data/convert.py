@@ -14,7 +14,8 @@ reads one JSON object per line:
 * ``vqa``: ``answers``: ``[{"answer": str, "score": float}]`` mapped through ``--ans2label``
   (a JSON answer -> label map; unknown answers are counted and dropped from the target), or
   ``target``: ``{"labels": [...], "scores": [...]}``;
-* ``ve``: ``label``: ``entailment`` / ``neutral`` / ``contradiction`` (or 0/1/2);
+* ``ve``: ``label``: ``contradiction`` / ``entailment`` / ``neutral`` (or 0/1/2, in that order: the official
+  SNLI-VE txt_dbs' and checkpoints' class order);
 * ``nlvr2``: ``label``: true/false (or 1/0);
 * ``vcr``: ``answers`` (4 texts), ``rationales`` (4 texts), ``answer_label``, ``rationale_label``;
 * ``caption`` (retrieval and pre-training): nothing more;
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("vqa", "ve", "nlvr2", "vcr", "caption", "re")
 _TEXT_FIELDS = ("question", "sentence", "caption", "hypothesis", "text")
-_VE_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+_VE_LABELS = {"contradiction": 0, "entailment": 1, "neutral": 2}  # the official class order
 _IMG_ARRAYS = frozenset({"features", "norm_bb", "conf", "soft_labels"})
 #: (width, height) key pairs an ``re`` example may give the image size under; the first is images.json's
 _RE_SIZE_KEYS = (("width", "height"), ("image_w", "image_h"))

@@ -229,6 +229,9 @@ class UniterForVcr(_TaskModel):
 
     def __init__(self, config: UniterConfig | dict | str, num_special_tokens: int = VCR_SPECIAL_TOKENS):
         super().__init__(config)
+        #: the encoder config as given, before the VCR rows are added: what rebuilding this model takes (the
+        #: trainer writes it as log/model.json, as the authors' scripts write the base config there)
+        self.source_config = self.uniter.config
         if self.config.type_vocab_size < 4:
             self.uniter.resize_embedding("token_type_embeddings", 4, {2: 0, 3: 0})
         if num_special_tokens:

@@ -29,9 +29,14 @@ def build_task(cfg: Mapping[str, Any]) -> Task:
         from villa_fast.tasks.re import ReTask as cls
     elif name == "pretrain":
         from villa_fast.tasks.pretrain import PretrainTask as cls
-    else:
+    elif name is None:
         raise ConfigError(
             "config key 'task' is not set and the config file name does not name one: "
             "pass --task (vqa, ve, nlvr2, vcr, retrieval, re, pretrain)"
+        )
+    else:
+        raise ConfigError(
+            f"config key 'task' is {name!r}, not a task: use one of vqa, ve, nlvr2, vcr, retrieval, re, pretrain "
+            "(resolve_config also maps the authors' names, e.g. itm to retrieval)"
         )
     return cls(cfg)

@@ -39,7 +39,11 @@ gets its own delta, normalised per row, as the candidate rows of VCR do.
 
 Evaluation scores every validation text against every image (one loader item per text, its image
 first) and reports recall@1/5/10 over the full score matrix, as the authors' ``evaluate``
-(``utils/itm_eval.py`` with ``ItmEvalDataset``) does. ``inf_minibatch_size`` is their number of
+(``utils/itm_eval.py`` with ``ItmEvalDataset``) does, with one difference: their text -> image recall
+compares the whole ``nonzero()`` of the top-10 hit matrix with k, whose first column is the text's row
+index, not a rank, so their ``img_r{k}`` also counts each of the first k texts whose gt image is
+anywhere in its top 10 (at most k / N_txt more); here only the gt image's rank counts. Scores are
+float32 (theirs float16, ties broken by ``topk``). ``inf_minibatch_size`` is their number of
 (text, image) pairs scored per forward: a text's candidates go through the model in forwards of at
 most that many rows, grouped by region count (the authors sort the images by it) and each padded to
 its own widest row; the scores come back in the item's order, the same as one forward over all of

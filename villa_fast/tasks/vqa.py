@@ -14,7 +14,13 @@ from villa_fast.train.config import ConfigError
 
 __all__ = ["VeTask", "VqaTask", "vqa_score"]
 
-VE_LABELS = ("entailment", "neutral", "contradiction")
+#: SNLI-VE class order of the official txt_dbs and fine-tuned checkpoints (the authors' VE_ENT2IDX)
+VE_LABELS = ("contradiction", "entailment", "neutral")
+
+
+def _question_id(q):
+    """The id as the VQA evaluation files hold it: an integer for the official (numeric) ids, else as is."""
+    return int(q) if isinstance(q, str) and q.isdigit() else q
 
 
 def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,9 @@ class VqaTask(Task):
         state["n"] += logits.size(0)
         labels = logits.argmax(dim=1).tolist()
         l2a = self.label2ans
-        state["pred"].extend({"answer": l2a[k], "question_id": q} for k, q in zip(labels, batch["qids"], strict=True))
+        state["pred"].extend(
+            {"answer": l2a[k], "question_id": _question_id(q)} for k, q in zip(labels, batch["qids"], strict=True)
+        )
 
     def eval_finish(self, state) -> dict[str, float]:
         n = max(state["n"], 1.0)
@@ -110,7 +118,7 @@ class VqaTask(Task):
 
 
 class VeTask(VqaTask):
-    """SNLI-VE: three classes (entailment, neutral, contradiction)."""
+    """SNLI-VE: three classes, in the official order (contradiction 0, entailment 1, neutral 2)."""
 
     name = "ve"
 

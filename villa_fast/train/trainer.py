@@ -507,7 +507,8 @@ class Trainer:
             for sub in ("ckpt", "log", "results"):
                 (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
             (self.output_dir / "log" / "hps.json").write_text(to_json(self.cfg), encoding="utf-8")
-            mc = self.model.uniter.config.to_dict()
+            # the config the model is built from (VCR's adds its rows to it again when rebuilt)
+            mc = getattr(self.model, "source_config", self.model.uniter.config).to_dict()
             (self.output_dir / "log" / "model.json").write_text(json.dumps(mc, indent=2), encoding="utf-8")
 
     def train(self) -> list[dict[str, Any]]:
