@@ -139,7 +139,7 @@ def test_a_failing_variant_is_reported_and_the_others_still_timed(capsys):
     assert "variant graphed+compile failed: RuntimeError" in capsys.readouterr().err
 
 
-def test_the_table_names_a_failed_variant(monkeypatch, capsys):
+def test_the_table_names_a_failed_variant(monkeypatch, capsys, tmp_path):
     real = bs.build_variants
 
     def with_a_failure(*args, **kwargs):
@@ -152,10 +152,13 @@ def test_the_table_names_a_failed_variant(monkeypatch, capsys):
         return variants
 
     monkeypatch.setattr(bs, "build_variants", with_a_failure)
-    bs.main(["--tiny", "--batches", "2", "--rounds", "2", "--warmup", "1", "--threads", "1"])
+    bs.main(["--tiny", "--batches", "2", "--rounds", "2", "--warmup", "1", "--threads", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| 2 | broken (failed: RuntimeError: capture failed) | nan |" in out
     assert "| 2 | standard | " in out and "| 2 | released | " in out
+    # the table goes where --out says (a benchmark run's own table elsewhere is left alone)
+    written = (tmp_path / "bench_step_uniter.md").read_text()
+    assert "broken (failed" in written and written.splitlines()[2].endswith("| variant / standard (graphed) |")
 
 
 def test_bench_ops_reports_a_failing_variant_and_times_the_rest(capsys):
