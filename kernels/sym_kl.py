@@ -59,7 +59,9 @@ def _sym_kl_kernel(
         d = tl.where(both, 0.0, (a0 - ma - tl.log(sa)) - (b0 - mb - tl.log(sb)))
         ep = tl.sum(p * d, axis=0)
         eq = tl.sum(q * d, axis=0)
-        tl.store(loss_ptr + row, (ep - eq) * inv_div)
+        # the loss as sum (p - q) d rather than Ep - Eq: where one side alone is -inf it is +inf (as in the
+        # reference), while 0 * inf inside Eq would make Ep - Eq NaN
+        tl.store(loss_ptr + row, tl.sum((p - q) * d, axis=0) * inv_div)
         if NEED_GRAD:
             ga = (p * (d - ep) + p - q) * inv_div
             gb = (q * (eq - d) + q - p) * inv_div
@@ -90,6 +92,7 @@ def _sym_kl_kernel(
         # pass 2: the two expectations of d
         ep = 0.0
         eq = 0.0
+        loss = 0.0
         for start in range(0, C, BLOCK):
             o = start + offs
             m = o < C
@@ -97,9 +100,12 @@ def _sym_kl_kernel(
             b = tl.where(m, tl.load(b_row + o, mask=m, other=0.0).to(tl.float32), float("-inf"))
             both = (a == float("-inf")) & (b == float("-inf"))
             d = tl.where(both, 0.0, (tl.where(both, 0.0, a) - la) - (tl.where(both, 0.0, b) - lb))
-            ep += tl.sum(tl.exp(a - la) * d, axis=0)
-            eq += tl.sum(tl.exp(b - lb) * d, axis=0)
-        tl.store(loss_ptr + row, (ep - eq) * inv_div)
+            pa = tl.exp(a - la)
+            qb = tl.exp(b - lb)
+            ep += tl.sum(pa * d, axis=0)
+            eq += tl.sum(qb * d, axis=0)
+            loss += tl.sum((pa - qb) * d, axis=0)  # +inf, not NaN, where one side alone is -inf
+        tl.store(loss_ptr + row, loss * inv_div)
         if NEED_GRAD:
             # pass 3: both gradients
             for start in range(0, C, BLOCK):

@@ -55,6 +55,17 @@ def test_explicit_backend_with_unsupported_dtype(monkeypatch):
         ops.perturb_update_(torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3), lr=0.1, norm_type="l2")
 
 
+def test_auto_keeps_float64_off_the_float32_triton_kernels(monkeypatch):
+    """Where auto mode picks Triton (a GPU without the CUDA extension), float64 tensors of the ops whose Triton
+    kernel computes in float32 go to the reference (float64 math); add_if's Triton kernel adds in float64."""
+    monkeypatch.delenv("VILLA_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_pick", lambda device, op: "triton")
+    for op in ("sym_kl", "perturb_init", "add_layer_norm"):
+        assert _backend.choose(op, "cuda", "torch.float64") == "reference"
+        assert _backend.choose(op, "cuda", "torch.float32") == "triton"
+    assert _backend.choose("add_if", "cuda", "torch.float64") == "triton"
+
+
 def test_unknown_backend_value(monkeypatch):
     monkeypatch.setenv("VILLA_FAST_BACKEND", "fastest")
     with pytest.raises(ValueError, match="VILLA_FAST_BACKEND='fastest'"):

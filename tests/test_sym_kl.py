@@ -177,3 +177,31 @@ def test_row_mask_all_true_changes_nothing():
 def test_bad_row_mask(mask, exc, match):
     with pytest.raises(exc, match=match):
         ops.sym_kl(torch.randn(3, 4), torch.randn(3, 4), row_mask=mask)
+
+
+@pytest.mark.parametrize("scale", [65536.0, 1024.0])
+def test_float16_gradients_survive_a_loss_scale(backend, scale):
+    """float16 logits under a GradScaler-sized upstream gradient: the gradients are those of autograd through
+    the float32 math (not inf from the scale cast to float16, not flushed to zero before it is applied)."""
+    if backend == "cuda":
+        pytest.skip("the float16 op runs on float32 copies: one backend on the CPU shows it")
+    dev = backend_device(backend)
+    a = (torch.randn(8, 3129) * 3).half().to(dev).requires_grad_()
+    b = (torch.randn(8, 3129) * 3).half().to(dev).requires_grad_()
+    (ops.sym_kl(a, b, "mean") * scale).backward()
+    _, wga, wgb = reference.sym_kl_fwd(a.detach().double().cpu(), b.detach().double().cpu(), "mean")
+    for got, want in ((a.grad, wga), (b.grad, wgb)):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        want = (want * scale).half().double()  # what a float16 gradient of the exact math holds
+        torch.testing.assert_close(got.double().cpu(), want, atol=1e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("c", [5, 9000])
+def test_a_class_minus_inf_on_one_side_only_gives_inf(backend, c):
+    """KL to a distribution with a zero where the other has mass is +inf (as the reference says), not NaN; the
+    long rows take the Triton kernel's chunked path."""
+    dev = backend_device(backend)
+    a, b = torch.randn(2, c), torch.randn(2, c)
+    a[0, 1] = float("-inf")
+    got = ops.sym_kl(a.to(dev), b.to(dev))
+    assert got.item() == float("inf") and reference.sym_kl(a.double(), b.double()).item() == float("inf")

@@ -178,6 +178,8 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[str, ...]]] = {
     # by the parameters' dtype (float32 ones take float32, float16 or bfloat16 gradients)
     "adamw_step": {"cuda": (_F32,), "triton": (_F32,), "cpp": (_F32, _F64)},
 }
+# ops whose Triton kernel takes float64 tensors but computes in float32: chosen for float64 only on request
+_TRITON_FLOAT32_MATH = frozenset({"sym_kl", "perturb_init", "add_layer_norm"})
 
 
 @torch.compiler.assume_constant_result
@@ -185,7 +187,8 @@ def choose(op: str, device_type: str, dtype: str) -> str:
     """The backend that runs ``op`` on a tensor of ``dtype`` (a str such as 'torch.float32') on ``device_type``.
 
     Auto mode passes over backends the op has no kernel for (add_layer_norm: cuda, cpp) and
-    falls back to the reference when the chosen backend does not take the dtype; an explicit
+    falls back to the reference when the chosen backend does not take the dtype, or is Triton for a float64
+    tensor of an op whose Triton kernel computes in float32 (sym_kl, perturb_init, add_layer_norm); an explicit
     backend that lacks the op or the dtype raises. Under torch.compile this runs once at trace time.
     """
     device = torch.device(device_type)
@@ -208,6 +211,8 @@ def choose(op: str, device_type: str, dtype: str) -> str:
         order = _ORDER_CUDA if device.type == "cuda" else _ORDER_CPU
         rest = [b for b in order[order.index(backend) + 1 :] if b == "reference" or b in table]
         backend = next(b for b in rest if not _why_not(b, device))
+    if backend == "triton" and dtype == _F64 and op in _TRITON_FLOAT32_MATH:
+        return "reference"  # float64 inputs get float64 math unless the Triton backend is asked for
     if backend == "reference" or dtype in table[backend]:
         return backend
     return "reference"

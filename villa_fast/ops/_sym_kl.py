@@ -46,7 +46,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_ga, _grad_gb):
-    # the fused forward already produced both gradients: backward only scales them
+    # the fused forward already produced both gradients: backward only scales them, one multiply each (float16
+    # never gets here: sym_kl runs it in float32; bfloat16 has float32's range, and the scale is rounded to it)
     ga, gb = ctx.saved_tensors
     return ga * grad_loss.to(ga.dtype), gb * grad_loss.to(gb.dtype), None, None, None
 
@@ -88,6 +89,10 @@ def sym_kl(
     if a.dtype != b.dtype:
         common = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(common), b.to(common)
+    if a.dtype == torch.float16:
+        # float16 gradients scaled by 1 / N (or 1 / (N C)) fall below its range before a loss scale can lift
+        # them: the op runs on float32 copies, whose gradients autograd casts back after the upstream scale
+        a, b = a.float(), b.float()
     keep = None
     if row_mask is not None:
         keep = _check.tensor("row_mask", row_mask)
