@@ -252,7 +252,9 @@ at::Tensor perturb_update_(std::vector<at::Tensor> deltas, std::vector<at::Tenso
     for (int64_t i = 0; i < count; ++i) {
         const at::Tensor& d = deltas[i];
         const int64_t rows = rows_of(d);
-        if (!(std::isfinite(scale) && scale != 0)) {
+        // judged in the precision the rows are computed in: a float64 scale beyond float's range is inf there
+        const double s = d.scalar_type() == at::kDouble ? scale : static_cast<double>(static_cast<float>(scale));
+        if (!(std::isfinite(s) && s != 0)) {
             out[i] = rows;  // g = grad / scale is not finite (or not meaningful) anywhere
             continue;
         }

@@ -111,6 +111,18 @@ def test_grad_scale_divides_on_device(backend):
             c, grad, lr=0.1, norm_type="l2", max_norm=1e-3, grad_scale=torch.tensor([bad], device=dev)
         )
         assert int(n) == 4 and torch.equal(c, delta)
+    # a float64 scale beyond float32's range is infinite for float32 rows: as non-finite as inf itself
+    n = ops.perturb_update_(
+        c, grad, lr=0.1, norm_type="l2", grad_scale=torch.tensor([1e300], dtype=torch.float64, device=dev)
+    )
+    assert int(n) == 4 and torch.equal(c, delta)
+
+
+def test_an_empty_batch_changes_nothing(backend):
+    dev = backend_device(backend)
+    delta = torch.zeros(0, 5, device=dev)
+    n = ops.perturb_update_(delta, torch.ones(0, 5, device=dev), lr=0.1, norm_type="l2", max_norm=0.5)
+    assert int(n) == 0 and delta.shape == (0, 5)
 
 
 def test_two_tensors_in_one_call(backend):

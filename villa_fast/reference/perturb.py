@@ -71,6 +71,8 @@ def perturb_update_(
     """
     acc = _acc_dtype(delta)
     b = delta.shape[0]
+    if b == 0:  # no example: nothing to update (reshape(0, -1) has no size to infer)
+        return torch.zeros((), dtype=torch.int64, device=delta.device)
     g = grad.reshape(b, -1).to(acc)
     finite = torch.ones(b, dtype=torch.bool, device=delta.device)
     if grad_scale is not None:
