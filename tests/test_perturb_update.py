@@ -189,3 +189,9 @@ def test_mismatched_devices_are_rejected():
 def test_multi_length_mismatch():
     with pytest.raises(ValueError, match="equal length"):
         ops.perturb_update_multi_([torch.zeros(2, 3)], [torch.ones(2, 3)] * 2, lrs=[0.1], norm_type="l2")
+
+
+def test_the_same_delta_twice_is_refused():
+    d = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="deltas must be distinct"):
+        ops.perturb_update_multi_([d, d], [torch.ones(2, 3), torch.ones(2, 3)], lrs=[0.1, 0.1], norm_type="l2")
