@@ -62,9 +62,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return statistics.median(times)
 
 
-def write_csv(name: str, rows: list[dict], meta: dict[str, str]) -> str:
-    os.makedirs(OUT_DIR, exist_ok=True)
-    path = os.path.join(OUT_DIR, name)
+def write_csv(name: str, rows: list[dict], meta: dict[str, str], out: str = OUT_DIR) -> str:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
     keys = list(meta) + [k for k in rows[0] if k not in meta] if rows else list(meta)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

@@ -1,6 +1,6 @@
 """Benchmark of the fused ops against eager PyTorch and torch.compile of the same math.
 
-    python -m bench.bench_ops [--quick] [--compile/--no-compile] [--reps N]
+    python -m bench.bench_ops [--quick] [--compile/--no-compile] [--reps N] [--out DIR]
 
 Sizes: VQA (deltas 128x24x768 and 128x36x2048, logits 128x3129), masked-LM
 (logits 2048x28996), the residual add + LayerNorm of UNITER-base (7680x768,
@@ -9,10 +9,12 @@ accumulation under its finiteness flag (add_if_ over the VQA model's parameter
 shapes, against a masked fill per parameter plus a multi-tensor add) and the authors' AdamW
 step over the same parameters (adamw_step_ against AdamW's multi-tensor foreach rule,
 with host and with device step counts). Prints a markdown table of median ms
-and GB/s against the bytes each op must move, and writes bench/out/bench_ops.csv
-with the device, versions and date. On the CPU the fused backend is the C++ one;
-add_layer_norm has no C++ kernel and its Triton kernel is not timed there (the
-interpreter), so on the CPU that case times the op through its reference backend.
+and GB/s against the bytes each op must move, and writes it with the device,
+versions and date to bench_ops.md and bench_ops.csv in --out (default bench/out),
+rewritten after every case so that a run stopped part-way keeps what it measured.
+On the CPU the fused backend is the C++ one; add_layer_norm has no C++ kernel and
+its Triton kernel is not timed there (the interpreter), so on the CPU that case
+times the op through its reference backend.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench._common import markdown, meta, time_ms, write_csv
+from bench._common import OUT_DIR, markdown, meta, time_ms, write_csv
 from villa_fast import ops
 
 # ---------------------------------------------------------------- the released code's math, in eager PyTorch
@@ -282,28 +284,48 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=OUT_DIR, help="folder of bench_ops.csv and bench_ops.md")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     reps = args.reps or (50 if device.type == "cuda" else (3 if args.quick else 5))
     torch.manual_seed(0)
     rows: list[dict] = []
-    b = 16 if args.quick else 128
-    bench_update(device, b, reps, use_compile, rows)
-    bench_init(device, b, reps, use_compile, rows)
-    bench_sym_kl(device, 128, 3129, reps, use_compile, rows)
-    bench_sym_kl(device, 128 if args.quick else 2048, 28996, reps, use_compile, rows)
-    ln_rows = 7680 if device.type == "cuda" else (256 if args.quick else 1024)
-    bench_add_layer_norm(device, ln_rows, 768, reps, use_compile, rows)
-    bench_add_if(device, args.quick, reps, rows)
-    bench_adamw(device, args.quick, reps, rows)
     info = meta(device)
-    path = write_csv("bench_ops.csv", rows, info)
-    print(f"\nbench_ops on {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}")
-    print("(speedup is against eager PyTorch in the same run; GB/s against the bytes each op must move)\n")
-    print(markdown(rows, ["case", "variant", "ms", "GB/s", "speedup"]))
+    b = 16 if args.quick else 128
+    ln_rows = 7680 if device.type == "cuda" else (256 if args.quick else 1024)
+    cases = [
+        lambda: bench_update(device, b, reps, use_compile, rows),
+        lambda: bench_init(device, b, reps, use_compile, rows),
+        lambda: bench_sym_kl(device, 128, 3129, reps, use_compile, rows),
+        lambda: bench_sym_kl(device, 128 if args.quick else 2048, 28996, reps, use_compile, rows),
+        lambda: bench_add_layer_norm(device, ln_rows, 768, reps, use_compile, rows),
+        lambda: bench_add_if(device, args.quick, reps, rows),
+        lambda: bench_adamw(device, args.quick, reps, rows),
+    ]
+    for i, case in enumerate(cases):
+        case()
+        # the tables so far, after every case: a run stopped part-way keeps what it measured
+        path = write_csv("bench_ops.csv", rows, info, args.out)
+        table = _table(rows, info, done=i + 1 == len(cases))
+        with open(os.path.join(args.out, "bench_ops.md"), "w") as f:
+            f.write(table + "\n")
+    print("\n" + table)
     print(f"\nCSV: {path}")
     return rows
+
+
+def _table(rows: list[dict], info: dict[str, str], done: bool) -> str:
+    head = f"bench_ops on {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}"
+    if not done:
+        head += " (stopped part-way: the cases measured so far)"
+    return "\n".join(
+        [
+            head,
+            "(speedup is against eager PyTorch in the same run; GB/s against the bytes each op must move)\n",
+            markdown(rows, ["case", "variant", "ms", "GB/s", "speedup"]),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ if [ -z "${QUICK:-}" ]; then
   run_phase 60 90 "$OUT/profile_step.log" "$PY" -m bench.profile_step $PROFILE_ARGS --out "$OUT" \
     || tail -n 20 "$OUT/profile_step.log"
   stamp "op benchmark"
-  run_phase 80 30 "$OUT/bench_ops.log" "$PY" -m bench.bench_ops $OPS_ARGS || tail -n 20 "$OUT/bench_ops.log"
+  run_phase 80 30 "$OUT/bench_ops.log" "$PY" -m bench.bench_ops $OPS_ARGS --out "$OUT" || tail -n 20 "$OUT/bench_ops.log"
   stamp "all GPU tests, with the time left"
   # the GPU cases only (a marker name matches -k too): the pipeline and graph tests first, then the smoke files'
   # Triton cases (their CUDA and graph cases ran in the smoke phase)
@@ -140,7 +140,7 @@ fi
 cp -n bench/out/*.csv bench/out/*.md "$OUT"/ 2>/dev/null || true
 
 stamp "tables"
-[ -f "$OUT/bench_ops.log" ] && sed -n '/^bench_ops on/,$p' "$OUT/bench_ops.log"
+[ -f "$OUT/bench_ops.md" ] && cat "$OUT/bench_ops.md"
 [ -f "$OUT/profile_step.md" ] && echo && grep -vE '^\| `' "$OUT/profile_step.md"
 [ -f "$OUT/bench_step_uniter.md" ] && [ "$OUT/bench_step_uniter.md" -nt "$OUT/env.txt" ] && echo \
   && cat "$OUT/bench_step_uniter.md"

@@ -15,8 +15,8 @@ Runs the whole-step benchmark's variants (bench/bench_step.py: same model, batch
 - the 15 kernels with the most device time.
 
 On a CPU the same tables list operators by self CPU time (a check that the script works, not a profile
-to act on). Tables go to stdout and ``<out>/profile_step.md``; ``--trace`` also writes a Chrome trace
-of each profiled variant (``<out>/trace_<variant>_b<B>.json.gz``).
+to act on). Tables go to stdout and ``<out>/profile_step.md`` (rewritten after every variant); ``--trace``
+also writes a Chrome trace of each profiled variant (``<out>/trace_<variant>_b<B>.json.gz``).
 
     python -m bench.profile_step [--batches 128] [--variants graphed,standard] [--steps 3] [--tiny] [--trace]
 """
@@ -256,17 +256,25 @@ def main(argv: list[str] | None = None) -> str:
                 text = f"### {n}, B = {b}: failed ({type(exc).__name__}: {first})"
                 print("\n" + text, flush=True)
                 sections.append(text)
+                _write(a.out, sections, done=False)
                 if cuda:
                     torch.cuda.empty_cache()
                 continue
             text = report(res, b, matmul_flops(c, b))
             print("\n" + text, flush=True)
             sections.append(text)
+            _write(a.out, sections, done=False)
         del variants, setup, batch
         if cuda:
             torch.cuda.empty_cache()
-    md = "\n\n".join(sections) + "\n"
-    with open(os.path.join(a.out, "profile_step.md"), "w") as f:
+    return _write(a.out, sections, done=True)
+
+
+def _write(out: str, sections: list[str], done: bool) -> str:
+    """profile_step.md as it stands: rewritten after every variant, so a run stopped part-way keeps its
+    finished sections."""
+    md = "\n\n".join(sections) + ("\n" if done else "\n\n(stopped part-way: the variants profiled so far)\n")
+    with open(os.path.join(out, "profile_step.md"), "w") as f:
         f.write(md)
     return md
 

@@ -74,3 +74,21 @@ def test_a_failing_variant_is_named_and_the_others_profiled(monkeypatch, tmp_pat
     md = ps.main(["--tiny", "--batches", "2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
     assert "### graphed (eager on CPU), B = 2: failed (RuntimeError: capture failed)" in md
     assert "### standard, B = 2" in md
+
+
+def test_a_run_stopped_part_way_keeps_its_finished_sections(monkeypatch, tmp_path):
+    real = ps.profile_variant
+    calls = []
+
+    def stopped_on_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a phase's timeout leaves of the process: nothing after this point
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ps, "profile_variant", stopped_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        ps.main(["--tiny", "--batches", "2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+    md = (tmp_path / "profile_step.md").read_text()
+    assert f"### {calls[0]}, B = 2" in md and f"### {calls[1]}" not in md
+    assert "stopped part-way" in md

@@ -171,3 +171,19 @@ def test_bench_ops_reports_a_failing_variant_and_times_the_rest(capsys):
     bench_ops._run("case", [("eager", lambda: None), ("cuda", boom), ("cpp", lambda: None)], CPU, 2, 8, rows)
     assert [r["variant"] for r in rows] == ["eager", "cuda (failed: RuntimeError: no kernel image is available)", "cpp"]
     assert math.isnan(rows[1]["ms"]) and rows[2]["speedup"] > 0
+
+
+def test_bench_ops_writes_its_table_after_every_case(monkeypatch, tmp_path):
+    from bench import bench_ops
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # a phase's timeout: the process ends here
+
+    monkeypatch.setattr(bench_ops, "bench_add_layer_norm", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench_ops.main(["--quick", "--reps", "1", "--no-compile", "--out", str(tmp_path)])
+    md = (tmp_path / "bench_ops.md").read_text()
+    assert "stopped part-way" in md
+    assert "| perturb_update" in md and "| sym_kl" in md and "add_layer_norm" not in md
+    csv_rows = (tmp_path / "bench_ops.csv").read_text().splitlines()
+    assert len(csv_rows) - 1 == md.count("\n| ") - 1  # the CSV holds the same rows as the table
