@@ -298,12 +298,25 @@ def test_bad_arguments_are_named(over, err, match):
 
 def test_the_same_tensor_twice_is_refused():
     p = torch.zeros(3)
-    with pytest.raises(ValueError, match=r"exp_avgs\[0\] and params\[0\] are the same tensor"):
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] is the same tensor as params\[0\]"):
         _call(_args(params=[p], exp_avgs=[p]))
     s = torch.zeros(())
     two = {k: [torch.zeros(3), torch.zeros(3)] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs")}
-    with pytest.raises(ValueError, match=r"steps\[1\] and steps\[0\] are the same tensor"):
+    with pytest.raises(ValueError, match=r"steps\[1\] is the same tensor as steps\[0\]"):
         _call(_args(**two, steps=[s, s]))
+
+
+def test_overlapping_views_are_refused_and_disjoint_slices_run():
+    buf = torch.zeros(10)
+    two = {k: [torch.zeros(3), torch.zeros(3)] for k in ("grads", "exp_avgs", "exp_avg_sqs")}
+    with pytest.raises(ValueError, match=r"params\[1\] shares memory with params\[0\]"):
+        _call(_args(**two, params=[buf[:3], buf[2:5]], steps=[torch.zeros(()), torch.zeros(())]))
+    with pytest.raises(ValueError, match=r"grads\[0\] shares memory with params\[0\]"):
+        _call(_args(params=[buf[:3]], grads=[buf[:3]]))
+    flat = torch.zeros(9)  # optimizer state kept as slices of one flat buffer
+    m, v = flat[:3], flat[3:6]
+    _call(_args(params=[torch.ones(3)], grads=[torch.ones(3)], exp_avgs=[m], exp_avg_sqs=[v]))
+    assert m.abs().sum() > 0 and v.abs().sum() > 0 and flat[6:].abs().sum() == 0
 
 
 def test_explicit_gpu_backend_refuses_float64(monkeypatch):

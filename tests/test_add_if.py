@@ -107,8 +107,29 @@ def test_bad_arguments_are_named(make, err, match):
 
 def test_the_same_tensor_twice_is_refused():
     a = torch.zeros(5)
-    with pytest.raises(ValueError, match="appears twice"):
+    with pytest.raises(ValueError, match=r"accs\[1\] is the same tensor as accs\[0\]"):
         ops.add_if_([a, a], [torch.ones(5), torch.ones(5)], torch.tensor(True))
+
+
+def test_overlapping_views_are_refused_and_disjoint_slices_run():
+    """Concurrent blocks on a GPU would race on the shared elements: views of one buffer must not overlap."""
+    buf = torch.zeros(10)
+    ok = torch.tensor(True)
+    with pytest.raises(ValueError, match=r"shares memory with"):
+        ops.add_if_([buf[:6], buf[4:]], [torch.ones(6), torch.ones(6)], ok)
+    with pytest.raises(ValueError, match=r"vals\[0\] shares memory with accs\[1\]"):
+        ops.add_if_([buf[:5], buf[5:]], [buf[5:], torch.ones(5)], ok)
+    # a val shifted against its own acc reads elements another block writes
+    with pytest.raises(ValueError, match=r"vals\[0\] shares memory with accs\[0\]"):
+        ops.add_if_([buf[:5]], [buf[1:6]], ok)
+    # strided views are judged by the bytes they span
+    m = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="shares memory"):
+        ops.add_if_([m[:, 0], m[:, 1]], [torch.ones(4), torch.ones(4)], ok)
+    ops.add_if_([buf[:5], buf[5:]], [torch.ones(5), torch.full((5,), 2.0)], ok)
+    assert buf.tolist() == [1.0] * 5 + [2.0] * 5
+    ops.add_if_([buf], [buf], ok)  # an element that reads itself: doubled
+    assert buf.tolist() == [2.0] * 5 + [4.0] * 5
 
 
 def test_opcheck(backend):

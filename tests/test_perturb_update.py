@@ -193,5 +193,24 @@ def test_multi_length_mismatch():
 
 def test_the_same_delta_twice_is_refused():
     d = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="deltas must be distinct"):
+    with pytest.raises(ValueError, match=r"deltas\[1\] is the same tensor as deltas\[0\]"):
         ops.perturb_update_multi_([d, d], [torch.ones(2, 3), torch.ones(2, 3)], lrs=[0.1, 0.1], norm_type="l2")
+
+
+def test_overlapping_deltas_are_refused_and_disjoint_slices_update_alike():
+    buf = torch.zeros(2, 8)
+    g = torch.ones(2, 5)
+    with pytest.raises(ValueError, match=r"deltas\[1\] shares memory with deltas\[0\]"):
+        ops.perturb_update_multi_([buf[:, :5], buf[:, 3:]], [g, g], lrs=[0.1, 0.1], norm_type="l2")
+    with pytest.raises(ValueError, match=r"grad shares memory with delta"):
+        ops.perturb_update_(buf[:, :4], buf[:, 4:], lr=0.1, norm_type="l2")
+    # the text and image deltas as two slices of one flat buffer: each updated as if on its own
+    flat = torch.zeros(2 * 3 + 2 * 4)
+    dt, di = flat[:6].view(2, 3), flat[6:].view(2, 4)
+    gt, gi = torch.randn(2, 3), torch.randn(2, 4)
+    ops.perturb_update_multi_([dt, di], [gt, gi], lrs=[0.1, 0.2], norm_type="l2", max_norm=0.05)
+    et, ei = torch.zeros(2, 3), torch.zeros(2, 4)
+    ops.perturb_update_(et, gt, lr=0.1, norm_type="l2", max_norm=0.05)
+    ops.perturb_update_(ei, gi, lr=0.2, norm_type="l2", max_norm=0.05)
+    torch.testing.assert_close(dt, et)
+    torch.testing.assert_close(di, ei)

@@ -247,14 +247,16 @@ def _tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, device: torch.devic
         return False
     if torch.compiler.is_compiling():  # traced tensors have no addresses to compare
         return True
-    ptrs = [t.data_ptr() for lst in (params, exp_avgs, exp_avg_sqs) for t in lst if t.numel()]
-    ptrs += [s.data_ptr() for s in steps]
-    return len(set(ptrs)) == len(ptrs)
+    return _clash(params, grads, exp_avgs, exp_avg_sqs, steps) is None
+
+
+def _clash(params, grads, exp_avgs, exp_avg_sqs, steps) -> str | None:
+    written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("steps", steps)]
+    return _check.memory_clash(written, [("grads", grads, None)])
 
 
 def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, device: torch.device) -> None:
     """Every tensor argument, one by one: the first problem raises an error naming the tensor."""
-    seen: dict[int, str] = {}
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True)):
         for name, t in ((f"params[{i}]", p), (f"grads[{i}]", g), (f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v)):
             _check.tensor(name, t)
@@ -279,9 +281,7 @@ def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, device: torch.de
             )
         if s.device != device:
             raise ValueError(f"steps[{i}] is on {s.device} but params[0] is on {device}; they must share a device")
-        for name, t in ((f"params[{i}]", p), (f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v), (f"steps[{i}]", s)):
-            if t.numel() == 0 or torch.compiler.is_compiling():
-                continue
-            if t.data_ptr() in seen:
-                raise ValueError(f"{name} and {seen[t.data_ptr()]} are the same tensor (or share their memory)")
-            seen[t.data_ptr()] = name
+    if not torch.compiler.is_compiling():  # traced tensors have no addresses to compare
+        clash = _clash(params, grads, exp_avgs, exp_avg_sqs, steps)
+        if clash:
+            raise ValueError(clash)

@@ -49,8 +49,9 @@ def add_if_(accs: list[Tensor] | tuple[Tensor, ...], vals: list[Tensor] | tuple[
     so its NaN or inf values never reach ``accs``. Runs on the device, no host sync.
 
     Args:
-        accs: tensors updated in place (float32, float16, bfloat16 or float64); no tensor twice.
-        vals: one tensor per ``accs[i]``, same shape, dtype and device.
+        accs: tensors updated in place (float32, float16, bfloat16 or float64); no two may share memory.
+        vals: one tensor per ``accs[i]``, same shape, dtype and device; none may share memory with an
+            entry of ``accs`` other than its own (``accs[i] += accs[i]`` is allowed).
         ok: a one-element bool tensor on the same device.
     """
     accs, vals = list(accs), list(vals)
@@ -92,13 +93,15 @@ def _pairs_ok(accs: list, vals: list, device: torch.device) -> bool:
         return False
     if torch.compiler.is_compiling():  # traced tensors have no addresses to compare
         return True
-    ptrs = [a.data_ptr() for a in accs if a.numel()]
-    return len(set(ptrs)) == len(ptrs)
+    return _clash(accs, vals) is None
+
+
+def _clash(accs: list, vals: list) -> str | None:
+    return _check.memory_clash([("accs", accs)], [("vals", vals, accs)])
 
 
 def _check_pairs(accs: list, vals: list, ok: Tensor) -> None:
     """Every pair, one by one: the first problem raises an error naming the tensor."""
-    seen: set[int] = set()
     for i, (a, v) in enumerate(zip(accs, vals, strict=True)):
         _check.tensor(f"accs[{i}]", a)
         _check.tensor(f"vals[{i}]", v)
@@ -109,7 +112,7 @@ def _check_pairs(accs: list, vals: list, ok: Tensor) -> None:
             raise ValueError(f"vals[{i}] has shape {tuple(v.shape)} but accs[{i}] has {tuple(a.shape)}")
         _check.same_device(f"accs[{i}]", a, "ok", ok)
         _check.same_device(f"vals[{i}]", v, "ok", ok)
-        if a.numel() and not torch.compiler.is_compiling():
-            if a.data_ptr() in seen:
-                raise ValueError(f"accs[{i}] appears twice in accs (or shares its memory with another entry)")
-            seen.add(a.data_ptr())
+    if not torch.compiler.is_compiling():  # traced tensors have no addresses to compare
+        clash = _clash(accs, vals)
+        if clash:
+            raise ValueError(clash)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 
@@ -42,3 +43,72 @@ def choice(name: str, value: object, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}; got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _spans(groups: list[tuple[str, list[Tensor]]]) -> list[tuple[int, int, int, int]]:
+    """(first byte, end byte, group, index) of every non-empty tensor, sorted: the bytes a tensor spans (every
+    element of a strided view lies inside)."""
+    spans = []
+    for gi, (_, ts) in enumerate(groups):
+        for i, t in enumerate(ts):
+            n = t.numel()
+            if not n:
+                continue
+            if not t.is_contiguous():
+                n = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+            lo = t.data_ptr()
+            spans.append((lo, lo + n * t.element_size(), gi, i))
+    spans.sort()
+    return spans
+
+
+def memory_clash(
+    written: list[tuple[str, list[Tensor]]],
+    read: list[tuple[str, list[Tensor], list[Tensor] | None]] | tuple = (),
+    *,
+    indexed: bool = True,
+) -> str | None:
+    """Why an op that writes the ``written`` tensors while it reads the ``read`` ones would race, or None.
+
+    Both are lists of groups, ``(name, tensors)``, the read ones with a third item: the written list whose
+    same-index tensor is each read tensor's own partner (or None). On a GPU the tensors of one call are
+    updated by concurrent blocks, so two written tensors must not share a byte (the same tensor twice, or
+    overlapping views of one buffer; disjoint slices are fine), and a read tensor must not share a byte with
+    any written one, except with its partner when both are the same view (an element reads itself before it
+    is written: ``a += a``). Strided views are judged by the bytes they span, so interleaved views of one
+    buffer count as overlapping. Empty tensors hold no memory. Names are ``name[i]`` (``name`` alone when
+    ``indexed`` is false). O(n log n) in the number of tensors.
+    """
+
+    def name(group: str, i: int) -> str:
+        return f"{group}[{i}]" if indexed else group
+
+    spans = _spans(written)
+    for (_, hi_a, ga, ia), (lo_b, _, gb, ib) in zip(spans, spans[1:], strict=False):
+        if lo_b < hi_a:
+            a, b = written[ga][1][ia], written[gb][1][ib]
+            what = "is the same tensor as" if _same_view(a, b) else "shares memory with"
+            return (
+                f"{name(written[gb][0], ib)} {what} {name(written[ga][0], ia)}; "
+                "every tensor an op writes must have memory of its own"
+            )
+    if not read:
+        return None
+    starts = [s[0] for s in spans]
+    for r_lo, r_hi, rg, ri in _spans([(g[0], g[1]) for g in read]):
+        # written spans are disjoint and sorted: those overlapping [r_lo, r_hi) end the prefix left of r_hi
+        j = bisect.bisect_left(starts, r_hi) - 1
+        while j >= 0 and spans[j][1] > r_lo:
+            _, _, wg, wi = spans[j]
+            t, w, partners = read[rg][1][ri], written[wg][1][wi], read[rg][2]
+            if not (partners is written[wg][1] and wi == ri and _same_view(t, w)):
+                return (
+                    f"{name(read[rg][0], ri)} shares memory with {name(written[wg][0], wi)}, "
+                    f"which the op writes while it reads {name(read[rg][0], ri)}"
+                )
+            j -= 1
+    return None

@@ -97,11 +97,17 @@ def perturb_update_multi_(
             copies.append((d, c))
             ds.append(c)
         gs.append(g.contiguous())
-    if not torch.compiler.is_compiling() and len({d.data_ptr() for d in ds if d.numel()}) < sum(
-        1 for d in ds if d.numel()
-    ):
-        # one delta twice would be updated by two concurrent segments of a launch (a race on a GPU)
-        raise ValueError("deltas must be distinct tensors: the same delta appears twice")
+    if not torch.compiler.is_compiling():
+        # the pairs are updated by concurrent segments of one launch on a GPU: deltas that share memory (one
+        # delta twice, overlapping views) or a grad inside a delta would race
+        one = len(deltas) == 1
+        clash = _check.memory_clash(
+            [("delta" if one else "deltas", list(deltas))],
+            [("grad" if one else "grads", list(grads), None)],
+            indexed=not one,
+        )
+        if clash:
+            raise ValueError(clash)
     if grad_scale is not None:
         _check.tensor("grad_scale", grad_scale)
         _check.floating("grad_scale", grad_scale, (torch.float32, torch.float64))
