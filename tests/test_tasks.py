@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.test_train_fixtures import task_config
+from villa_fast.data import VcrTxtTokLmdb
 from villa_fast.train.config import resolve_config
 from villa_fast.train.trainer import Trainer
 
@@ -151,3 +152,32 @@ def test_build_task_names_an_unknown_task():
         build_task({"task": "VQA"})
     with pytest.raises(ConfigError, match="'task' is not set"):
         build_task({})
+
+
+def test_vcr_test_split_writes_the_leaderboard_csv(tmp_path):
+    """On "test" every answer's four rationales are scored (20 rows a question) and the submission CSV is
+    written: annot_id, answer_0..3, rationale_conditioned_on_a{i}_0..3, in annot_id order."""
+    cfg = task_config(tmp_path / "vcr", "vcr")
+    cfg.update(test_txt_db=cfg["val_txt_db"], test_img_db=cfg.get("val_img_db") or cfg["img_db"])
+    trainer = Trainer(resolve_config(None, cfg), quiet=True)
+    prefix = str(tmp_path / "pred" / "test")
+    (tmp_path / "pred").mkdir()
+    metrics = trainer.evaluate("test", predictions_prefix=prefix)
+    n = int(metrics["n"])
+    assert n == 24
+    scores = json.loads((tmp_path / "pred" / "test.json").read_text())
+    assert len(scores) == n and all(len(v) == 20 for v in scores.values())
+    rows = list(csv.reader(open(tmp_path / "pred" / "test.csv")))
+    assert rows[0][:6] == ["annot_id", "answer_0", "answer_1", "answer_2", "answer_3", "rationale_conditioned_on_a0_0"]
+    assert rows[0][-1] == "rationale_conditioned_on_a3_3" and len(rows[0]) == 21
+    assert [r[0] for r in rows[1:]] == [f"val-{i}" for i in range(n)]  # numeric order: val-2 before val-10
+    for r in rows[1:]:
+        assert [float(x) for x in r[1:]] == pytest.approx(scores[r[0]])
+    # the gold answer's rationales are the ones validation scores: the same numbers as on "val"
+    val = trainer.evaluate("val", predictions_prefix=str(tmp_path / "pred" / "val"))
+    assert val["n"] == n and not (tmp_path / "pred" / "val.csv").exists()
+    val_scores = json.loads((tmp_path / "pred" / "val.json").read_text())
+    db = VcrTxtTokLmdb(cfg["val_txt_db"], -1, task="qa,qar")
+    for qid, v in val_scores.items():
+        t, gold = scores[qid], int(db[qid]["qa_target"])
+        assert v == pytest.approx(t[:4] + t[4 + 4 * gold : 8 + 4 * gold], abs=1e-5)

@@ -110,10 +110,29 @@ class VcrTask(Task):
         }
 
     def write_predictions(self, preds, path_prefix: str) -> str:
-        # {annot_id: [candidate scores]}, the JSON the authors' VCR inference writes
+        """``<prefix>.json``: {annot_id: [candidate scores]}, the JSON the authors' VCR inference writes (4 Q->A
+        scores, then 4 QA->R scores for the gold answer on "val", for each answer in turn on "test"). On "test",
+        also ``<prefix>.csv``, the leaderboard's submission file: one row per question in annot_id order
+        (``test-0``, ``test-1``, ...), columns ``annot_id``, ``answer_0..3`` and
+        ``rationale_conditioned_on_a{i}_0..3`` for i = 0..3 (the scores, as the authors' file holds them)."""
+        import csv
         import json
 
         path = f"{path_prefix}.json"
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(dict(preds), fh)
+        if preds and all(len(scores) == 20 for _, scores in preds):
+            cols = [f"answer_{j}" for j in range(4)]
+            cols += [f"rationale_conditioned_on_a{i}_{j}" for i in range(4) for j in range(4)]
+            with open(f"{path_prefix}.csv", "w", encoding="utf-8", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["annot_id", *cols])
+                for qid, scores in sorted(preds, key=lambda p: _annot_order(p[0])):
+                    w.writerow([qid, *(repr(float(x)) for x in scores)])
         return path
+
+
+def _annot_order(annot_id: str) -> tuple:
+    """``test-12`` sorts by 12 (the leaderboard's order); an id of another form sorts after, by its text."""
+    head, _, num = str(annot_id).rpartition("-")
+    return (0, head, int(num), "") if head and num.isdigit() else (1, "", 0, str(annot_id))
