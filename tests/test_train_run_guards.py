@@ -166,3 +166,37 @@ def test_resume_compares_the_model_not_the_model_config_path(tmp_path):
     (tmp_path / "changed.json").write_text(json.dumps({**model, "layer_norm_eps": 1e-6}))
     with pytest.raises(ConfigError, match="model_config.*layer_norm_eps"):
         Trainer(_cfg(tmp_path, model_config=str(tmp_path / "changed.json")), resume=True, quiet=True).train()
+
+
+def test_resume_compares_adv_max_graphs_only_under_adv_graphed():
+    from villa_fast.train.config import resume_differences
+
+    saved = {"adv_graphed": True, "adv_max_graphs": 16}
+    # under adv_graphed it sets the padded shapes (so the batches): a change is refused
+    assert resume_differences(saved, {"adv_graphed": True, "adv_max_graphs": 9}) == [("adv_max_graphs", 16, 9)]
+    eager = {"adv_graphed": False, "adv_max_graphs": 16}
+    assert resume_differences(eager, {"adv_graphed": False, "adv_max_graphs": 9}) == []
+
+
+def test_resume_with_the_data_moved_warns_and_continues(tmp_path, caplog):
+    import shutil
+
+    Trainer(_cfg(tmp_path), quiet=True).train()
+    old = _cfg(tmp_path)["train_txt_db"]
+    new = str(tmp_path / "moved_txt")
+    shutil.copytree(old, new)
+    with caplog.at_level(logging.WARNING, logger="villa_fast.train"):
+        trainer = Trainer(_cfg(tmp_path, train_txt_db=new), resume=True, quiet=True)
+        trainer.train()
+    assert trainer.global_step == 2
+    msg = " ".join(r.getMessage() for r in caplog.records if "training data elsewhere" in r.getMessage())
+    assert "train_txt_db:" in msg and old in msg and new in msg
+
+
+def test_resume_data_moves_names_pretraining_datasets():
+    from villa_fast.train.config import resume_data_moves
+
+    saved = {"train_datasets": [{"name": "coco", "db": ["/a/txt"], "img": ["/a/img"], "tasks": ["mlm"]}]}
+    now = {"train_datasets": [{"name": "coco", "db": ["/b/txt"], "img": ["/a/img"], "tasks": ["mlm"]}]}
+    assert resume_data_moves(saved, now) == [("train_datasets[0].db", ["/a/txt"], ["/b/txt"])]
+    assert resume_data_moves(saved, saved) == []

@@ -21,6 +21,7 @@ __all__ = [
     "SCHEMA",
     "TASKS",
     "TASK_BATCH_DEFAULTS",
+    "RESUME_DATA_KEYS",
     "RESUME_FIXED_KEYS",
     "ConfigError",
     "add_override_flags",
@@ -28,6 +29,7 @@ __all__ = [
     "load_config",
     "overrides_from_args",
     "resolve_config",
+    "resume_data_moves",
     "resume_differences",
     "to_json",
 ]
@@ -428,7 +430,8 @@ RESUME_FIXED_KEYS = (
     "adv_init_mag",
     "adv_kl_weight",
     "adv_clean_backward",
-    "adv_graphed",  # adv_max_graphs, a cap on captured batch shapes, may change
+    "adv_graphed",
+    "adv_max_graphs",  # under adv_graphed it sets the padded shapes, hence the batches; compared only then
     "adv_kl_reduction",
     "adv_pretrain_tasks",
     "model",
@@ -459,9 +462,28 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     for key in RESUME_FIXED_KEYS:
         if key not in saved or key not in current:
             continue
+        if key == "adv_max_graphs" and not (saved.get("adv_graphed") or current.get("adv_graphed")):
+            continue
         old, new = _trajectory_value(key, saved[key]), _trajectory_value(key, current[key])
         if old != new:
             out.append((key, saved[key], current[key]))
+    return out
+
+
+#: where the data is: free to change on resume (data moved to another disk), but a warning names the change,
+#: since the run then assumes the same examples under the same keys
+RESUME_DATA_KEYS = ("train_txt_dbs", "train_img_dbs", "train_txt_db", "train_img_db")
+
+
+def resume_data_moves(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for the training data's locations that differ from the checkpoint's
+    (:data:`RESUME_DATA_KEYS` and the ``db`` / ``img`` of ``train_datasets``)."""
+    out = [(k, saved[k], current.get(k)) for k in RESUME_DATA_KEYS if k in saved and saved[k] != current.get(k)]
+    old, new = saved.get("train_datasets") or [], current.get("train_datasets") or []
+    for i, (a, b) in enumerate(zip(old, new, strict=False)):
+        for k in ("db", "img"):
+            if a.get(k) != b.get(k):
+                out.append((f"train_datasets[{i}].{k}", a.get(k), b.get(k)))
     return out
 
 

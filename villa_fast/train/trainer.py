@@ -36,7 +36,7 @@ from villa_fast.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from villa_fast.train.config import ConfigError, resume_differences, to_json
+from villa_fast.train.config import ConfigError, resume_data_moves, resume_differences, to_json
 from villa_fast.train.optim import WarmupLinear, build_optimizer, set_dropout
 from villa_fast.train.robust import EmbeddingAttack
 
@@ -465,6 +465,14 @@ class Trainer:
         """The checkpoint's configuration and the current one agree on the keys that set the training
         trajectory (:data:`villa_fast.train.config.RESUME_FIXED_KEYS`), and on the model's architecture."""
         diffs = resume_differences(saved, self.cfg)
+        moved = resume_data_moves(saved, self.cfg)
+        if moved:
+            logger.warning(
+                "resuming from %s with the training data elsewhere (%s): the run continues as if the databases "
+                "held the same examples under the same keys",
+                path,
+                "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in moved),
+            )
         model = _saved_model_config(path)
         if model is not None:
             now = json.loads(json.dumps(self.model.uniter.config.to_dict()))
