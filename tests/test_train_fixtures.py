@@ -58,16 +58,16 @@ def _ids(rng, lo: int = 3, hi: int = 9) -> list[int]:
     return [int(x) for x in rng.integers(META["v_range"][0], VOCAB, int(rng.integers(lo, hi)))]
 
 
-def build_task_data(root: Path, task: str, n_txt: int = 48, n_img: int = 12, seed: int = 0) -> dict:
-    """Train and val databases for ``task``; returns config keys pointing at them."""
+def build_task_data(root: Path, task: str, n_txt: int = 48, n_img: int = 12, seed: int = 0, soft: bool = False) -> dict:
+    """Train and val databases for ``task``; returns config keys pointing at them. ``soft``: VCR's image
+    databases with soft labels (for VCR pre-training's MRC)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     out: dict = {"model_config": tiny_model_config(root / "model.json")}
     imgs = [f"img_{i:03d}.npz" for i in range(n_img)]
     if task == "vcr":
-        out["img_db"] = (
-            f"{_img_db(root / 'vcr_gt', imgs, rng, fixed=3, num_bb=100)};{_img_db(root / 'vcr_det', imgs, rng)}"
-        )
+        gt = _img_db(root / "vcr_gt", imgs, rng, fixed=3, num_bb=100, soft=soft)
+        out["img_db"] = f"{gt};{_img_db(root / 'vcr_det', imgs, rng, soft=soft)}"
     elif task == "re":
         out["img_db"] = _img_db(root / "img", imgs, rng, fixed=4)
     else:
@@ -118,8 +118,14 @@ def build_task_data(root: Path, task: str, n_txt: int = 48, n_img: int = 12, see
 
 
 def task_config(root: Path, task: str, **changes) -> dict:
-    """A complete config (official keys) for a tiny run of ``task`` under ``root``."""
-    data = build_task_data(root / "data", task)
+    """A complete config (official keys) for a tiny run of ``task`` under ``root``; ``"pretrain_vcr"`` is
+    pre-training on the VCR data (UNITER's second stage: mlm, mrfr, mrckl)."""
+    vcr_pretrain = task == "pretrain_vcr"
+    if vcr_pretrain:
+        data = build_task_data(root / "data", "vcr", soft=True)
+        task = "pretrain"
+    else:
+        data = build_task_data(root / "data", task)
     cfg = {
         "task": task,
         "model_config": data["model_config"],
@@ -148,7 +154,17 @@ def task_config(root: Path, task: str, **changes) -> dict:
         "adv_lr_txt": 1e-2,
         "adv_lr_img": 1e-2,
     }
-    if task == "pretrain":
+    if vcr_pretrain:
+        cfg.pop("val_txt_db")
+        cfg.pop("val_img_db")
+        cfg.update(train_batch_size=1200, val_batch_size=3200)
+        for split, key in (("train", "train_datasets"), ("val", "val_datasets")):
+            entry = {"name": "vcr", "db": [data[f"{split}_txt_db"]], "img": [data["img_db"]]}
+            entry["tasks"] = ["mlm", "mrfr", "mrckl"]
+            if split == "train":
+                entry["mix_ratio"] = [2, 1, 1]
+            cfg[key] = [entry]
+    elif task == "pretrain":
         cfg.pop("val_txt_db")
         cfg.pop("val_img_db")
         cfg["train_datasets"] = [

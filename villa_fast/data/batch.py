@@ -235,17 +235,20 @@ def pad_batch(batch: dict, txt_len: int, num_bb: int) -> dict:
     if isinstance(out.get("ot_inputs"), dict):
         out["ot_inputs"] = ot_inputs(txt_lens, num_bbs, txt_len, num_bb, joint)
     if isinstance(out.get("txt_labels"), Tensor):
-        out["mlm_index"], out["mlm_labels"] = mlm_rows(out["txt_labels"], out.get("mlm_prob"))
+        out["mlm_index"], out["mlm_labels"] = mlm_rows(
+            out["txt_labels"], out.get("mlm_prob"), out.get("mlm_segments", 1)
+        )
     return out
 
 
-def mlm_capacity(rows: int, txt_len: int, mask_prob: float | None = None) -> int:
+def mlm_capacity(rows: int, txt_len: int, mask_prob: float | None = None, segments: int = 1) -> int:
     """Rows reserved for the masked-token predictions of a ``[rows, txt_len]`` text block.
 
     With the masking probability ``p`` known: six standard deviations above the most a batch of this shape
-    can expect (``p`` of the ``rows * (txt_len - 2)`` maskable tokens, plus the one token a row with none
-    masked gets, at most ``1 - p`` per row), a multiple of 8, so a batch exceeds it about never; otherwise, and
-    never more than, every text position.
+    can expect (``p`` of the ``rows * (txt_len - 2)`` maskable tokens, plus the one token a segment with none
+    masked gets, at most ``1 - p`` per segment; ``segments`` per row: VCR pre-training masks its question,
+    answer and rationale apart), a multiple of 8, so a batch exceeds it about never; otherwise, and never
+    more than, every text position.
     """
     full = rows * txt_len
     if mask_prob is None:
@@ -253,22 +256,26 @@ def mlm_capacity(rows: int, txt_len: int, mask_prob: float | None = None) -> int
     p = float(mask_prob)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"mask_prob is a probability: it must be in [0, 1], got {mask_prob!r}")
+    if int(segments) < 1:
+        raise ValueError(f"segments must be >= 1, got {segments!r}")
     n = rows * max(txt_len - 2, 1)
-    cap = p * n + rows * (1.0 - p) + 6.0 * math.sqrt(n * p * (1.0 - p) + rows)
+    forced = rows * int(segments)
+    cap = p * n + forced * (1.0 - p) + 6.0 * math.sqrt(n * p * (1.0 - p) + forced)
     return min(full, 8 * math.ceil(cap / 8))
 
 
-def mlm_rows(txt_labels: Tensor, mask_prob: float | None = None) -> tuple[Tensor, Tensor]:
+def mlm_rows(txt_labels: Tensor, mask_prob: float | None = None, segments: int = 1) -> tuple[Tensor, Tensor]:
     """The masked tokens of ``txt_labels`` [B, L] (-1 = not a target) as a fixed number of rows.
 
     Returns ``mlm_index`` (int64, flat positions ``b * L + t`` of the targets, row-major, then 0 on the padding
     rows) and ``mlm_labels`` (their target ids, then -1), both of length :func:`mlm_capacity` ``(B, L,
     mask_prob)``, or ``B * L`` for the rare batch with more targets. The model predicts the rows ``mlm_index``
-    names; the loss and the consistency term leave the ``-1`` rows out.
+    names; the loss and the consistency term leave the ``-1`` rows out. ``segments``: the text segments a row
+    masks apart (at least one target each), see :func:`mlm_capacity`.
     """
     flat = txt_labels.reshape(-1)
     where = (flat != -1).nonzero().squeeze(1)
-    cap = mlm_capacity(txt_labels.size(0), txt_labels.size(1), mask_prob)
+    cap = mlm_capacity(txt_labels.size(0), txt_labels.size(1), mask_prob, segments)
     if where.numel() > cap:
         cap = flat.numel()
     index = torch.zeros(cap, dtype=torch.long)

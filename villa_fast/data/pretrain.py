@@ -1,4 +1,5 @@
-"""Pre-training datasets: MLM, MRM (MRFR / MRC), ITM (with optimal-transport inputs).
+"""Pre-training datasets: MLM, MRM (MRFR / MRC), ITM (with optimal-transport inputs), and the VCR
+second-stage pre-training datasets (MLM, MRFR, MRC on VCR's question, answer and rationale).
 
 Masking and negative sampling draw from a generator seeded by ``(seed, epoch, index)``
 (see :func:`~villa_fast.data.datasets.example_rng`), so they are reproducible and resumable.
@@ -14,19 +15,25 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from villa_fast.data.batch import base_batch, ot_inputs, pad_tensors
-from villa_fast.data.datasets import DetectFeatTxtTokDataset, example_rng, sample_negative
+from villa_fast.data.codec import DataFormatError
+from villa_fast.data.datasets import DetectFeatTxtTokDataset, VcrDataset, example_rng, sample_negative
 
 __all__ = [
     "ItmDataset",
     "MlmDataset",
+    "MlmDatasetForVcr",
     "MrcDataset",
+    "MrcDatasetForVcr",
     "MrfrDataset",
+    "MrfrDatasetForVcr",
+    "VcrPretrainDataset",
     "itm_collate",
     "itm_ot_collate",
     "mlm_collate",
     "mrc_collate",
     "mrfr_collate",
     "random_word",
+    "vcr_pretrain_collate",
 ]
 
 
@@ -224,4 +231,135 @@ def itm_ot_collate(inputs) -> dict:
         batch["img_feat"].size(1),
         batch["attn_masks"].size(1),
     )
+    return batch
+
+
+# ----------------------------------------------------------------------------- VCR second-stage pre-training
+
+
+class VcrPretrainDataset(VcrDataset):
+    """VCR text for pre-training (UNITER's second stage on VCR): one row per question, the gold answer and,
+    with ``task="qar"``, the gold rationale: ``[CLS] q [SEP] a [SEP]`` / ``[CLS] q [SEP] a [SEP] r [SEP]``.
+
+    Type ids as the authors' ``data/pretrain_vcr.py`` lays them out (which differs from fine-tuning): question
+    0, answer 2, rationale 3, ``[CLS]`` 0, and each ``[SEP]`` the type of the segment before it (QA:
+    ``0 0.. 0 2.. 2``; QAR: ``0 0.. 0 2.. 2 3.. 3``). Regions: the ground-truth boxes' image, then the
+    detections' (as :class:`~villa_fast.data.VcrDataset`). A record needs ``qa_target`` (and, for QAR,
+    ``qar_target``) >= 0: test records, which have none, cannot be pre-trained on.
+    """
+
+    def __init__(self, txt_db, img_db_gt=None, img_db=None, **kwargs):
+        super().__init__(txt_db, img_db_gt, img_db, **kwargs)
+        if self.task not in ("qa", "qar"):
+            raise ValueError(f"VCR pre-training reads task 'qa' or 'qar' text, got {self.task!r}")
+
+    def _segments(self, example: dict) -> list[tuple[list[int], int]]:
+        def target(key: str, n: int) -> int:
+            t = int(example.get(key, -1))
+            if not 0 <= t < n:
+                raise DataFormatError(
+                    f"{self.txt_db.db_dir}: VCR pre-training needs {key} in [0, {n}), got {t} (a test record?)"
+                )
+            return t
+
+        segs = [(list(example["input_ids"]), 0)]
+        answers = example["input_ids_as"]
+        segs.append((list(answers[target("qa_target", len(answers))]), 2))
+        if self.task == "qar":
+            rationales = example["input_ids_rs"]
+            segs.append((list(rationales[target("qar_target", len(rationales))]), 3))
+        return segs
+
+    def _text(self, example: dict, rng: random.Random | None, prob: float = 0.15):
+        """(input_ids, txt_type_ids, txt_labels or None): each segment masked on its own (BERT masking with
+        at least one target per segment) when ``rng`` is given."""
+        ids, types, labels = [self.txt_db.cls_], [0], [-1]
+        for k, (seg, t) in enumerate(self._segments(example)):
+            if rng is not None:
+                seg, lab = random_word(seg, self.txt_db.v_range, self.txt_db.mask, rng, prob)
+            else:
+                lab = [-1] * len(seg)
+            if k:  # the [SEP] between two segments: the type of the one before
+                ids.append(self.txt_db.sep)
+                types.append(types[-1])
+                labels.append(-1)
+            ids += seg
+            types += [t] * len(seg)
+            labels += lab
+        ids.append(self.txt_db.sep)
+        types.append(types[-1])
+        labels.append(-1)
+        as_long = [torch.tensor(x, dtype=torch.long) for x in (ids, types, labels)]
+        return as_long[0], as_long[1], (as_long[2] if rng is not None else None)
+
+    def _img_dump(self, pair) -> tuple[Tensor, Tensor, Tensor]:
+        """Features, 7-d box features and soft labels of the regions (ground truth first), for MRC."""
+        feats, poss, softs = [], [], []
+        for db, name in self._pick(pair):
+            dump = db.get_dump(name)
+            if "soft_labels" not in dump:
+                raise KeyError(f"{db.img_dir}: image {name!r} has no soft_labels (needed for MRC)")
+            bb = torch.from_numpy(dump["norm_bb"]).float()
+            feats.append(torch.from_numpy(dump["features"]).float())
+            poss.append(torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], dim=-1))
+            softs.append(torch.from_numpy(dump["soft_labels"]).float())
+        return torch.cat(feats), torch.cat(poss), torch.cat(softs)
+
+
+class MlmDatasetForVcr(VcrPretrainDataset):
+    """Items ``(input_ids, img_feat, img_pos_feat, attn_masks, txt_labels, txt_type_ids)``."""
+
+    def __init__(self, txt_db, img_db_gt=None, img_db=None, mask_prob: float = 0.15, **kwargs):
+        super().__init__(txt_db, img_db_gt, img_db, **kwargs)
+        self.mask_prob = mask_prob
+
+    def __getitem__(self, i: int):
+        example = self.txt_db[self.ids[i]]
+        input_ids, types, labels = self._text(example, self.rng(i), self.mask_prob)
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return input_ids, img_feat, img_pos_feat, attn_masks, labels, types
+
+
+class MrfrDatasetForVcr(VcrPretrainDataset):
+    """Items ``(input_ids, img_feat, img_pos_feat, attn_masks, img_mask, img_mask_tgt, txt_type_ids)``."""
+
+    def __init__(self, mask_prob: float, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_prob = mask_prob
+
+    def __getitem__(self, i: int):
+        example = self.txt_db[self.ids[i]]
+        input_ids, types, _ = self._text(example, None)
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_mask = _img_mask(self.rng(i), self.mask_prob, num_bb)
+        img_mask_tgt = torch.cat([torch.zeros(len(input_ids), dtype=torch.bool), img_mask])
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return input_ids, img_feat, img_pos_feat, attn_masks, img_mask, img_mask_tgt, types
+
+
+class MrcDatasetForVcr(MrfrDatasetForVcr):
+    """Items ``(input_ids, img_feat, img_pos_feat, soft_labels, attn_masks, img_mask, img_mask_tgt,
+    txt_type_ids)``: the soft labels of both images' regions (ground truth first)."""
+
+    def __getitem__(self, i: int):
+        example = self.txt_db[self.ids[i]]
+        input_ids, types, _ = self._text(example, None)
+        img_feat, img_pos_feat, soft = self._img_dump(example["img_fname"])
+        num_bb = img_feat.size(0)
+        img_mask = _img_mask(self.rng(i), self.mask_prob, num_bb)
+        img_mask_tgt = torch.cat([torch.zeros(len(input_ids), dtype=torch.bool), img_mask])
+        attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
+        return input_ids, img_feat, img_pos_feat, soft, attn_masks, img_mask, img_mask_tgt, types
+
+
+def vcr_pretrain_collate(inputs, base, mlm_segments: int | None = None, **kwargs) -> dict:
+    """``base`` (mlm_collate, mrfr_collate or mrc_collate, given ``kwargs``) of the VCR items, plus
+    ``txt_type_ids`` [B, L] (each item's last entry, padded with 0). ``mlm_segments`` (MLM: 2 for QA text, 3
+    when QAR text may be in the batch) is kept as ``batch["mlm_segments"]``: each segment is masked apart,
+    which a fixed-shape batch's masked-row capacity allows for (:func:`villa_fast.data.batch.mlm_capacity`)."""
+    batch = base([x[:-1] for x in inputs], **kwargs)
+    batch["txt_type_ids"] = pad_sequence([x[-1] for x in inputs], batch_first=True, padding_value=0)
+    if mlm_segments is not None:
+        batch["mlm_segments"] = int(mlm_segments)
     return batch

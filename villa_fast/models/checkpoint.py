@@ -42,11 +42,16 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     expanded: list[str] = field(default_factory=list)
+    #: checkpoint keys left out on purpose: the model's ``fresh_on_word_growth`` heads, kept as initialised
+    #: when the checkpoint's vocabulary is smaller than the model's
+    reinitialised: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = [f"missing={self.missing}", f"unexpected={self.unexpected}"]
         if self.expanded:
             parts.append(f"expanded={self.expanded}")
+        if self.reinitialised:
+            parts.append(f"reinitialised={self.reinitialised}")
         return "LoadReport(" + ", ".join(parts) + ")"
 
 
@@ -160,8 +165,10 @@ def load_pretrained(
     Tensors are copied into the existing parameters (their dtype/device kept), so hooks and
     optimizers built on the model stay valid. Word and type embeddings smaller than the model's
     (a pre-trained checkpoint into an NLVR2/VCR model) fill the first rows; the task model's
-    ``expand_rules`` fill the added rows. A retrieval model whose checkpoint has ``itm_output`` but
-    no ``rank_output`` gets rank_output from itm_output's "match" row.
+    ``expand_rules`` fill the added rows. When the word embeddings grow, the keys under the model's
+    ``fresh_on_word_growth`` prefixes are not loaded (VCR pre-training's new MLM head; listed in
+    ``reinitialised``). A retrieval model whose checkpoint has ``itm_output`` but no ``rank_output`` gets
+    rank_output from itm_output's "match" row.
 
     Raises:
         CheckpointShapeError: a tensor's shape does not fit (the message names the key and both shapes).
@@ -176,8 +183,14 @@ def load_pretrained(
     own = model.state_dict(keep_vars=True)
     rules = getattr(model, "expand_rules", {})
     report = LoadReport()
+    words = prefix + "embeddings.word_embeddings.weight"
+    grows = words in sd and words in own and sd[words].shape[0] < own[words].shape[0]
+    fresh = tuple(getattr(model, "fresh_on_word_growth", ())) if grows else ()
     with torch.no_grad():
         for key, src in sd.items():
+            if fresh and key.startswith(fresh):
+                report.reinitialised.append(key)
+                continue
             dst = own.get(key)
             if dst is None:
                 report.unexpected.append(key)
@@ -197,7 +210,7 @@ def load_pretrained(
             raise CheckpointShapeError(
                 f"checkpoint tensor {key!r} has shape {tuple(src.shape)} but the model's has shape {tuple(dst.shape)}"
             )
-        report.missing = [k for k in own if k not in sd]
+        report.missing = [k for k in own if k not in sd and not (fresh and k.startswith(fresh))]
         if (
             "rank_output.weight" in report.missing
             and "itm_output.weight" in sd

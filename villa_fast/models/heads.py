@@ -455,12 +455,30 @@ class UniterForPretraining(_TaskModel):
     loss: mlm CE mean (over the real rows); mrfr MSE mean; mrc CE (argmax of the soft label over classes 1..,
     background never a target) mean; mrckl KL(soft label || prediction) mean over all elements;
     itm CE mean + 0.1 * (sum OT over positives - sum over negatives) / B.
+
+    ``vcr=True``: the second-stage pre-training on VCR (UNITER's ``UniterForPretrainingForVCR``): 4 text
+    types (2 and 3, answer and rationale, start as copies of type 0) and the 81 person-tag tokens appended
+    to the vocabulary, the MLM head predicting them too. Loading a checkpoint without those tokens (a
+    first-stage one) leaves the MLM head as initialised (``LoadReport.reinitialised``), as the authors'
+    ``init_word_embedding`` replaces it with a new head; a checkpoint with them loads it.
     """
 
     def __init__(
-        self, config: UniterConfig | dict | str, img_label_dim: int = MRC_LABEL_DIM, ot_weight: float = OT_WEIGHT
+        self,
+        config: UniterConfig | dict | str,
+        img_label_dim: int = MRC_LABEL_DIM,
+        ot_weight: float = OT_WEIGHT,
+        vcr: bool = False,
     ):
         super().__init__(config)
+        self.vcr = vcr
+        if vcr:
+            self.source_config = self.uniter.config  # what rebuilding this model takes (log/model.json)
+            self.expand_rules = {"token_type_embeddings": {2: 0, 3: 0}}
+            self.fresh_on_word_growth = ("cls.",)
+            if self.config.type_vocab_size < 4:
+                self.uniter.resize_embedding("token_type_embeddings", 4, {2: 0, 3: 0})
+            self.uniter.resize_embedding("word_embeddings", self.config.vocab_size + VCR_SPECIAL_TOKENS)
         c = self.config
         self.cls = MlmPredictions(c, self.uniter.embeddings.word_embeddings)
         self.feat_regress = RegionFeatureRegression(c, self.uniter.img_embeddings.img_linear)
@@ -561,12 +579,13 @@ _TASKS = {
     "retrieval": (UniterForImageTextRetrieval, {"margin": 0.2, "hard_size": 31}),
     "re": (UniterForReferringExpression, {}),
     "pretrain": (UniterForPretraining, {}),
+    "pretrain_vcr": (UniterForPretraining, {"vcr": True}),
 }
 
 
 def build_model(task: str, config: UniterConfig | dict | str = "base", **kw: Any) -> nn.Module:
     """The task model for ``task`` in {vqa, ve, nlvr2, nlvr2_paired, nlvr2_triplet, vcr, itm, retrieval, re,
-    pretrain}.
+    pretrain, pretrain_vcr}.
 
     ``config``: a UniterConfig, a dict with the official keys, a JSON path, or "base" / "large".
     ``kw`` overrides the task's defaults (e.g. ``num_answer``, ``margin``, ``hard_size``).

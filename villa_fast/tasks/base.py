@@ -105,6 +105,18 @@ class Task:
             self._img_dbs[key] = DetectFeatLmdb(path, key[1], c["max_bb"], c["min_bb"], key[2], c["compressed_db"])
         return self._img_dbs[key]
 
+    def gt_det_img_dbs(self, spec: str):
+        """VCR's ``"gt_dir;det_dir"``: the ground-truth-box db (all its boxes: conf_th -1, up to 100 regions)
+        and the detections db (the config's selection), either None when absent; a folder whose name contains
+        "gt" is the ground-truth one, as in the authors' scripts."""
+        gt, det = None, None
+        for part in (p for p in spec.split(";") if p):
+            if "gt" in part.rstrip("/").split("/")[-1]:
+                gt = self.img_db(part, conf_th=-1, num_bb=100)
+            else:
+                det = self.img_db(part)
+        return gt, det
+
     def pairs(self, split: str) -> list[tuple[str, str]]:
         return dataset_pairs(self.cfg, split)
 

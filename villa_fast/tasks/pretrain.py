@@ -6,6 +6,11 @@ each loader's data, ``adv_max_graphs`` shared among those loaders), and an MLM b
 of masked-token rows (:func:`villa_fast.data.batch.mlm_rows`), the padding rows left out of its loss and
 consistency term: every adversarial pre-training step can be captured in a CUDA graph. The standard-step
 tasks (MRFR, MRC) keep the authors' unpadded batches.
+
+A ``train_datasets`` / ``val_datasets`` entry whose text databases are VCR's (they hold ``id2len_qar.json``)
+is VCR second-stage pre-training, as UNITER's ``pretrain_vcr.py``: MLM, MRFR and MRC(-kl) on the question with
+its gold answer and rationale (``vcr_pretrain_texts``), the images ``"gt_dir;det_dir"``, and the model grows
+VCR's 4 text types and 81 person-tag tokens (:class:`~villa_fast.models.UniterForPretraining` ``vcr=True``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import functools
 import logging
 import random
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
@@ -109,11 +115,56 @@ class PretrainTask(Task):
     def build_model(self):
         from villa_fast.models import UniterForPretraining
 
-        return UniterForPretraining(self.model_config(), ot_weight=self.cfg["itm_ot_lambda"])
+        return UniterForPretraining(self.model_config(), ot_weight=self.cfg["itm_ot_lambda"], vcr=self.is_vcr())
 
-    def _dataset(self, task: str, pairs: list[tuple[str, str]], max_len: int):
+    def is_vcr(self) -> bool:
+        """Whether any dataset entry is VCR's (the model then has VCR's types and tokens)."""
+        entries = [*(self.cfg.get("train_datasets") or []), *(self.cfg.get("val_datasets") or [])]
+        return any(self._vcr_entry(e, "datasets") for e in entries)
+
+    @staticmethod
+    def _vcr_entry(entry: dict, where: str) -> bool:
+        """An entry whose text databases are VCR's (``id2len_qar.json``); all of its databases or none."""
+        flags = {(Path(db) / "id2len_qar.json").is_file() for db in entry["db"]}
+        if len(flags) > 1:
+            raise ConfigError(f"{where} {entry.get('name', '')!r}: mixes VCR text databases with others")
+        return flags == {True}
+
+    def _vcr_dataset(self, task: str, pairs: list[tuple[str, str]], max_len: int):
         from villa_fast import data as d
 
+        c = self.cfg
+        if task == "itm":
+            raise ConfigError("VCR pre-training has no itm task (UNITER's second stage trains mlm, mrfr, mrckl)")
+        texts = list(c["vcr_pretrain_texts"])
+        sets = []
+        for txt, img in pairs:
+            gt, det = self.gt_det_img_dbs(img)
+            if gt is None and det is None:
+                raise ConfigError(f"VCR pre-training: no image database in {img!r}")
+            for kind in texts:
+                tdb = d.VcrTxtTokLmdb(txt, max_len, task=kind)
+                if task == "mlm":
+                    sets.append(d.MlmDatasetForVcr(tdb, gt, det, mask_prob=c["mlm_prob"]))
+                elif task == "mrfr":
+                    sets.append(d.MrfrDatasetForVcr(c["mrm_prob"], tdb, gt, det))
+                else:
+                    sets.append(d.MrcDatasetForVcr(c["mrm_prob"], tdb, gt, det))
+        if task == "mlm":
+            segments = 3 if "qar" in texts else 2
+            collate = functools.partial(
+                d.vcr_pretrain_collate, base=d.mlm_collate, mlm_segments=segments, mask_prob=c["mlm_prob"]
+            )
+        else:
+            base = d.mrfr_collate if task == "mrfr" else d.mrc_collate
+            collate = functools.partial(d.vcr_pretrain_collate, base=base)
+        return (sets[0] if len(sets) == 1 else d.ConcatDatasetWithLens(sets)), collate
+
+    def _dataset(self, task: str, pairs: list[tuple[str, str]], max_len: int, vcr: bool = False):
+        from villa_fast import data as d
+
+        if vcr:
+            return self._vcr_dataset(task, pairs, max_len)
         c = self.cfg
         sets = []
         for txt, img in pairs:
@@ -163,10 +214,11 @@ class PretrainTask(Task):
         loaders = {}
         for i, entry in enumerate(entries):
             pairs = self._entry_pairs(entry, "train_datasets")
+            vcr = self._vcr_entry(entry, "train_datasets")
             ratios = entry.get("mix_ratio") or [1] * len(entry["tasks"])
             for task, ratio in zip(entry["tasks"], ratios, strict=True):
                 t = _norm(task)
-                ds, collate = self._dataset(t, pairs, self.cfg["max_txt_len"])
+                ds, collate = self._dataset(t, pairs, self.cfg["max_txt_len"], vcr)
                 key = f"{entry.get('name', i)}_{t}"
                 loader = self.batch_loader(ds, collate, ctx, train=True, graphs=share if t in adv else 0)
                 loaders[key] = (t, loader, float(ratio))
@@ -179,9 +231,10 @@ class PretrainTask(Task):
         parts = []
         for entry in self.cfg.get(f"{split}_datasets") or []:
             pairs = self._entry_pairs(entry, f"{split}_datasets")
+            vcr = self._vcr_entry(entry, f"{split}_datasets")
             for task in entry["tasks"]:
                 t = _norm(task)
-                ds, collate = self._dataset(t, pairs, -1)
+                ds, collate = self._dataset(t, pairs, -1, vcr)
                 parts.append((t, self.batch_loader(ds, collate, ctx, train=False)))
         return _Chain(parts)
 

@@ -31,22 +31,12 @@ class VcrTask(Task):
 
         return UniterForVcr(self.model_config())
 
-    def _gt_det_dbs(self, spec: str):
-        """``"gt_dir;det_dir"``: the ground-truth-box db (fixed 100 regions) and the detections db."""
-        gt, det = None, None
-        for part in (p for p in spec.split(";") if p):
-            if "gt" in part.rstrip("/").split("/")[-1]:
-                gt = self.img_db(part, conf_th=-1, num_bb=100)
-            else:
-                det = self.img_db(part)
-        return gt, det
-
     def train_loader(self, ctx: DataContext):
         from villa_fast.data import ConcatDatasetWithLens, VcrDataset, VcrTxtTokLmdb, vcr_collate
 
         sets = []
         for txt, img in self.pairs("train"):
-            gt, det = self._gt_det_dbs(img)
+            gt, det = self.gt_det_img_dbs(img)
             for sub in ("qa", "qar"):
                 sets.append(VcrDataset(VcrTxtTokLmdb(txt, self.cfg["max_txt_len"], task=sub), gt, det))
         return self.batch_loader(ConcatDatasetWithLens(sets), vcr_collate, ctx, train=True)
@@ -55,7 +45,7 @@ class VcrTask(Task):
         from villa_fast.data import VcrEvalDataset, VcrTxtTokLmdb, vcr_eval_collate
 
         (txt, img), *_ = self.pairs(split)
-        gt, det = self._gt_det_dbs(img)
+        gt, det = self.gt_det_img_dbs(img)
         ds = VcrEvalDataset("val" if split != "test" else "test", VcrTxtTokLmdb(txt, -1, task="qa,qar"), gt, det)
         return self.batch_loader(ds, vcr_eval_collate, ctx, train=False)
 

@@ -156,6 +156,13 @@ SCHEMA: dict[str, Key] = {
     "adv_kl_reduction": _k("str", None, "KL reduction (default per task)", ("batchmean", "mean"), official=False),
     "adv_pretrain_tasks": _k("str_list", ["mlm", "itm"], "pre-training tasks trained adversarially", official=False),
     "mlm_prob": _k("float", 0.15, "pre-training: word masking probability", official=False),
+    "vcr_pretrain_texts": _k(
+        "str_list",
+        ["qar"],
+        "VCR pre-training: the texts trained on, 'qa' (question, gold answer) and/or 'qar' (and gold rationale); "
+        "UNITER's pretrain_vcr.py builds both under one loader name, so its qar loaders replace the qa ones",
+        official=False,
+    ),
     "mlp": _k("int", 1, "referring expressions: 1 or 2 layer head", official=False),
     "save_steps": _k("int", None, "checkpoint every N steps (default: valid_steps)", official=False),
     "keep_checkpoints": _k("int", 2, "training checkpoints kept (0: all)", official=False),
@@ -378,6 +385,9 @@ def _validate(cfg: dict[str, Any]) -> None:
     att = set(cfg["attack_modality"])
     if not att or not att <= {"text", "image"}:
         raise ConfigError(f"key 'attack_modality' must list text and/or image, got {cfg['attack_modality']!r}")
+    texts = cfg["vcr_pretrain_texts"]
+    if not texts or set(texts) - {"qa", "qar"} or len(set(texts)) != len(texts):
+        raise ConfigError(f"key 'vcr_pretrain_texts' must list 'qa' and/or 'qar' once each, got {texts!r}")
     bad = set(cfg["adv_pretrain_tasks"]) - {"mlm", "itm", "mrfr", "mrc", "mrckl"}
     if bad:
         raise ConfigError(f"key 'adv_pretrain_tasks' has unknown tasks {sorted(bad)}")
@@ -443,6 +453,7 @@ RESUME_FIXED_KEYS = (
     "itm_neg_prob",
     "itm_ot_lambda",
     "mlm_prob",
+    "vcr_pretrain_texts",
     "mlp",
     "train_datasets",
 )
