@@ -6,8 +6,10 @@ comparison with earlier runs. Both read the same batch dict (the UNITER data mod
 position_ids, img_feat, img_pos_feat, attn_masks, gather_index, targets), 24 text tokens + 36 regions per
 row, no padding. Every variant trains its own copy of one model (same initial weights), K = 3, text + image
 perturbed, adv lr 1e-3, alpha 1.5, gradient clipping at 2.0, AdamW, one optimizer step per micro-batch.
-The text delta is added to the output of the word embedding, the image delta to the raw region features
-(the input of the image linear layer), in every variant.
+The text delta is added to the output of the word embedding in every variant. The image delta: the
+released transcription adds it to the raw region features (the input of the image linear layer); the
+villa_fast variants inject it as the library does, at that layer's output as ``W delta`` (the same function
+and gradients, kept clear of the features' TF32 rounding) when the layer is an ``nn.Linear``, as it is here.
 
   released    the released loop transcribed (VILLA_SPEC section 2): zero init, clean logits kept in the
               graph, backward with retain_graph at every step; on a GPU fp16 autocast + GradScaler with

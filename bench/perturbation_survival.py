@@ -1,7 +1,8 @@
 """How much of a VILLA perturbation reaches the encoder under low-precision autocast.
 
 The adversarial step keeps its perturbations in float32 and adds them where they enter the model (the
-output of the word embedding, the region features); with ``fp32_embeddings`` (the default) the whole
+output of the word embedding; the region features, or for an ``nn.Linear`` image layer its output, as
+``W delta``); with ``fp32_embeddings`` (the default) the whole
 embedding block runs in float32, so nothing is lost there (``StepResult.perturbation_survival`` measures
 that injection point). The first matrix multiplies of the encoder then cast their input to the autocast
 dtype, and a change much smaller than half a unit in the last place of the clean activation is rounded

@@ -26,9 +26,12 @@ def backend_device(name: str) -> str:
     return _DEVICE_OF[name]
 
 
-@pytest.fixture(params=list(_backend.BACKENDS))
+@pytest.fixture(
+    params=[pytest.param(b, marks=pytest.mark.gpu) if _DEVICE_OF[b] == "cuda" else b for b in _backend.BACKENDS]
+)
 def backend(request, monkeypatch):
-    """Each backend in turn, forced through VILLA_FAST_BACKEND; skipped with the reason when it cannot run."""
+    """Each backend in turn, forced through VILLA_FAST_BACKEND; skipped with the reason when it cannot run.
+    The cases on a CUDA device (cuda, and triton where a GPU is present) carry the ``gpu`` marker."""
     name = request.param
     why = _backend._why_not(name, torch.device(_DEVICE_OF[name]))
     if why:

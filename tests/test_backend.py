@@ -139,3 +139,33 @@ def test_per_op_variable_overrides_the_global_one(monkeypatch):
     monkeypatch.setenv("VILLA_FAST_BACKEND_SYM_KL", "fastest")
     with pytest.raises(ValueError, match="VILLA_FAST_BACKEND_SYM_KL='fastest'"):
         _backend.choose("sym_kl", "cpu", "torch.float32")
+
+
+def test_per_op_variables_take_the_public_names_and_an_unknown_one_is_warned(monkeypatch, caplog):
+    import logging
+
+    monkeypatch.delenv("VILLA_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("VILLA_FAST_BACKEND_ADD_IF_", "reference")
+    monkeypatch.setenv("VILLA_FAST_BACKEND_PERTURB_UPDATE_MULTI_", "reference")
+    assert _backend.choose("add_if", "cpu", "torch.float32") == "reference"
+    assert _backend.choose("perturb_update", "cpu", "torch.float32") == "reference"
+    monkeypatch.setenv("VILLA_FAST_BACKEND_SYMKL", "reference")  # a typo: no such op
+    with caplog.at_level(logging.WARNING, logger="villa_fast.ops"):
+        _backend.choose("sym_kl", "cpu", "torch.float32")
+    assert "VILLA_FAST_BACKEND_SYMKL names no villa_fast op" in caplog.text
+
+
+def test_backend_for_an_op_follows_its_kernels_dtypes_and_variable(monkeypatch):
+    for var in [k for k in __import__("os").environ if k.startswith("VILLA_FAST_BACKEND")]:
+        monkeypatch.delenv(var)
+    x = torch.zeros(2, 3)
+    cpp = "cpp" in ops.available_backends("cpu")
+    assert ops.backend_for(x, "sym_kl") == ("cpp" if cpp else "reference")
+    # add_layer_norm has no C++ kernel: the device's choice (cpp) is not what it runs
+    assert ops.backend_for(x, "add_layer_norm") == "reference"
+    assert ops.backend_for(x.double(), "perturb_update_multi_") == ("cpp" if cpp else "reference")
+    assert ops.backend_for(x.half(), "adamw_step_") == "reference"  # no float16 parameters in the C++ kernel
+    monkeypatch.setenv("VILLA_FAST_BACKEND_SYM_KL", "reference")
+    assert ops.backend_for(x, "sym_kl") == "reference"
+    with pytest.raises(ValueError, match="op must be one of"):
+        ops.backend_for(x, "softmax")

@@ -48,14 +48,14 @@ def test_train_then_evaluate_robust(tmp_path, capsys):
     assert "vqa after 4 steps" in out and "acc" in out
     assert (tmp_path / "out" / "log" / "training_curves.png").stat().st_size > 1000
     ckpt = tmp_path / "out" / "ckpt" / "step_4"
-    pred = tmp_path / "pred"
+    pred = tmp_path / "new" / "dir" / "pred"  # a folder that does not exist yet is made
     argv = ["evaluate", "--config", str(p), "--weights", str(ckpt), "--robust", "--attack_steps", "2"]
     rc = main([*argv, "--predictions", str(pred)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "robust_acc" in out and "2-step l2 attack" in out
-    rows = json.loads((tmp_path / "pred.json").read_text())
-    metrics = json.loads((tmp_path / "pred.metrics.json").read_text())
+    rows = json.loads((pred.parent / "pred.json").read_text())
+    metrics = json.loads((pred.parent / "pred.metrics.json").read_text())
     assert rows and {"question_id", "answer"} <= set(rows[0]) and len(rows) == metrics["n"]
 
 
@@ -117,3 +117,22 @@ def test_a_new_run_in_a_used_output_dir_says_how_to_proceed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(tmp_path / "out") in err and "--resume" in err and "output_dir" in err
     assert main(["train", "--config", str(p), "--resume"]) == 0
+
+
+def test_training_curves_are_skipped_with_a_warning_without_matplotlib(tmp_path, monkeypatch, caplog):
+    import builtins
+    import logging
+
+    from villa_fast.train.report import plot_curves
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with caplog.at_level(logging.WARNING, logger="villa_fast.train"):
+        assert plot_curves({"run": [{"step": 1, "loss": 1.0}]}, tmp_path / "c.png") is None
+    assert "matplotlib is not installed" in caplog.text and not (tmp_path / "c.png").exists()

@@ -134,6 +134,8 @@ def _cmd_evaluate(args) -> int:
             report = load_pretrained(trainer.model, w)
             if report.missing:
                 raise SystemExit(f"error: {w} lacks weights the model needs: {report.missing[:5]} ...")
+    if args.predictions and trainer.dist.is_main:  # the folder made (or refused) before the evaluation runs
+        Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
     metrics = trainer.evaluate(args.split, robust=args.robust, predictions_prefix=args.predictions)
     if trainer.dist.is_main:
         title = f"{cfg['task']} on {args.split}"
@@ -161,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "convert":
         from villa_fast.data.convert import main as convert_main
 
-        return convert_main(argv[1:])
+        return convert_main(argv[1:], prog="villa-fast convert")
     args = _build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"

@@ -1,7 +1,7 @@
 """The adversarial step captured whole in one CUDA graph per input shape.
 
-At B = 32 the eager step is bound by the host launching kernels (PERFORMANCE.md); replaying one graph
-removes the launch gaps. What the capture needs (PLATFORM_NOTES.md, CUDA graphs):
+At B = 32 the eager step of a UNITER-base model is bound by the host launching its kernels; replaying one
+graph removes the launch gaps. What the capture needs:
 
 - static input buffers, filled with ``copy_`` before each replay; outputs cloned after it, so that the
   graphs of all signatures can share one memory pool (they are replayed one at a time);
@@ -120,7 +120,7 @@ class GraphedVillaStep:
             instead of piling up graphs. Pad batches to a few fixed
             shapes (:class:`villa_fast.data.PadBuckets`; the trainer does with ``adv_graphed``).
 
-    ``step(batch, txt_mask, img_mask, optimizer_step=True)`` returns a :class:`StepResult` whose tensors
+    ``step(batch, txt_mask, img_mask, *, optimizer_step=True)`` returns a :class:`StepResult` whose tensors
     are copies (the graph's own outputs are overwritten by the next replay). One graph is captured per
     input signature (shapes, dtypes, non-tensor values of the batch, and whether the optimizer steps);
     non-tensor values in the batch are frozen into the graph. Gradients live in fixed ``.grad`` tensors:

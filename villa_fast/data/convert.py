@@ -236,9 +236,9 @@ def convert_texts(
     return stats
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m villa_fast.data.convert") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m villa_fast.data.convert",
+        prog=prog,
         description="Build official UNITER/VILLA txt_db and img_db LMDB directories from raw inputs.",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -261,8 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = (_parser(prog) if prog else _parser()).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.cmd == "img":
         name2nbb = convert_images(

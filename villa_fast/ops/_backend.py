@@ -3,9 +3,11 @@
 Automatic order, by the tensor's device and what is installed:
 CUDA extension -> Triton -> C++ extension -> reference (plain PyTorch).
 ``VILLA_FAST_BACKEND=reference|cpp|triton|cuda|auto`` overrides it for every op, and
-``VILLA_FAST_BACKEND_<OP>`` (e.g. ``VILLA_FAST_BACKEND_ADD_LAYER_NORM=auto``) for one op,
-taking precedence; an explicit backend that cannot run raises an error naming what is
-missing, while an automatic choice that cannot load falls back quietly (logged at debug level).
+``VILLA_FAST_BACKEND_<OP>`` (e.g. ``VILLA_FAST_BACKEND_ADD_LAYER_NORM=auto``; the ops PERTURB_UPDATE, which
+perturb_update_multi_ follows too, PERTURB_INIT, SYM_KL, ADD_LAYER_NORM, ADD_IF, ADAMW_STEP, or the public
+names with their trailing underscore) for one op, taking precedence (a variable naming no op is warned
+about); an explicit backend that cannot run raises an error naming what is missing, while an automatic
+choice that cannot load falls back quietly (logged at debug level).
 """
 
 from __future__ import annotations
@@ -29,15 +31,41 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run on this tensor or this installation."""
 
 
+# the variables of each op: VILLA_FAST_BACKEND_<OP>, also spelt as the public function (ADD_IF_, ...);
+# perturb_update_multi_ is perturb_update's
+_OP_VARS: dict[str, tuple[str, ...]] = {
+    "perturb_update": ("PERTURB_UPDATE", "PERTURB_UPDATE_", "PERTURB_UPDATE_MULTI", "PERTURB_UPDATE_MULTI_"),
+    "perturb_init": ("PERTURB_INIT",),
+    "sym_kl": ("SYM_KL",),
+    "add_layer_norm": ("ADD_LAYER_NORM",),
+    "add_if": ("ADD_IF", "ADD_IF_"),
+    "adamw_step": ("ADAMW_STEP", "ADAMW_STEP_"),
+}
+_KNOWN_VARS = frozenset(f"{_ENV}_{v}" for vs in _OP_VARS.values() for v in vs)
+_warned: set[str] = set()
+
+
+def _warn_unknown_vars() -> None:
+    """A VILLA_FAST_BACKEND_<NAME> that names no op would be ignored: say so, once per name."""
+    for k in os.environ:
+        if k.startswith(_ENV + "_") and k not in _KNOWN_VARS and k not in _warned:
+            _warned.add(k)
+            names = ", ".join(f"{_ENV}_{vs[0]}" for vs in _OP_VARS.values())
+            log.warning("%s names no villa_fast op and is ignored; the per-op variables are %s", k, names)
+
+
 def _env_name(op: str | None) -> str:
     """The variable that decides for ``op``: its own when set, else VILLA_FAST_BACKEND."""
-    if op is not None and f"{_ENV}_{op.upper()}" in os.environ:
-        return f"{_ENV}_{op.upper()}"
+    if op is not None:
+        for suffix in _OP_VARS.get(op, (op.upper(),)):
+            if f"{_ENV}_{suffix}" in os.environ:
+                return f"{_ENV}_{suffix}"
     return _ENV
 
 
 def requested_backend(op: str | None = None) -> str:
     """The backend asked for by VILLA_FAST_BACKEND_<OP> (for ``op``) or VILLA_FAST_BACKEND ('auto' when unset)."""
+    _warn_unknown_vars()
     name = _env_name(op)
     value = os.environ.get(name, "auto").strip().lower() or "auto"
     if value != "auto" and value not in BACKENDS:
@@ -144,9 +172,20 @@ _ORDER_CUDA = ("cuda", "triton", "cpp", "reference")
 _ORDER_CPU = ("cpp", "reference")
 
 
-def backend_for(tensor: Tensor) -> str:
-    """The backend an op on ``tensor`` would run with, honouring VILLA_FAST_BACKEND."""
-    return _pick(tensor.device)
+def backend_for(tensor: Tensor, op: str | None = None) -> str:
+    """The backend that would run on ``tensor``, honouring the environment variables.
+
+    With ``op`` (``"sym_kl"``, ``"perturb_update_multi_"``, ... the public names or the short ones), the one that
+    op would run with for this tensor's device and dtype (an op without that backend's kernel or dtype takes the
+    next one, as it does when called); without, the device's choice under VILLA_FAST_BACKEND alone.
+    """
+    if op is None:
+        return _pick(tensor.device)
+    key = op.rstrip("_")
+    key = "perturb_update" if key == "perturb_update_multi" else key
+    if key not in SUPPORTED_DTYPES:
+        raise ValueError(f"op must be one of {', '.join(sorted(SUPPORTED_DTYPES))}; got {op!r}")
+    return choose(key, tensor.device.type, str(tensor.dtype))
 
 
 def _pick(device: torch.device, op: str | None = None) -> str:

@@ -63,7 +63,12 @@ SCHEMA: dict[str, Key] = {
     "task": _k("str", None, "vqa, ve, nlvr2, vcr, retrieval (itm), re, pretrain", official=False),
     "model_config": _k("str", None, "UNITER model config JSON, or 'base' / 'large'"),
     "checkpoint": _k("str", None, "initial weights (official .pt, safetensors or HF BERT)"),
-    "checkpoint_from": _k("str", None, "where the checkpoint comes from: pretrain or vcr_pretrain"),
+    "checkpoint_from": _k(
+        "str",
+        None,
+        "accepted (pretrain or vcr_pretrain in the authors' VCR configs); loading tells a checkpoint with VCR's "
+        "added embedding rows from one without by their shapes",
+    ),
     "output_dir": _k("str", None, "directory for logs, checkpoints and predictions"),
     "train_txt_dbs": _k("str_list", None, "training txt_db directories"),
     "train_img_dbs": _k("str_list", None, "training img_db directories (VCR: 'gt_dir;det_dir')"),
@@ -96,7 +101,7 @@ SCHEMA: dict[str, Key] = {
         "validation batch per process: tokens (vqa, ve, nlvr2, pretrain); examples (vcr, re); unused by retrieval",
     ),
     "n_workers": _k("int", 4, "DataLoader worker processes"),
-    "pin_mem": _k("bool", False, "pin host memory of batches"),
+    "pin_mem": _k("bool", False, "accepted; batches for a CUDA device are always pinned (and prefetched)"),
     # -- optimisation ----------------------------------------------------------------------------
     "gradient_accumulation_steps": _k(
         "int", 1, "micro-batches per optimizer step (retrieval with hard negatives: 1, train_batch_size sets them)"

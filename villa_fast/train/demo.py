@@ -179,7 +179,8 @@ def run_demo(
     say(format_table(["run", "clean acc %", "robust acc %", "train time"], rows))
     total = time.perf_counter() - t_start
     say("")
-    say(f"training curves: {plot}")
+    if plot:
+        say(f"training curves: {plot}")
     say(f"total time: {total:.0f} s")
     torch.set_num_threads(prev_threads)
     return {"standard": results["standard"], "villa": results["VILLA"], "plot": plot, "seconds": total}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -9,9 +10,18 @@ from typing import Any
 __all__ = ["format_table", "plot_curves"]
 
 
-def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, title: str = "") -> str:
-    """One panel of training loss and one of each validation metric, one line per run."""
-    import matplotlib
+def plot_curves(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, title: str = ""
+) -> str | None:
+    """One panel of training loss and one of each validation metric, one line per run; returns the PNG's
+    path, or None (with a warning) where matplotlib, a ``train`` extra, is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        logging.getLogger("villa_fast.train").warning(
+            "matplotlib is not installed (pip install 'villa_fast[train]'): no training curves written to %s", path
+        )
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from villa_fast.tasks import DataContext, Task, build_task
 from villa_fast.train import distributed as vdist
 from villa_fast.train.checkpoint import (
+    atomic_save_weights,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -587,9 +588,7 @@ class Trainer:
         if self._tb is not None:
             self._tb.flush()
         if self.output_dir and self.dist.is_main:
-            from villa_fast.models import save_safetensors
-
-            save_safetensors(self.model, self.output_dir / "ckpt" / "model_final.safetensors")
+            atomic_save_weights(self.model, self.output_dir / "ckpt" / "model_final.safetensors")
         return self.history
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -654,6 +653,7 @@ class Trainer:
             out.update({f"robust_{k}": v for k, v in task.eval_finish(self._reduce(adv)).items() if k != "n"})
         if self.dist.is_main and (predictions_prefix or (write_predictions and self.output_dir)):
             prefix = predictions_prefix or str(self.output_dir / "results" / f"results_{self.global_step}")
+            Path(prefix).parent.mkdir(parents=True, exist_ok=True)
             task.write_predictions(clean["pred"], prefix)
         return _plain(out)
 
