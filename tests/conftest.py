@@ -53,3 +53,12 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_tf32():
+    """The trainer turns TF32 on for float32 matmuls under fp16/bf16 autocast on CUDA (the ``tf32`` key), a
+    process-wide switch: put it back after every test so that float32 comparisons later stay float32."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -165,12 +165,13 @@ def test_backends_of_the_op(monkeypatch):
 
 
 def test_triton_width_limit(monkeypatch):
-    if "triton" not in ops.available_backends("cpu"):
+    dev = backend_device("triton")
+    if "triton" not in ops.available_backends(dev):
         pytest.skip("triton cannot run here")
     monkeypatch.setattr(aln_mod, "_MAX_TRITON_HIDDEN", 8)
     monkeypatch.setenv("VILLA_FAST_BACKEND", "triton")
     with pytest.raises(ops.BackendUnavailableError, match="H <= 8"):
-        ops.add_layer_norm(torch.randn(2, 9), torch.randn(2, 9), torch.ones(9))
+        ops.add_layer_norm(torch.randn(2, 9, device=dev), torch.randn(2, 9, device=dev), torch.ones(9, device=dev))
 
 
 @pytest.mark.parametrize(
@@ -272,6 +273,9 @@ def test_init_weights_initialises_fused_layer_norm():
 @pytest.mark.usefixtures("one_thread")
 def test_model_fused_matches_torch(backend, monkeypatch):
     monkeypatch.delenv("VILLA_FAST_LAYERNORM", raising=False)
+    # float32 matmuls in float32: TF32 would amplify the LayerNorms' last-place differences past 1e-5 (the
+    # conftest's autouse fixture puts the switch back after the test)
+    torch.backends.cuda.matmul.allow_tf32 = False
     dev = backend_device(backend)
     ref = UniterModel(tiny_config(layer_norm_impl="torch")).to(dev).eval()
     fused = UniterModel(tiny_config(layer_norm_impl="fused")).to(dev).eval()
@@ -300,11 +304,13 @@ def test_model_fused_matches_torch(backend, monkeypatch):
 @pytest.mark.usefixtures("one_thread")
 def test_model_fused_under_autocast_keeps_float32_output(backend, monkeypatch):
     monkeypatch.delenv("VILLA_FAST_LAYERNORM", raising=False)
-    ref = UniterModel(tiny_config(layer_norm_impl="torch")).eval()
-    fused = UniterModel(tiny_config(layer_norm_impl="fused")).eval()
+    dev = backend_device(backend)
+    ref = UniterModel(tiny_config(layer_norm_impl="torch")).to(dev).eval()
+    fused = UniterModel(tiny_config(layer_norm_impl="fused")).to(dev).eval()
     fused.load_state_dict(ref.state_dict())
     batch = make_batch(ref.config, [4, 2], [3, 5])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
         out_ref, out_fused = run_encoder(ref, batch), run_encoder(fused, batch)
     assert out_fused.dtype == out_ref.dtype == torch.float32
     torch.testing.assert_close(out_fused, out_ref, atol=2e-2, rtol=2e-2)

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+pytest.importorskip("lmdb", reason="the data pipeline needs lmdb (on a GPU machine: bench/device_wheels.sh)")
+
 from tests.test_models import make_batch, run_encoder, tiny_config
 from tests.test_train_fixtures import task_config
 from villa_fast.adversarial import GraphedVillaStep

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("lmdb", reason="the data pipeline needs lmdb (on a GPU machine: bench/device_wheels.sh)")
+
 from tests.test_train_fixtures import task_config
 from villa_fast.train.config import ConfigError, resolve_config
 from villa_fast.train.trainer import Trainer, tf32_wanted
