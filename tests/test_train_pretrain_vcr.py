@@ -97,6 +97,18 @@ def test_mlm_masks_each_segment_and_keeps_the_rest(vcr_data):
         assert ds[i][4].tolist() == labels.tolist()  # reproducible: (seed, epoch, index)
 
 
+def test_qa_and_qar_text_of_one_question_are_masked_independently(vcr_data):
+    gt, det = _dbs(vcr_data)
+    qa = MlmDatasetForVcr(VcrTxtTokLmdb(vcr_data["train_txt_db"], -1, task="qa"), gt, det)
+    qar = MlmDatasetForVcr(VcrTxtTokLmdb(vcr_data["train_txt_db"], -1, task="qar"), gt, det)
+    assert qa.ids == qar.ids
+    same = 0
+    for i in range(len(qa)):
+        a, b = qa[i][4], qar[i][4]
+        same += a.tolist() == b[: a.numel()].tolist()
+    assert same < len(qa) // 2  # one stream would give the same masks on the shared prefix every time
+
+
 def test_a_record_without_targets_is_refused_by_name(vcr_data, tmp_path):
     from villa_fast.data import TxtDbWriter
 
@@ -204,6 +216,8 @@ def test_vcr_pretraining_trains_validates_and_fine_tunes_vcr_from_its_checkpoint
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in steps)
     vals = [e for e in history if "val/mlm_acc" in e]
     assert [e["step"] for e in vals] == [2, 4] and {"val/mrfr_loss", "val/mrckl_acc"} <= set(vals[-1])
+    # the losses the authors' validate_mlm / validate_mrc report too, per target
+    assert vals[-1]["val/mlm_loss"] > 0 and vals[-1]["val/mrckl_loss"] >= 0
     if adv:  # MLM is adversarial, MRFR and MRC-kl take standard steps
         calls = []
         step = trainer.adv_step.step

@@ -253,6 +253,11 @@ class VcrPretrainDataset(VcrDataset):
         if self.task not in ("qa", "qar"):
             raise ValueError(f"VCR pre-training reads task 'qa' or 'qar' text, got {self.task!r}")
 
+    def rng(self, i: int) -> random.Random:
+        # QA text draws apart from QAR text: a question trained in both forms is masked independently in each
+        salt = 0 if self.task == "qar" else 0x9E3779B1
+        return example_rng(self.seed + salt, self.epoch, i)
+
     def _segments(self, example: dict) -> list[tuple[list[int], int]]:
         def target(key: str, n: int) -> int:
             t = int(example.get(key, -1))
@@ -274,6 +279,7 @@ class VcrPretrainDataset(VcrDataset):
         """(input_ids, txt_type_ids, txt_labels or None): each segment masked on its own (BERT masking with
         at least one target per segment) when ``rng`` is given."""
         ids, types, labels = [self.txt_db.cls_], [0], [-1]
+        prev = 0
         for k, (seg, t) in enumerate(self._segments(example)):
             if rng is not None:
                 seg, lab = random_word(seg, self.txt_db.v_range, self.txt_db.mask, rng, prob)
@@ -281,13 +287,14 @@ class VcrPretrainDataset(VcrDataset):
                 lab = [-1] * len(seg)
             if k:  # the [SEP] between two segments: the type of the one before
                 ids.append(self.txt_db.sep)
-                types.append(types[-1])
+                types.append(prev)
                 labels.append(-1)
             ids += seg
             types += [t] * len(seg)
             labels += lab
+            prev = t
         ids.append(self.txt_db.sep)
-        types.append(types[-1])
+        types.append(prev)
         labels.append(-1)
         as_long = [torch.tensor(x, dtype=torch.long) for x in (ids, types, labels)]
         return as_long[0], as_long[1], (as_long[2] if rng is not None else None)

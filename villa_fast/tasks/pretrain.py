@@ -278,11 +278,14 @@ class PretrainTask(Task):
 
     # -- evaluation ----------------------------------------------------------------------------
     def eval_init(self):
-        # every counter present from the start, so all ranks reduce the same keys
+        # every counter present from the start, so all ranks reduce the same keys; as the authors' validate_*:
+        # a summed loss per target (token, region or pair) for every task, an accuracy for all but MRFR
         state: dict[str, Any] = {"n": 0.0, "pred": []}
         for t in _TASK_NAMES:
             state[f"{t}_n"] = 0.0
-            state[f"{t}_loss" if t == "mrfr" else f"{t}_correct"] = 0.0
+            state[f"{t}_loss"] = 0.0
+            if t != "mrfr":
+                state[f"{t}_correct"] = 0.0
         return state
 
     def eval_batch(self, state, model, logits, batch) -> None:
@@ -300,16 +303,23 @@ class PretrainTask(Task):
                 labels = batch["txt_labels"].to(z.device)
             labels = labels[labels != -1]
             add("mlm_correct", (z.argmax(1) == labels).sum())
+            add("mlm_loss", F.cross_entropy(z, labels, reduction="sum"))
             add("mlm_n", labels.numel())
         elif t == "itm":
             tgt = batch["targets"].to(z.device).reshape(-1)
             add("itm_correct", (z.argmax(1) == tgt).sum())
+            add("itm_loss", F.cross_entropy(z, tgt.long(), reduction="sum"))
             add("itm_n", tgt.numel())
         elif t == "mrfr":
             add("mrfr_loss", F.mse_loss(z, batch["feat_targets"].float(), reduction="sum") / max(z.size(1), 1))
             add("mrfr_n", z.size(0))
         else:
             soft = batch["label_targets"].float().to(z.device)
+            if t == "mrckl":
+                add("mrckl_loss", F.kl_div(F.log_softmax(z, dim=-1), soft, reduction="sum"))
+            else:
+                target = soft[:, 1:].argmax(dim=-1) + 1
+                add("mrc_loss", F.cross_entropy(z, target, ignore_index=0, reduction="sum"))
             if t == "mrc":  # the background class (0) is never the answer: the argmax over classes 1..
                 z, soft = z[:, 1:], soft[:, 1:]
             # MRC-kl: the argmax over every class, background included, of the prediction and of the target
