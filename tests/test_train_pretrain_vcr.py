@@ -168,6 +168,9 @@ def test_the_model_grows_vcr_types_and_tokens_and_a_first_stage_checkpoint_leave
     assert words.shape[0] == first.config.vocab_size + VCR_SPECIAL_TOKENS and types.shape[0] == 4
     assert model.cls.predictions.bias.numel() == words.shape[0]
     assert model.source_config.vocab_size == first.config.vocab_size
+    # the authors' new head keeps nn.Linear's own init (a non-zero bias), the first stage's is BERT's (zero)
+    assert model.cls.predictions.transform.dense.bias.abs().sum() > 0
+    assert first.cls.predictions.transform.dense.bias.abs().sum() == 0
     head_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("cls.")}
     report = load_pretrained(model, first.state_dict())
     n = first.config.vocab_size

@@ -486,6 +486,8 @@ class UniterForPretraining(_TaskModel):
         self.itm_output = nn.Linear(c.hidden_size, 2)
         self.ot_weight = ot_weight
         self._init_head()
+        if vcr:  # the authors' new MLM head is not BERT-initialised: its dense layer keeps nn.Linear's own init
+            self.cls.predictions.transform.dense.reset_parameters()
 
     @staticmethod
     def _task(batch: Mapping[str, Any], task: str | None) -> str:
