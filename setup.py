@@ -66,7 +66,7 @@ def _ext_modules():
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     # no -std flag: torch's BuildExtension passes the standard its headers need (C++17 or C++20)
     cxx_flags = ["-O3", "-fopenmp"]
-    link_flags = ["-fopenmp"]
+    link_flags = ["-fopenmp", "-ldl"]  # -ldl: dlsym (in libc itself from glibc 2.34)
     if with_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "(torch default)")
         _log(

@@ -5,8 +5,15 @@
 //   L_row = sum_c (p_c - q_c) d_c = Ep - Eq      (= KL(p || q) + KL(q || p))
 //   dL_row/da = p (d - Ep) + p - q,   dL_row/db = q (Eq - d) + q - p
 // reduced over rows by 1/N (batchmean) or 1/(N*C) (mean).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VILLA_FAST_X86_EXP 1
+#include <dlfcn.h>
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -20,6 +27,49 @@ namespace villa_fast {
 namespace {
 
 constexpr int64_t kMaxClasses = 32768;
+
+// exp over a float array in place. glibc's vector exp needs -ffast-math, which would break the -inf
+// handling, so the float path borrows SLEEF's AVX2 expf (1 ulp; exp(-inf) = 0, NaN stays NaN, overflow
+// gives inf), which libtorch_cpu carries for its own vectorised kernels: looked up on first use, so a torch
+// build without it, a CPU without AVX2 and FMA, or VILLA_FAST_SCALAR_EXP=1 takes the scalar loop.
+#ifdef VILLA_FAST_X86_EXP
+using VecExp = __m256 (*)(__m256);
+
+VecExp find_vec_exp() {
+    const char* off = std::getenv("VILLA_FAST_SCALAR_EXP");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return nullptr;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return nullptr;
+    return reinterpret_cast<VecExp>(dlsym(RTLD_DEFAULT, "Sleef_expf8_u10avx2"));
+}
+
+VecExp vec_exp() {
+    static const VecExp f = find_vec_exp();  // thread-safe, once
+    return f;
+}
+
+__attribute__((target("avx2,fma"))) void exp_avx2(float* x, int64_t n, VecExp f) {
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(x + c, f(_mm256_loadu_ps(x + c)));
+    if (c < n) {  // the tail through the same function, so that equal inputs give equal outputs anywhere
+        alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::copy(x + c, x + n, tail);
+        _mm256_store_ps(tail, f(_mm256_load_ps(tail)));
+        std::copy(tail, tail + (n - c), x + c);
+    }
+}
+#endif
+
+void exp_inplace(float* x, int64_t n) {
+#ifdef VILLA_FAST_X86_EXP
+    if (const VecExp f = vec_exp()) return exp_avx2(x, n, f);
+#endif
+    for (int64_t c = 0; c < n; ++c) x[c] = std::exp(x[c]);
+}
+
+void exp_inplace(double* x, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) x[c] = std::exp(x[c]);
+}
 
 template <typename T>
 void sym_kl_cpu(const T* a, const T* b, T* ga, T* gb, acc_type_t<T>* row_loss, int64_t N, int64_t C,
@@ -42,20 +92,27 @@ void sym_kl_cpu(const T* a, const T* b, T* ga, T* gb, acc_type_t<T>* row_loss, i
                 ma = std::max(ma, static_cast<acc_t>(ar[c]));
                 mb = std::max(mb, static_cast<acc_t>(br[c]));
             }
-            acc_t sa = 0, sb = 0;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                p[c] = static_cast<acc_t>(ar[c]) - ma;
+                q[c] = static_cast<acc_t>(br[c]) - mb;
+            }
+            exp_inplace(p, C);
+            exp_inplace(q, C);
+            // the row sums in double: over tens of thousands of classes a float sum's rounding would shift
+            // every log-probability by its relative error
+            double sa = 0, sb = 0;
 #pragma omp simd reduction(+ : sa, sb)
             for (int64_t c = 0; c < C; ++c) {
-                p[c] = std::exp(static_cast<acc_t>(ar[c]) - ma);
-                q[c] = std::exp(static_cast<acc_t>(br[c]) - mb);
                 sa += p[c];
                 sb += q[c];
             }
-            const acc_t lse_a = ma + std::log(sa), lse_b = mb + std::log(sb);
-            const acc_t inv_a = acc_t(1) / sa, inv_b = acc_t(1) / sb;
+            const acc_t lse_a = static_cast<acc_t>(ma + std::log(sa)), lse_b = static_cast<acc_t>(mb + std::log(sb));
+            const acc_t inv_a = static_cast<acc_t>(1.0 / sa), inv_b = static_cast<acc_t>(1.0 / sb);
             // loss = sum (p - q) d directly rather than Ep - Eq: where only one side is -inf the
             // loss is +inf (as in the reference), while 0 * -inf would turn Ep - Eq into NaN
-            acc_t ep = 0, eq = 0, loss = 0;
-#pragma omp simd reduction(+ : ep, eq, loss)
+            double ep_sum = 0, eq_sum = 0, loss_sum = 0;  // double, as the row sums above
+#pragma omp simd reduction(+ : ep_sum, eq_sum, loss_sum)
             for (int64_t c = 0; c < C; ++c) {
                 const acc_t lp = static_cast<acc_t>(ar[c]) - lse_a;
                 const acc_t lq = static_cast<acc_t>(br[c]) - lse_b;
@@ -63,11 +120,12 @@ void sym_kl_cpu(const T* a, const T* b, T* ga, T* gb, acc_type_t<T>* row_loss, i
                 d[c] = lp == lq ? acc_t(0) : lp - lq;
                 p[c] *= inv_a;
                 q[c] *= inv_b;
-                ep += p[c] * d[c];
-                eq += q[c] * d[c];
-                loss += (p[c] - q[c]) * d[c];
+                ep_sum += p[c] * d[c];
+                eq_sum += q[c] * d[c];
+                loss_sum += (p[c] - q[c]) * d[c];
             }
-            row_loss[r] = loss;
+            const acc_t ep = static_cast<acc_t>(ep_sum), eq = static_cast<acc_t>(eq_sum);
+            row_loss[r] = static_cast<acc_t>(loss_sum);
             T* gar = ga + r * C;
             T* gbr = gb + r * C;
 #pragma omp simd

@@ -397,3 +397,32 @@ def test_bad_arguments_raise_naming_the_argument(call, name):
 def test_extension_reports_cuda_support():
     assert isinstance(C.with_cuda, bool)
     assert C.perturb_update_.__doc__ and C.perturb_init_.__doc__ and C.sym_kl_fwd.__doc__
+
+
+def test_sym_kl_vector_and_scalar_exp_agree(tmp_path):
+    """The C++ kernel's float path takes SLEEF's AVX2 exp where it finds it and the scalar one under
+    VILLA_FAST_SCALAR_EXP=1: both give the same losses and gradients, -inf and NaN included."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, villa_fast._C as C\n"
+        "torch.manual_seed(0)\n"
+        "out = []\n"
+        "for n, c in [(3, 17), (2, 28996), (4, 8)]:\n"
+        "    a, b = torch.randn(n, c) * 3, torch.randn(n, c) * 3\n"
+        "    a[0, 1] = float('-inf'); b[0, 1] = float('-inf'); a[1, 2] = float('nan')\n"
+        "    out.append(C.sym_kl_fwd(a, b, 0))\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    results = {}
+    for mode in ("0", "1"):
+        path = tmp_path / f"mode{mode}.pt"
+        env = {**os.environ, "VILLA_FAST_SCALAR_EXP": mode}
+        subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True, timeout=120)
+        results[mode] = torch.load(path, weights_only=True)
+    for (lv, av, bv), (ls, as_, bs) in zip(results["0"], results["1"], strict=True):
+        torch.testing.assert_close(lv, ls, rtol=1e-6, atol=0, equal_nan=True)
+        torch.testing.assert_close(av, as_, rtol=1e-5, atol=1e-9, equal_nan=True)
+        torch.testing.assert_close(bv, bs, rtol=1e-5, atol=1e-9, equal_nan=True)
