@@ -353,3 +353,66 @@ def test_convert_img_refuses_image_sizes_in_npz_and_says_where_they_go(tmp_path)
     _re_npz_dir(tmp_path / "npz", extra={"image_w": np.array(320), "image_h": np.array(240)})
     with pytest.raises(DataFormatError, match=r"unknown arrays \['image_h', 'image_w'\].*--task re.*images.json"):
         convert_main(["img", "--npz-dir", str(tmp_path / "npz"), "--output", str(tmp_path / "img")])
+
+
+# -- VCR: the official length convention and the padded text bound it allows --------------------------------------
+
+
+def test_vcr_lengths_follow_the_official_convention_and_bound_the_padded_text(tmp_path):
+    from tests.test_train_fixtures import build_task_data
+    from villa_fast.data import VcrDataset, VcrEvalDataset, VcrTxtTokLmdb
+    from villa_fast.data.pretrain import MlmDatasetForVcr
+
+    data = build_task_data(tmp_path / "fixture", "vcr", n_txt=8, n_img=4)
+    gt_dir, det_dir = data["img_db"].split(";")
+    gt = DetectFeatLmdb(gt_dir, -1, 100, 10, 100, False)
+    det = DetectFeatLmdb(det_dir, 0.2, 6, 2, 36, False)
+    rng = np.random.default_rng(0)
+
+    def ids(lo, hi):
+        return [int(x) for x in rng.integers(5, 40, int(rng.integers(lo, hi)))]
+
+    examples = [
+        {
+            "id": f"val-{i}",
+            "img_fname": [f"img_{i % 4:03d}.npz", f"img_{i % 4:03d}.npz"],
+            "input_ids": ids(3, 12),
+            "answers": [ids(1, 9) for _ in range(4)],
+            "rationales": [ids(1, 15) for _ in range(4)],
+            "answer_label": int(rng.integers(4)),
+            "rationale_label": int(rng.integers(4)),
+        }
+        for i in range(40)
+    ]
+    jsonl = _write_jsonl(tmp_path / "vcr.jsonl", examples)
+    assert convert_texts("vcr", jsonl, tmp_path / "txt", meta=META)["written"] == 40
+    qa_db = VcrTxtTokLmdb(tmp_path / "txt", -1, task="qa")
+    qar_db = VcrTxtTokLmdb(tmp_path / "txt", -1, task="qar")
+    for ex in examples:
+        base = len(ex["input_ids"]) + max(map(len, ex["answers"]))
+        assert qa_db.id2len[ex["id"]] == 4 * base  # the four Q->A rows priced together
+        assert qar_db.id2len[ex["id"]] == 4 * base + max(map(len, ex["rationales"]))
+    # the padded text bound is the longest row each example can make, not the priced length
+    for task, db in (("qa", qa_db), ("qar", qar_db)):
+        ds = VcrDataset(db, gt, det)
+        for i, id_ in enumerate(ds.ids):
+            ex = examples[int(id_.split("-")[1])]
+            q, a = len(ex["input_ids"]), max(map(len, ex["answers"]))
+            want = q + a + 3 if task == "qa" else q + a + max(map(len, ex["rationales"])) + 4
+            assert ds.pad_dims[i][0] == want
+            assert ds.lens[i] == db.id2len[id_] + ds.pad_dims[i][1]  # the authors' batching length
+            assert max(row[0].numel() for row in ds[i]) <= want
+    eval_ds = VcrEvalDataset("test", VcrTxtTokLmdb(tmp_path / "txt", -1, task="qa,qar"), gt, det)
+    pre = MlmDatasetForVcr(qar_db, gt, det)
+    for i in range(len(eval_ds)):
+        assert max(row[0].numel() for row in eval_ds[i][0]) <= eval_ds.pad_dims[i][0]
+        assert pre[i][0].numel() <= pre.pad_dims[i][0]
+    # lengths of another convention (q + the longest answer, unpriced): the bound falls back to id2len + 3
+    import shutil
+
+    shutil.copytree(tmp_path / "txt", tmp_path / "txt_other")
+    plain = {ex["id"]: len(ex["input_ids"]) + max(map(len, ex["answers"])) for ex in examples}
+    (tmp_path / "txt_other" / "id2len_qa.json").write_text(json.dumps(plain))
+    other = VcrTxtTokLmdb(tmp_path / "txt_other", -1, task="qa")
+    ds = VcrDataset(other, gt, det)
+    assert all(d[0] == plain[id_] + 3 for d, id_ in zip(ds.pad_dims, ds.ids, strict=True))

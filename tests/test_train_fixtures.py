@@ -98,8 +98,9 @@ def build_task_data(root: Path, task: str, n_txt: int = 48, n_img: int = 12, see
                     q = len(rec["input_ids"])
                     ma = max(map(len, rec["input_ids_as"]))
                     mr = max(map(len, rec["input_ids_rs"]))
-                    id2len_qa[id_], id2len_qar[id_] = q + ma, q + ma + mr
-                    txt_len = q + ma + mr
+                    # the official VCR txt_dbs' convention: a question's four rows priced together
+                    id2len_qa[id_], id2len_qar[id_] = (q + ma) * 4, (q + ma) * 4 + mr
+                    txt_len = id2len_qar[id_]
                 elif task == "re":
                     image_id = imgs.index(img)
                     ann_ids = [image_id * 10 + k for k in range(4)]
@@ -137,7 +138,7 @@ def task_config(root: Path, task: str, **changes) -> dict:
         "max_bb": MAX_BB,
         "min_bb": 2,
         "num_bb": 36,
-        "train_batch_size": 400 if task != "vcr" else 1200,
+        "train_batch_size": 400 if task != "vcr" else 2400,
         "val_batch_size": 1600 if task != "vcr" else 3200,
         "learning_rate": 1e-3,
         "num_train_steps": 4,
@@ -157,7 +158,7 @@ def task_config(root: Path, task: str, **changes) -> dict:
     if vcr_pretrain:
         cfg.pop("val_txt_db")
         cfg.pop("val_img_db")
-        cfg.update(train_batch_size=1200, val_batch_size=3200)
+        cfg.update(train_batch_size=2400, val_batch_size=3200)
         for split, key in (("train", "train_datasets"), ("val", "val_datasets")):
             entry = {"name": "vcr", "db": [data[f"{split}_txt_db"]], "img": [data["img_db"]]}
             entry["tasks"] = ["mlm", "mrfr", "mrckl"]

@@ -200,9 +200,12 @@ def convert_texts(
                 q = len(rec["input_ids"])
                 ma = max(len(a) for a in rec["input_ids_as"])
                 mr = max(len(r) for r in rec["input_ids_rs"])
-                id2len_qa[id_] = q + ma
-                id2len_qar[id_] = q + ma + mr
-                txt_len = q + ma + mr
+                # the official VCR txt_dbs' lengths: a question's four Q->A rows priced together, (q + the
+                # longest answer) * 4, plus the longest rationale for QA->R; max_txt_len and the token
+                # buckets read these, so batches and filtering match the authors' runs
+                id2len_qa[id_] = (q + ma) * 4
+                id2len_qar[id_] = (q + ma) * 4 + mr
+                txt_len = id2len_qar[id_]
             elif task == "re":
                 for key in ("image_id", "ann_id", "ann_ids"):
                     if key not in ex:
