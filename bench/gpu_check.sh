@@ -130,8 +130,9 @@ if [ -z "${QUICK:-}" ]; then
   KERNELS=(tests/test_ext_kernels.py tests/test_opcheck.py tests/test_add_layer_norm.py tests/test_backend.py)
   PIPELINE=(tests/test_train_tf32.py tests/test_gpu_pipeline.py)
   export PYTEST_QUIET="-q -p no:cacheprovider -o addopts= -rs --durations=10"
-  run_phase 400 0 "$OUT/tests.log" bash -c "$PY -m pytest \$PYTEST_QUIET -k '(gpu or cuda or triton) and not fullgraph' \
-    ${KERNELS[*]}; $PY -m pytest \$PYTEST_QUIET -k triton ${SMOKE[*]}; $PY -m pytest \$PYTEST_QUIET ${PIPELINE[*]}"
+  run_phase 400 0 "$OUT/tests.log" bash -c "rc=0; $PY -m pytest \$PYTEST_QUIET -k '(gpu or cuda or triton) and not fullgraph' \
+    ${KERNELS[*]} || rc=1; $PY -m pytest \$PYTEST_QUIET -k triton ${SMOKE[*]} || rc=1; \
+    $PY -m pytest \$PYTEST_QUIET ${PIPELINE[*]} || rc=1; exit \$rc"
   echo "pytest exit code $?"
   grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected)" "$OUT/tests.log" | tail -n 3
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20

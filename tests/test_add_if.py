@@ -122,10 +122,12 @@ def test_overlapping_views_are_refused_and_disjoint_slices_run():
     # a val shifted against its own acc reads elements another block writes
     with pytest.raises(ValueError, match=r"vals\[0\] shares memory with accs\[0\]"):
         ops.add_if_([buf[:5]], [buf[1:6]], ok)
-    # strided views are judged by the bytes they span
+    # interleaved strided views run apart (the reference, one tensor at a time): allowed; the same one twice is not
     m = torch.zeros(4, 4)
-    with pytest.raises(ValueError, match="shares memory"):
-        ops.add_if_([m[:, 0], m[:, 1]], [torch.ones(4), torch.ones(4)], ok)
+    ops.add_if_([m[:, 0], m[:, 1]], [torch.ones(4), torch.full((4,), 2.0)], ok)
+    assert m[:, 0].tolist() == [1.0] * 4 and m[:, 1].tolist() == [2.0] * 4 and m[:, 2:].abs().sum() == 0
+    with pytest.raises(ValueError, match="is the same tensor as"):
+        ops.add_if_([m[:, 0], m[:, 0]], [torch.ones(4), torch.ones(4)], ok)
     ops.add_if_([buf[:5], buf[5:]], [torch.ones(5), torch.full((5,), 2.0)], ok)
     assert buf.tolist() == [1.0] * 5 + [2.0] * 5
     ops.add_if_([buf], [buf], ok)  # an element that reads itself: doubled

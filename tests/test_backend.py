@@ -169,3 +169,8 @@ def test_backend_for_an_op_follows_its_kernels_dtypes_and_variable(monkeypatch):
     assert ops.backend_for(x, "sym_kl") == "reference"
     with pytest.raises(ValueError, match="op must be one of"):
         ops.backend_for(x, "softmax")
+
+
+def test_backend_for_perturb_init_judges_its_float32_deltas():
+    like = torch.zeros(2, 3, dtype=torch.bfloat16)
+    assert ops.backend_for(like, "perturb_init") == _backend.choose("perturb_init", "cpu", "torch.float32")

@@ -198,12 +198,17 @@ def test_the_same_delta_twice_is_refused():
 
 
 def test_overlapping_deltas_are_refused_and_disjoint_slices_update_alike():
-    buf = torch.zeros(2, 8)
+    buf = torch.zeros(16)
     g = torch.ones(2, 5)
     with pytest.raises(ValueError, match=r"deltas\[1\] shares memory with deltas\[0\]"):
-        ops.perturb_update_multi_([buf[:, :5], buf[:, 3:]], [g, g], lrs=[0.1, 0.1], norm_type="l2")
+        ops.perturb_update_multi_([buf[:10].view(2, 5), buf[6:].view(2, 5)], [g, g], lrs=[0.1, 0.1], norm_type="l2")
+    flat = torch.zeros(12)
     with pytest.raises(ValueError, match=r"grad shares memory with delta"):
-        ops.perturb_update_(buf[:, :4], buf[:, 4:], lr=0.1, norm_type="l2")
+        ops.perturb_update_(flat[:8].view(2, 4), flat[4:].view(2, 4), lr=0.1, norm_type="l2")
+    # column slices of one buffer are updated through contiguous copies: disjoint, they run
+    cols, g2 = torch.zeros(2, 8), torch.randn(2, 4)
+    ops.perturb_update_multi_([cols[:, :4], cols[:, 4:]], [g2, g2], lrs=[0.1, 0.2], norm_type="l2")
+    torch.testing.assert_close(cols[:, 4:], 2 * cols[:, :4])
     # the text and image deltas as two slices of one flat buffer: each updated as if on its own
     flat = torch.zeros(2 * 3 + 2 * 4)
     dt, di = flat[:6].view(2, 3), flat[6:].view(2, 4)

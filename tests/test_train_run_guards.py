@@ -171,11 +171,15 @@ def test_resume_compares_the_model_not_the_model_config_path(tmp_path):
 def test_resume_compares_adv_max_graphs_only_under_adv_graphed():
     from villa_fast.train.config import resume_differences
 
-    saved = {"adv_graphed": True, "adv_max_graphs": 16}
-    # under adv_graphed it sets the padded shapes (so the batches): a change is refused
-    assert resume_differences(saved, {"adv_graphed": True, "adv_max_graphs": 9}) == [("adv_max_graphs", 16, 9)]
-    eager = {"adv_graphed": False, "adv_max_graphs": 16}
-    assert resume_differences(eager, {"adv_graphed": False, "adv_max_graphs": 9}) == []
+    saved = {"task": "vqa", "adv_graphed": True, "adv_max_graphs": 16}
+    # under adv_graphed it sets a token-counted task's padded shapes (so the batches): a change is refused
+    now = {"task": "vqa", "adv_graphed": True, "adv_max_graphs": 9}
+    assert resume_differences(saved, now) == [("adv_max_graphs", 16, 9)]
+    eager = {"task": "vqa", "adv_graphed": False, "adv_max_graphs": 16}
+    assert resume_differences(eager, {**eager, "adv_max_graphs": 9}) == []
+    # an example-counted task's batches do not depend on it: only the cap on captured graphs changes
+    re_saved = {"task": "re", "adv_graphed": True, "adv_max_graphs": 16}
+    assert resume_differences(re_saved, {**re_saved, "adv_max_graphs": 9}) == []
 
 
 def test_resume_with_the_data_moved_warns_and_continues(tmp_path, caplog):

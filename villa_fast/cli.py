@@ -134,8 +134,6 @@ def _cmd_evaluate(args) -> int:
             report = load_pretrained(trainer.model, w)
             if report.missing:
                 raise SystemExit(f"error: {w} lacks weights the model needs: {report.missing[:5]} ...")
-    if args.predictions and trainer.dist.is_main:  # the folder made (or refused) before the evaluation runs
-        Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
     metrics = trainer.evaluate(args.split, robust=args.robust, predictions_prefix=args.predictions)
     if trainer.dist.is_main:
         title = f"{cfg['task']} on {args.split}"

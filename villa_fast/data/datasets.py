@@ -444,44 +444,15 @@ class VcrDataset(DetectFeatTxtTokDataset):
         return out
 
     def _compute_lens(self):
-        # lens: the authors' (id2len of the task + regions); pad_dims: each row's text within its bound
-        qa_base = self._official_qa_base()
+        # pad_dims' text bound is the task's id2len plus the special tokens: with the official lengths
+        # (a question's four rows priced together) it is about four rows wide, which also keeps a fixed-shape
+        # batch priced as the authors price a question (its id2len plus its regions)
         lens, dims = [], []
         for id_, tl in zip(self.ids, self.txt_lens, strict=True):
             n = sum(db.name2nbb[name] for db, name in self._pick(self._txt2img[id_]))
             lens.append(tl + n)
-            if qa_base is None:
-                bound = tl + (3 if self.task == "qa" else 4)
-            elif self.task == "qa":  # [CLS] q [SEP] a [SEP]
-                bound = qa_base[id_] + 3
-            else:  # [CLS] q [SEP] a [SEP] r [SEP], the longest rationale being id2len_qar - id2len_qa
-                bound = qa_base[id_] + (tl - 4 * qa_base[id_]) + 4
-            dims.append((bound, n))
+            dims.append((tl + (3 if self.task == "qa" else 4), n))
         return lens, dims
-
-    def _official_qa_base(self) -> dict[str, int] | None:
-        """``q + longest answer`` per example when the db's lengths follow the official VCR txt_dbs
-        (``id2len_qa = (q + longest answer) * 4``, ``id2len_qar = id2len_qa + longest rationale``: the four
-        rows of a question priced together), checked on up to 32 records spread over the db; None otherwise
-        (the padded text bound is then the task's id2len plus the special tokens, safe for any convention)."""
-        path = Path(self.txt_db.db_dir, "id2len_qa.json")
-        if not self.ids or not path.is_file():
-            return None
-        qa = load_json(path, "VCR id2len_qa file")
-        if any(id_ not in qa for id_ in self.ids):
-            return None
-        step = max(1, len(self.ids) // 32)
-        for k in range(0, len(self.ids), step):
-            id_ = self.ids[k]
-            ex = self.txt_db[id_]
-            base = len(ex["input_ids"]) + max((len(a) for a in ex["input_ids_as"]), default=0)
-            if qa[id_] != 4 * base:
-                return None
-            if self.task != "qa":
-                longest_r = max((len(r) for r in ex["input_ids_rs"]), default=0)
-                if self.txt_lens[k] != 4 * base + longest_r:
-                    return None
-        return {id_: qa[id_] // 4 for id_ in self.ids}
 
     def _get_img_feat(self, pair) -> tuple[Tensor, Tensor, int]:
         feats, poss = [], []

@@ -43,10 +43,16 @@ _OP_VARS: dict[str, tuple[str, ...]] = {
 }
 _KNOWN_VARS = frozenset(f"{_ENV}_{v}" for vs in _OP_VARS.values() for v in vs)
 _warned: set[str] = set()
+_env_size = -1
 
 
 def _warn_unknown_vars() -> None:
-    """A VILLA_FAST_BACKEND_<NAME> that names no op would be ignored: say so, once per name."""
+    """A VILLA_FAST_BACKEND_<NAME> that names no op would be ignored: say so, once per name. The environment
+    is scanned again only when its size changes (ops call this every time; a scan costs tens of us)."""
+    global _env_size
+    if len(os.environ) == _env_size:
+        return
+    _env_size = len(os.environ)
     for k in os.environ:
         if k.startswith(_ENV + "_") and k not in _KNOWN_VARS and k not in _warned:
             _warned.add(k)
@@ -185,7 +191,10 @@ def backend_for(tensor: Tensor, op: str | None = None) -> str:
     key = "perturb_update" if key == "perturb_update_multi" else key
     if key not in SUPPORTED_DTYPES:
         raise ValueError(f"op must be one of {', '.join(sorted(SUPPORTED_DTYPES))}; got {op!r}")
-    return choose(key, tensor.device.type, str(tensor.dtype))
+    dtype = str(tensor.dtype)
+    if key == "perturb_init" and dtype != _F64:
+        dtype = _F32  # its deltas are float32 (float64 for float64 tensors) whatever the tensor's dtype
+    return choose(key, tensor.device.type, dtype)
 
 
 def _pick(device: torch.device, op: str | None = None) -> str:

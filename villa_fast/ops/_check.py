@@ -50,8 +50,8 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
 
 
 def _spans(groups: list[tuple[str, list[Tensor]]]) -> list[tuple[int, int, int, int]]:
-    """(first byte, end byte, group, index) of every non-empty tensor, sorted: the bytes a tensor spans (every
-    element of a strided view lies inside)."""
+    """(first byte, end byte, group, index) of every non-empty tensor, sorted: the bytes a contiguous tensor
+    covers; a strided one's first element."""
     spans = []
     for gi, (_, ts) in enumerate(groups):
         for i, t in enumerate(ts):
@@ -59,7 +59,10 @@ def _spans(groups: list[tuple[str, list[Tensor]]]) -> list[tuple[int, int, int, 
             if not n:
                 continue
             if not t.is_contiguous():
-                n = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+                # the kernels take contiguous tensors; a strided one runs through the reference one tensor at
+                # a time (or as a contiguous copy), where interleaved views cannot race: only its first
+                # element is claimed, which still catches the same view twice
+                n = 1
             lo = t.data_ptr()
             spans.append((lo, lo + n * t.element_size(), gi, i))
     spans.sort()
@@ -79,9 +82,9 @@ def memory_clash(
     updated by concurrent blocks, so two written tensors must not share a byte (the same tensor twice, or
     overlapping views of one buffer; disjoint slices are fine), and a read tensor must not share a byte with
     any written one, except with its partner when both are the same view (an element reads itself before it
-    is written: ``a += a``). Strided views are judged by the bytes they span, so interleaved views of one
-    buffer count as overlapping. Empty tensors hold no memory. Names are ``name[i]`` (``name`` alone when
-    ``indexed`` is false). O(n log n) in the number of tensors.
+    is written: ``a += a``). Contiguous tensors are judged by the bytes they cover; a strided view, which the
+    ops run apart (reference or contiguous copy), only by its first element. Empty tensors hold no memory.
+    Names are ``name[i]`` (``name`` alone when ``indexed`` is false). O(n log n) in the number of tensors.
     """
 
     def name(group: str, i: int) -> str:

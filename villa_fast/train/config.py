@@ -446,7 +446,7 @@ RESUME_FIXED_KEYS = (
     "adv_kl_weight",
     "adv_clean_backward",
     "adv_graphed",
-    "adv_max_graphs",  # under adv_graphed it sets the padded shapes, hence the batches; compared only then
+    "adv_max_graphs",  # under adv_graphed it sets token-counted tasks' padded shapes: compared only then
     "adv_kl_reduction",
     "adv_pretrain_tasks",
     "model",
@@ -471,6 +471,11 @@ def _trajectory_value(key: str, value: Any) -> Any:
     return value
 
 
+#: tasks whose token-counted training batches adv_max_graphs sizes under adv_graphed (the padded shapes are
+#: fitted per graph budget); for the others it only caps the captured graphs
+_PADDED_BY_GRAPHS = frozenset({"vqa", "ve", "nlvr2", "vcr", "pretrain"})
+
+
 def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for the :data:`RESUME_FIXED_KEYS` on which a checkpoint's
     configuration and the current one differ; keys the saved configuration lacks are not compared."""
@@ -478,7 +483,9 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     for key in RESUME_FIXED_KEYS:
         if key not in saved or key not in current:
             continue
-        if key == "adv_max_graphs" and not (saved.get("adv_graphed") or current.get("adv_graphed")):
+        if key == "adv_max_graphs" and not (
+            (saved.get("adv_graphed") or current.get("adv_graphed")) and current.get("task") in _PADDED_BY_GRAPHS
+        ):
             continue
         old, new = _trajectory_value(key, saved[key]), _trajectory_value(key, current[key])
         if old != new:
