@@ -392,15 +392,29 @@ def test_vcr_lengths_follow_the_official_convention_and_bound_the_padded_text(tm
         base = len(ex["input_ids"]) + max(map(len, ex["answers"]))
         assert qa_db.id2len[ex["id"]] == 4 * base  # the four Q->A rows priced together
         assert qar_db.id2len[ex["id"]] == 4 * base + max(map(len, ex["rationales"]))
-    # every row fits the padded text bound (the priced length plus the special tokens)
+    # the padded text bound is the longest row each example can make, not the priced length; the price of an
+    # example in a fixed-shape batch stays the authors' batching length
     for task, db in (("qa", qa_db), ("qar", qar_db)):
         ds = VcrDataset(db, gt, det)
         for i, id_ in enumerate(ds.ids):
-            assert ds.pad_dims[i][0] == db.id2len[id_] + (3 if task == "qa" else 4)
+            ex = examples[int(id_.split("-")[1])]
+            q, a = len(ex["input_ids"]), max(map(len, ex["answers"]))
+            want = q + a + 3 if task == "qa" else q + a + max(map(len, ex["rationales"])) + 4
+            assert ds.pad_dims[i][0] == want
             assert ds.lens[i] == db.id2len[id_] + ds.pad_dims[i][1]  # the authors' batching length
-            assert max(row[0].numel() for row in ds[i]) <= ds.pad_dims[i][0]
+            assert ds.pad_prices[i] == ds.lens[i]
+            assert max(row[0].numel() for row in ds[i]) <= want
     eval_ds = VcrEvalDataset("test", VcrTxtTokLmdb(tmp_path / "txt", -1, task="qa,qar"), gt, det)
     pre = MlmDatasetForVcr(qar_db, gt, det)
     for i in range(len(eval_ds)):
         assert max(row[0].numel() for row in eval_ds[i][0]) <= eval_ds.pad_dims[i][0]
         assert pre[i][0].numel() <= pre.pad_dims[i][0]
+    # lengths of another convention (q + the longest answer, unpriced): the bound falls back to id2len + 3
+    import shutil
+
+    shutil.copytree(tmp_path / "txt", tmp_path / "txt_other")
+    plain = {ex["id"]: len(ex["input_ids"]) + max(map(len, ex["answers"])) for ex in examples}
+    (tmp_path / "txt_other" / "id2len_qa.json").write_text(json.dumps(plain))
+    other = VcrDataset(VcrTxtTokLmdb(tmp_path / "txt_other", -1, task="qa"), gt, det)
+    assert all(d[0] == plain[id_] + 3 for d, id_ in zip(other.pad_dims, other.ids, strict=True))
+    assert all(max(row[0].numel() for row in other[i]) <= other.pad_dims[i][0] for i in range(len(other)))

@@ -266,3 +266,53 @@ def test_fixed_shape_remainders_join_a_larger_shape(vqa, droplast):
         tops = [s for s in pb.shapes() if not any(t != s and t[0] >= s[0] and t[1] >= s[1] for t in pb.shapes())]
         assert sampler.num_dropped < sum(sampler.batch_size_of(s) for s in tops)
     assert seen + sampler.num_dropped == len(vqa)
+
+
+def test_fixed_shape_batches_priced_by_example():
+    """``pad_prices``: a shape's batch size is the budget over the largest price among the examples it holds (its
+    own and those of every shape it contains, which may be carried up to it), not over its padded rows; every
+    batch stays within the budget at its examples' prices and one size per shape holds."""
+    rng = random.Random(0)
+    dims = [(rng.randint(5, 30), rng.randint(10, 60)) for _ in range(400)]
+    # prices unrelated to the padded row (a VCR question: four rows' text priced together, plus its regions)
+    prices = [4 * t + n + rng.randint(0, 20) for t, n in dims]
+    pb = PadBuckets.fit(dims, 3, 3)
+    budget = 4000
+    sampler = TokenBucketSampler(
+        [t + n for t, n in dims],
+        batch_size=budget,
+        droplast=True,
+        seed=3,
+        pad_dims=dims,
+        pad_buckets=pb,
+        pad_prices=prices,
+    )
+    sizes = sampler.shape_sizes()
+    assert set(sizes) == set(pb.shapes())
+    for shape, size in sizes.items():
+        held = [p for p, d in zip(prices, dims, strict=True) if d[0] <= shape[0] and d[1] <= shape[1]]
+        assert size == (budget // max(held) // 8 * 8 if held else 0)
+        # the padded-row price would allow more examples: the prices are what binds here
+        assert size <= TokenBucketSampler([1], batch_size=budget).batch_size_of(shape) or not held
+    seen = 0
+    for batch in sampler.epoch_batches():
+        assert len(batch) * max(prices[i] for i in batch) <= budget
+        own = pb.shape_of(max(dims[i][0] for i in batch), max(dims[i][1] for i in batch))
+        # the size of the shape it was formed for: its own, or a larger one its examples were carried up to
+        assert any(len(batch) == n and s[0] >= own[0] and s[1] >= own[1] for s, n in sizes.items())
+        seen += len(batch)
+    assert seen + sampler.num_dropped == len(dims) and seen > 0
+    # the prices decide: doubling them halves (about) every batch
+    dear = TokenBucketSampler(
+        [1] * len(dims), batch_size=budget, pad_dims=dims, pad_buckets=pb, pad_prices=[2 * p for p in prices]
+    )
+    assert all(dear.batch_size_of(s) <= max(sizes[s] // 2, 8) for s in sizes if sizes[s])
+    with pytest.raises(ValueError, match="one price per example"):
+        TokenBucketSampler([1, 2], batch_size=budget, pad_dims=[(3, 4), (5, 6)], pad_buckets=pb, pad_prices=[7])
+    with pytest.raises(ValueError, match="positive"):
+        TokenBucketSampler([1], batch_size=budget, pad_dims=[(3, 4)], pad_buckets=pb, pad_prices=[0])
+    expensive = TokenBucketSampler(
+        [1] * 8, batch_size=100, pad_dims=[(5, 5)] * 8, pad_buckets=PadBuckets.fit([(5, 5)]), pad_prices=[50] * 8
+    )
+    with pytest.raises(ValueError, match="priced at 50 tokens"):
+        expensive.epoch_batches()

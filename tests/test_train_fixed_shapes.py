@@ -146,8 +146,8 @@ def test_example_counted_training_pads_too(tmp_path, task):
 )
 def test_multi_row_graphed_training_pads_within_the_token_budget(tmp_path, task, model, rows, counted, budget):
     """NLVR2 and VCR under ``adv_graphed``: the task's bucket shapes, one batch size per shape, and each example's
-    padded rows within train_batch_size as the authors count them (both rows of an NLVR2 paired example; one
-    row of a VCR question, whose lengths are the question's text plus its regions)."""
+    padded rows within train_batch_size as the authors count them (both rows of an NLVR2 paired example; a VCR
+    question at its priced length, at least one padded row: see the VCR test below)."""
     extra = {"model": model} if model else {}
     # budgets the tiny data fills: a few batches of its largest shape
     trainer = _trainer(
@@ -179,6 +179,48 @@ def test_multi_row_graphed_training_pads_within_the_token_budget(tmp_path, task,
         assert all(isinstance(v, torch.Tensor) for v in sb.values())
         keys.add(step._key(*pytree.tree_flatten(sb), *trainer.task.adv_masks(b), False))
     assert len(keys) == len(sizes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        history = trainer.train()
+    assert all(math.isfinite(e["loss"]) for e in history if "loss" in e)
+
+
+def test_vcr_graphed_batches_pad_rows_tightly_and_keep_the_authors_price(tmp_path):
+    """VCR under ``adv_graphed``: the text pads to the longest row a question makes (its official length prices
+    four rows together), while a batch holds as many questions as the authors' pricing (id2len + regions, the
+    batch's largest) allows, one batch size per padded shape."""
+    trainer = _trainer(tmp_path, "vcr", adv_graphed=True, num_train_steps=2, valid_steps=100, train_batch_size=1600)
+    loader = trainer.source().loader
+    ds, sampler, budget = loader.dataset, loader.sampler, trainer.cfg["train_batch_size"]
+    assert ds.pad_prices == ds.lens
+    # the rows' bound is a fraction of the priced text (the fixture follows the official convention: four
+    # Q->A rows priced together, plus the longest rationale)
+    for (bound, n), price in zip(ds.pad_dims, ds.pad_prices, strict=True):
+        assert bound - 4 <= price - n
+    assert 2 * sum(d[0] for d in ds.pad_dims) < sum(p - d[1] for p, d in zip(ds.pad_prices, ds.pad_dims, strict=True))
+    pb = loader.pad_buckets
+    by_shape: dict[tuple, set] = {}
+    for idx in sampler.epoch_batches():
+        top = max(ds.pad_prices[i] for i in idx)
+        assert len(idx) * top <= budget  # the authors' price of the batch
+        shape = pb.shape_of(max(ds.pad_dims[i][0] for i in idx), max(ds.pad_dims[i][1] for i in idx))
+        by_shape.setdefault(shape, set()).add(len(idx))
+    assert by_shape
+    # each shape's batch size: the budget over the largest price the shape holds, in steps of 8
+    for shape, sizes in by_shape.items():
+        held = [p for p, d in zip(ds.pad_prices, ds.pad_dims, strict=True) if d[0] <= shape[0] and d[1] <= shape[1]]
+        assert sizes <= {sampler.batch_size_of(shape)} and sampler.batch_size_of(shape) == budget // max(held) // 8 * 8
+    batches = list(itertools.islice(trainer.source().batches(), 6))
+    for b in batches:
+        lt, n = b["input_ids"].size(1), b["img_feat"].size(1)
+        # padded to a bucket shape whose one batch size this is (a QA->R row may sit in a smaller shape than its
+        # bound: the bound allows for the longest answer, a row holds the gold one)
+        assert (lt, n) in pb.shapes() and trainer.task.n_examples(b) == sampler.batch_size_of((lt, n))
+        assert (
+            lt
+            <= max(d[0] for d in ds.pad_dims)
+            < max(p - d[1] for p, d in zip(ds.pad_prices, ds.pad_dims, strict=True))
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         history = trainer.train()

@@ -173,7 +173,7 @@ class DetectFeatTxtTokDataset(Dataset):
 
 
 class ConcatDatasetWithLens(ConcatDataset):
-    """Concatenation that keeps ``lens`` / ``pad_dims`` (and ``pad_bounds``) for token bucketing."""
+    """Concatenation that keeps ``lens`` / ``pad_dims`` (and ``pad_bounds``, ``pad_prices``) for token bucketing."""
 
     def __init__(self, datasets):
         super().__init__(datasets)
@@ -187,6 +187,11 @@ class ConcatDatasetWithLens(ConcatDataset):
         self.lens = [n for d in self.datasets for n in d.lens]
         self.pad_dims = [p for d in self.datasets for p in getattr(d, "pad_dims", [(n, 0) for n in d.lens])]
         self.pad_bounds = [b for d in self.datasets for b in getattr(d, "pad_bounds", [])]
+        priced = [getattr(d, "pad_prices", None) for d in self.datasets]
+        if any(p is not None for p in priced):
+            if any(p is None for p in priced):
+                raise ValueError("datasets priced by pad_prices cannot be concatenated with datasets priced by shape")
+            self.pad_prices = [n for p in priced for n in p]
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         for d in self.datasets:
@@ -444,15 +449,49 @@ class VcrDataset(DetectFeatTxtTokDataset):
         return out
 
     def _compute_lens(self):
-        # pad_dims' text bound is the task's id2len plus the special tokens: with the official lengths
-        # (a question's four rows priced together) it is about four rows wide, which also keeps a fixed-shape
-        # batch priced as the authors price a question (its id2len plus its regions)
+        # lens: the authors' price of a question, the task's id2len plus its regions; with the official lengths
+        # (a question's four rows priced together) that is about four rows of text, so the padded text bound
+        # (pad_dims) is the longest row the question can make, and a fixed-shape batch is priced by pad_prices
+        # (the same lens) rather than by its padded rows, keeping the authors' questions per batch
+        qa_base = self._official_qa_base()
         lens, dims = [], []
         for id_, tl in zip(self.ids, self.txt_lens, strict=True):
             n = sum(db.name2nbb[name] for db, name in self._pick(self._txt2img[id_]))
             lens.append(tl + n)
-            dims.append((tl + (3 if self.task == "qa" else 4), n))
+            if qa_base is None:
+                bound = tl + (3 if self.task == "qa" else 4)
+            elif self.task == "qa":  # [CLS] q [SEP] a [SEP]
+                bound = qa_base[id_] + 3
+            else:  # [CLS] q [SEP] a [SEP] r [SEP], the longest rationale being id2len_qar - id2len_qa
+                bound = qa_base[id_] + (tl - 4 * qa_base[id_]) + 4
+            dims.append((bound, n))
+        self.pad_prices = list(lens)
         return lens, dims
+
+    def _official_qa_base(self) -> dict[str, int] | None:
+        """``q + longest answer`` per example when the db's lengths follow the official VCR txt_dbs
+        (``id2len_qa = (q + longest answer) * 4``, ``id2len_qar = id2len_qa + longest rationale``), checked on
+        up to 32 records spread over the db; None otherwise (the padded text bound is then the task's id2len
+        plus the special tokens, which holds a row under any convention). A record that breaks the convention
+        unchecked only pads its batch to a larger shape."""
+        path = Path(self.txt_db.db_dir, "id2len_qa.json")
+        if not self.ids or not path.is_file():
+            return None
+        qa = load_json(path, "VCR id2len_qa file")
+        if not isinstance(qa, dict) or any(not isinstance(qa.get(id_), int) for id_ in self.ids):
+            return None
+        step = max(1, len(self.ids) // 32)
+        for k in range(0, len(self.ids), step):
+            id_ = self.ids[k]
+            ex = self.txt_db[id_]
+            base = len(ex["input_ids"]) + max((len(a) for a in ex["input_ids_as"]), default=0)
+            if qa[id_] != 4 * base:
+                return None
+            if self.task != "qa":
+                longest_r = max((len(r) for r in ex["input_ids_rs"]), default=0)
+                if self.txt_lens[k] != 4 * base + longest_r:
+                    return None
+        return {id_: qa[id_] // 4 for id_ in self.ids}
 
     def _get_img_feat(self, pair) -> tuple[Tensor, Tensor, int]:
         feats, poss = [], []

@@ -24,7 +24,10 @@ epoch to the smallest rank's batch count (the cut examples are counted in ``num_
 Fixed shapes (``pad_buckets``): examples are grouped by the padded ``(L_txt, N)`` shape
 their row needs, each shape gets one batch size (``budget // (L_txt + N)`` rounded down
 to ``size_multiple``), and every batch is padded to its shape, so an epoch meets one shape
-per occupied bucket (plus the smaller remainders when ``droplast`` is off). A shape's
+per occupied bucket (plus the smaller remainders when ``droplast`` is off). A dataset whose
+examples the authors price otherwise than by their padded rows (VCR: a question's four rows at its
+``id2len`` plus its regions) gives ``pad_prices``; a shape's batch size is then
+``budget // p`` with ``p`` the largest price among the examples the shape holds. A shape's
 examples that do not fill its last batch join the next larger shape that holds them
 (padded further instead of left out); only the largest shapes' remainders are dropped.
 """
@@ -117,6 +120,8 @@ class TokenBucketSampler(ResumableBatchSampler):
             :class:`PadBuckets` that turn them into fixed shapes.
         rows_per_example: rows an example makes in a batch (NLVR2 "paired": 2, one per image); with
             ``pad_buckets`` each costs ``rows_per_example * (L_txt + N)`` tokens of the budget.
+        pad_prices: with ``pad_buckets``, per-example token price instead (each shape's batch size is then
+            set by the largest price among the examples its padded shape holds, see :meth:`batch_size_of`).
         even_batches: cut every rank to the same number of batches (default: on when
             ``world_size > 1`` and ``droplast``).
     """
@@ -138,6 +143,7 @@ class TokenBucketSampler(ResumableBatchSampler):
         pad_buckets: PadBuckets | None = None,
         even_batches: bool | None = None,
         rows_per_example: int = 1,
+        pad_prices: Sequence[int] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -150,6 +156,9 @@ class TokenBucketSampler(ResumableBatchSampler):
         self.rows_per_example = int(rows_per_example)
         self._lens = list(lens)
         self._pad_dims = None if pad_dims is None else list(pad_dims)
+        self._pad_prices = None
+        self._shape_sizes: dict[tuple[int, int], int] | None = None
+        self._set_prices(pad_prices)
         self._bucket_size = bucket_size
         self._max_tok = batch_size
         self._droplast = droplast
@@ -165,12 +174,34 @@ class TokenBucketSampler(ResumableBatchSampler):
         self._cache: tuple[tuple[int, int], list[list[int]]] | None = None
 
     # -- configuration -------------------------------------------------------------
-    def set_lens(self, lens: Sequence[int], pad_dims: Sequence[tuple[int, int]] | None = None) -> None:
+    def set_lens(
+        self,
+        lens: Sequence[int],
+        pad_dims: Sequence[tuple[int, int]] | None = None,
+        pad_prices: Sequence[int] | None = None,
+    ) -> None:
         """Replace the lengths (datasets whose pairing changes per epoch)."""
         self._lens = list(lens)
         if pad_dims is not None:
             self._pad_dims = list(pad_dims)
+        if self.pad_buckets is not None and pad_prices is not None:
+            self._set_prices(pad_prices)
         self._cache = None
+
+    def _set_prices(self, pad_prices: Sequence[int] | None) -> None:
+        self._shape_sizes = None
+        if pad_prices is None:
+            self._pad_prices = None
+            return
+        prices = [int(p) for p in pad_prices]
+        if self._pad_dims is None or len(prices) != len(self._pad_dims):
+            raise ValueError(
+                f"pad_prices needs one price per example of pad_dims: {len(prices)} prices for "
+                f"{0 if self._pad_dims is None else len(self._pad_dims)} examples"
+            )
+        if any(p <= 0 for p in prices):
+            raise ValueError("pad_prices must be positive token counts")
+        self._pad_prices = prices
 
     # -- batching --------------------------------------------------------------------
     def _shard(self, rng: random.Random) -> list[list[int]]:
@@ -210,8 +241,40 @@ class TokenBucketSampler(ResumableBatchSampler):
         return batches, dropped
 
     def batch_size_of(self, shape: tuple[int, int]) -> int:
-        """Examples per batch of a padded ``(L_txt, N)`` shape (fixed-shape mode)."""
-        return fixed_batch_size(shape, self._max_tok, self.rows_per_example, self._size_mul)
+        """Examples per batch of a padded ``(L_txt, N)`` shape (fixed-shape mode): the budget over
+        ``rows_per_example * (L_txt + N)``, or with ``pad_prices`` over the largest price among the examples
+        whose padded shape the shape holds (0 for a shape that holds none), in ``size_multiple`` steps."""
+        if self._pad_prices is None:
+            return fixed_batch_size(shape, self._max_tok, self.rows_per_example, self._size_mul)
+        if self._shape_sizes is None:
+            self._shape_sizes = self._priced_sizes()
+        size = self._shape_sizes.get(tuple(shape))
+        if size is None:  # a shape outside pad_buckets: the examples it holds
+            dims = self._pad_dims
+            held = [p for p, d in zip(self._pad_prices, dims, strict=True) if d[0] <= shape[0] and d[1] <= shape[1]]
+            size = self._max_tok // max(held) // self._size_mul * self._size_mul if held else 0
+        return size
+
+    def _priced_sizes(self) -> dict[tuple[int, int], int]:
+        pb = self.pad_buckets
+        if pb is None:
+            return {}
+        top: dict[tuple[int, int], int] = {}
+        for p, d in zip(self._pad_prices, self._pad_dims, strict=True):
+            sh = pb.shape_of(*d)
+            top[sh] = max(top.get(sh, 0), p)
+        sizes = {}
+        for shape in pb.shapes():
+            held = [p for sh, p in top.items() if sh[0] <= shape[0] and sh[1] <= shape[1]]
+            price = max(held, default=0)
+            sizes[shape] = self._max_tok // price // self._size_mul * self._size_mul if price else 0
+        return sizes
+
+    def shape_sizes(self) -> dict[tuple[int, int], int]:
+        """``{padded shape: examples per batch}`` over ``pad_buckets``' shapes (fixed-shape mode)."""
+        if self.pad_buckets is None:
+            return {}
+        return {tuple(s): self.batch_size_of(tuple(s)) for s in self.pad_buckets.shapes()}
 
     def _batches_fixed(self, ids: list[int]) -> tuple[list[list[int]], int]:
         pb = self.pad_buckets
@@ -224,9 +287,14 @@ class TokenBucketSampler(ResumableBatchSampler):
             members = groups[shape]
             per = self.batch_size_of(shape)
             if per == 0:
+                if self._pad_prices is None:
+                    what = f"{self.rows_per_example} row(s) of padded shape {shape}"
+                else:
+                    top = max(self._pad_prices[i] for i in members)
+                    what = f"padded shape {shape} (the largest priced at {top} tokens)"
                 raise ValueError(
-                    f"token budget {self._max_tok} cannot hold {self._size_mul} examples of {self.rows_per_example} "
-                    f"row(s) of padded shape {shape}"
+                    f"token budget {self._max_tok} cannot hold {self._size_mul} examples of {what}: "
+                    "raise the batch size or lower max_txt_len / max_bb"
                 )
             full = len(members) // per * per
             batches += [members[s : s + per] for s in range(0, full, per)]
@@ -476,25 +544,25 @@ def fixed_batch_size(shape: tuple[int, int], budget: int, rows_per_example: int,
 class _PadCollate:
     """Picklable ``collate_fn`` followed by fixed-shape padding.
 
-    With ``fixed`` (the token sampler's ``(budget, rows_per_example, size_multiple)``) a batch of ``b`` examples
-    is padded to the smallest shape that holds it among those whose batch size is ``b``: the shape it was
-    formed for, also when it holds examples carried up from a smaller shape, so every shape keeps one batch
-    size. Without it, to the smallest shape that holds the batch."""
+    With ``sizes`` (the token sampler's ``{padded shape: examples per batch}``) a batch of ``b`` examples is
+    padded to the smallest shape that holds it among those whose batch size is ``b``: the shape it was formed
+    for, also when it holds examples carried up from a smaller shape, so every shape keeps one batch size.
+    Without it, to the smallest shape that holds the batch."""
 
-    def __init__(self, collate_fn: Callable, pad_buckets: PadBuckets | None, fixed: tuple[int, int, int] | None = None):
+    def __init__(self, collate_fn: Callable, pad_buckets: PadBuckets | None, sizes: dict | None = None):
         self.collate_fn = collate_fn
         self.pad_buckets = pad_buckets
-        self.fixed = fixed
+        self.sizes = sizes
 
     def __call__(self, inputs):
         batch = self.collate_fn(inputs)
         pb = self.pad_buckets
         if pb is None:
             return batch
-        if self.fixed is not None:
+        if self.sizes:
             lt, n = batch["input_ids"].size(1), batch["img_feat"].size(1)
             for shape in pb.shapes():
-                if shape[0] >= lt and shape[1] >= n and fixed_batch_size(shape, *self.fixed) == len(inputs):
+                if shape[0] >= lt and shape[1] >= n and self.sizes.get(tuple(shape)) == len(inputs):
                     return pad_batch(batch, *shape)
         return pb(batch)
 
@@ -526,10 +594,7 @@ class TokenBucketLoader:
         self.num_workers = num_workers
         self.device = None if device is None else torch.device(device)
         self.pad_buckets = pad_buckets
-        fixed = None
-        if pad_buckets is not None and isinstance(sampler, TokenBucketSampler):
-            fixed = (sampler._max_tok, sampler.rows_per_example, sampler._size_mul)
-        self.collate = _PadCollate(collate_fn, pad_buckets, fixed)
+        self.collate = _PadCollate(collate_fn, pad_buckets)
         self.prefetch_factor = prefetch_factor
         self.epoch = sampler.epoch
         self.batch_index = sampler.start_batch
@@ -542,9 +607,14 @@ class TokenBucketLoader:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch, self.seed)
             if hasattr(self.dataset, "lens"):
-                self.sampler.set_lens(self.dataset.lens, getattr(self.dataset, "pad_dims", None))
+                prices = getattr(self.dataset, "pad_prices", None)
+                priced = prices is not None and isinstance(self.sampler, TokenBucketSampler)
+                extra = {"pad_prices": prices} if priced else {}
+                self.sampler.set_lens(self.dataset.lens, getattr(self.dataset, "pad_dims", None), **extra)
         self.sampler.set_epoch(self.epoch)
         self.sampler.start_batch = self.batch_index
+        if self.pad_buckets is not None and isinstance(self.sampler, TokenBucketSampler):
+            self.collate.sizes = self.sampler.shape_sizes()
 
     def __len__(self) -> int:
         self._prepare()
@@ -617,6 +687,7 @@ def build_dataloader(
         pad_dims=getattr(dataset, "pad_dims", None),
         pad_buckets=pad_buckets,
         rows_per_example=getattr(dataset, "rows_per_example", 1),
+        pad_prices=getattr(dataset, "pad_prices", None) if pad_buckets is not None else None,
     )
     return TokenBucketLoader(
         dataset, collate_fn, sampler, num_workers=num_workers, device=device, pad_buckets=pad_buckets
