@@ -50,6 +50,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Caches the library keeps between runs (an image db's region counts) go to a temporary folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VILLA_FAST_CACHE", str(tmp_path_factory.mktemp("villa_fast_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -418,3 +418,40 @@ def test_vcr_lengths_follow_the_official_convention_and_bound_the_padded_text(tm
     other = VcrDataset(VcrTxtTokLmdb(tmp_path / "txt_other", -1, task="qa"), gt, det)
     assert all(d[0] == plain[id_] + 3 for d, id_ in zip(other.pad_dims, other.ids, strict=True))
     assert all(max(row[0].numel() for row in other[i]) <= other.pad_dims[i][0] for i in range(len(other)))
+
+
+def test_region_counts_of_a_fixed_count_db_are_the_records_own_and_cached(tmp_path, monkeypatch):
+    """A ``conf_th == -1`` db lists ``num_bb`` for every image (the authors' price); ``region_counts`` reads the
+    records' own counts once and keeps them in the cache folder, which a changed database invalidates."""
+    from tests.test_train_fixtures import build_task_data
+    from villa_fast.data import VcrDataset, VcrTxtTokLmdb
+
+    data = build_task_data(tmp_path / "fixture", "vcr", n_txt=8, n_img=4)
+    gt_dir, det_dir = data["img_db"].split(";")
+    monkeypatch.setenv("VILLA_FAST_CACHE", str(tmp_path / "cache"))
+    gt = DetectFeatLmdb(gt_dir, -1, 100, 10, 100, False)
+    assert set(gt.name2nbb.values()) == {100}
+    counts = gt.region_counts()
+    assert counts == {name: gt[name][0].size(0) for name in gt.name2nbb}
+    assert max(counts.values()) < 100
+    cached = list((tmp_path / "cache" / "region_counts").glob("*.json"))
+    assert len(cached) == 1
+    # a second db object reads the cache, not the records
+    again = DetectFeatLmdb(gt_dir, -1, 100, 10, 100, False)
+    monkeypatch.setattr(again, "_load", lambda *a, **k: pytest.fail("records read despite the cache"))
+    assert again.region_counts() == counts
+    # a corrupt cache file is recounted
+    cached[0].write_text("{not json")
+    third = DetectFeatLmdb(gt_dir, -1, 100, 10, 100, False)
+    assert third.region_counts() == counts
+    # a detections db's counts are its name2nbb
+    det = DetectFeatLmdb(det_dir, 0.2, 6, 2, 36, False)
+    assert det.region_counts() == det.name2nbb
+    # the dataset: lens price the listed counts (the authors' batching), pad_dims bound the real ones
+    tdb = VcrTxtTokLmdb(data["train_txt_db"], -1, task="qa")
+    loose, tight = VcrDataset(tdb, gt, det), VcrDataset(tdb, gt, det, exact_region_counts=True)
+    assert tight.lens == loose.lens and tight.pad_prices == loose.pad_prices
+    for i in range(len(tight)):
+        n_real = tight[i][0][2].size(0)
+        assert tight.pad_dims[i][1] == n_real < loose.pad_dims[i][1]
+        assert tight.pad_dims[i][0] == loose.pad_dims[i][0]

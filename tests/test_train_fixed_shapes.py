@@ -193,6 +193,10 @@ def test_vcr_graphed_batches_pad_rows_tightly_and_keep_the_authors_price(tmp_pat
     loader = trainer.source().loader
     ds, sampler, budget = loader.dataset, loader.sampler, trainer.cfg["train_batch_size"]
     assert ds.pad_prices == ds.lens
+    # regions: the records' own counts bound the padding (the gt db lists 100 for every image: the price)
+    for part in ds.datasets:
+        assert part.exact_region_counts
+        assert all(d[1] < p - t for d, p, t in zip(part.pad_dims, part.lens, part.txt_lens, strict=True))
     # the rows' bound is a fraction of the priced text (the fixture follows the official convention: four
     # Q->A rows priced together, plus the longest rationale)
     for (bound, n), price in zip(ds.pad_dims, ds.pad_prices, strict=True):

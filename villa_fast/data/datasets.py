@@ -416,6 +416,10 @@ class VcrDataset(DetectFeatTxtTokDataset):
 
     ``img_fname`` of a record is ``[gt_boxes_image, detected_image]``; pass ``img_db_gt``,
     ``img_db`` or both (their regions are concatenated, ground-truth boxes first).
+    ``lens`` (and ``pad_prices``) are the authors' price of a question, its ``id2len`` plus its dbs'
+    ``name2nbb``; ``pad_dims`` bound its longest row and, with ``exact_region_counts`` (fixed-shape
+    training), its regions by the records' own counts (:meth:`DetectFeatLmdb.region_counts`), else by
+    ``name2nbb``.
     Q->A rows: ``[CLS] q [SEP] a_k [SEP]``; QA->R rows: ``[CLS] q [SEP] a_gt [SEP] r_k [SEP]``.
     ``[CLS]`` and the question are type 0; each ``[SEP]`` that opens a segment takes that
     segment's type, as does the closing ``[SEP]``: Q->A ``0 0.. 2 2.. 2``, QA->R
@@ -423,12 +427,21 @@ class VcrDataset(DetectFeatTxtTokDataset):
     Targets are [4B, 1] with 1 on the correct candidate.
     """
 
-    def __init__(self, txt_db: VcrTxtTokLmdb, img_db_gt: DetectFeatLmdb | None = None, img_db=None, **kwargs):
+    def __init__(
+        self,
+        txt_db: VcrTxtTokLmdb,
+        img_db_gt: DetectFeatLmdb | None = None,
+        img_db=None,
+        *,
+        exact_region_counts: bool = False,
+        **kwargs,
+    ):
         if img_db_gt is None and img_db is None:
             raise ValueError("VcrDataset needs img_db_gt, img_db or both")
         if not isinstance(txt_db, VcrTxtTokLmdb):
             raise TypeError("txt_db must be a VcrTxtTokLmdb")
         self.img_db_gt, self.img_db_det = img_db_gt, img_db
+        self.exact_region_counts = bool(exact_region_counts)
         self.task = txt_db.task
         if type(self) is VcrDataset and self.task == "qa,qar":
             raise ValueError("train VCR with task 'qa' or 'qar' separately ('qa,qar' is for VcrEvalDataset)")
@@ -453,11 +466,19 @@ class VcrDataset(DetectFeatTxtTokDataset):
         # (a question's four rows priced together) that is about four rows of text, so the padded text bound
         # (pad_dims) is the longest row the question can make, and a fixed-shape batch is priced by pad_prices
         # (the same lens) rather than by its padded rows, keeping the authors' questions per batch
+        # (regions: name2nbb, the authors' price, in lens; with exact_region_counts the records' own counts bound
+        # the padded regions, which for the ground-truth-box db are far fewer than the num_bb it lists)
         qa_base = self._official_qa_base()
+        counts = {}
+        if self.exact_region_counts:
+            counts = {id(db): db.region_counts() for db in (self.img_db_gt, self.img_db_det) if db is not None}
         lens, dims = [], []
         for id_, tl in zip(self.ids, self.txt_lens, strict=True):
-            n = sum(db.name2nbb[name] for db, name in self._pick(self._txt2img[id_]))
+            picked = self._pick(self._txt2img[id_])
+            n = sum(db.name2nbb[name] for db, name in picked)
             lens.append(tl + n)
+            if counts:
+                n = sum(counts[id(db)][name] for db, name in picked)
             if qa_base is None:
                 bound = tl + (3 if self.task == "qa" else 4)
             elif self.task == "qa":  # [CLS] q [SEP] a [SEP]

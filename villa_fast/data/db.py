@@ -9,6 +9,7 @@ transaction of its own, never one begun by its parent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -400,6 +401,46 @@ class DetectFeatLmdb:
             conf = self._load(name)["conf"]
             out[name] = min(compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb), len(conf))
         return out
+
+    def region_counts(self, cache_dir: str | Path | None = None) -> dict[str, int]:
+        """The regions each image's record gives (``db[name]``'s row count), where ``name2nbb`` only bounds them.
+
+        A ``conf_th == -1`` db (VCR's ground-truth boxes) lists ``num_bb`` for every image, as the authors'
+        ``name2nbb``, which prices batches; its records hold their own, usually far fewer, boxes. Counting them
+        reads every record once (logged); the counts are kept in ``cache_dir`` (default ``$VILLA_FAST_CACHE``
+        or ``~/.cache/villa_fast``), keyed by the database's path, size and modification time, so a later run
+        reads a small JSON file. Other dbs' ``name2nbb`` is already exact and is returned as is."""
+        if self.conf_th != -1:
+            return dict(self.name2nbb)
+        if getattr(self, "_region_counts", None) is not None:
+            return self._region_counts
+        mdb = os.path.join(self.db_path, "data.mdb")
+        st = os.stat(mdb)
+        ident = f"{os.path.realpath(self.db_path)}|{st.st_size}|{st.st_mtime_ns}|{self.num_bb}"
+        root = Path(cache_dir or os.environ.get("VILLA_FAST_CACHE") or Path.home() / ".cache" / "villa_fast")
+        cache = root / "region_counts" / (hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32] + ".json")
+        counts = None
+        if cache.is_file():
+            try:
+                saved = json.loads(cache.read_text(encoding="utf-8"))
+                if saved.get("db") == ident and isinstance(saved.get("counts"), dict):
+                    counts = {str(k): int(v) for k, v in saved["counts"].items()}
+            except (OSError, ValueError, TypeError, AttributeError):
+                counts = None
+        if counts is None or set(counts) != set(self.name2nbb):
+            logger.info("%s: counting the regions of %d records (once; cached in %s)", self.img_dir, len(self), cache)
+            counts = {}
+            for name, bound in self.name2nbb.items():
+                counts[name] = min(int(self._load(name, keys=("features", "norm_bb"))["norm_bb"].shape[0]), bound)
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"db": ident, "counts": counts}), encoding="utf-8")
+                os.replace(tmp, cache)
+            except OSError as exc:
+                logger.warning("%s: could not cache the region counts in %s (%s)", self.img_dir, cache, exc)
+        self._region_counts = counts
+        return counts
 
     def _load(self, file_name: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         raw = self._env.get(file_name.encode("utf-8"))

@@ -130,7 +130,7 @@ class PretrainTask(Task):
             raise ConfigError(f"{where} {entry.get('name', '')!r}: mixes VCR text databases with others")
         return flags == {True}
 
-    def _vcr_dataset(self, task: str, pairs: list[tuple[str, str]], max_len: int):
+    def _vcr_dataset(self, task: str, pairs: list[tuple[str, str]], max_len: int, padded: bool = False):
         from villa_fast import data as d
 
         c = self.cfg
@@ -145,7 +145,7 @@ class PretrainTask(Task):
             for kind in texts:
                 tdb = d.VcrTxtTokLmdb(txt, max_len, task=kind)
                 if task == "mlm":
-                    sets.append(d.MlmDatasetForVcr(tdb, gt, det, mask_prob=c["mlm_prob"]))
+                    sets.append(d.MlmDatasetForVcr(tdb, gt, det, mask_prob=c["mlm_prob"], exact_region_counts=padded))
                 elif task == "mrfr":
                     sets.append(d.MrfrDatasetForVcr(c["mrm_prob"], tdb, gt, det))
                 else:
@@ -160,11 +160,12 @@ class PretrainTask(Task):
             collate = functools.partial(d.vcr_pretrain_collate, base=base)
         return (sets[0] if len(sets) == 1 else d.ConcatDatasetWithLens(sets)), collate
 
-    def _dataset(self, task: str, pairs: list[tuple[str, str]], max_len: int, vcr: bool = False):
+    def _dataset(self, task: str, pairs: list[tuple[str, str]], max_len: int, vcr: bool = False, padded=False):
+        """``padded``: the training loader pads to fixed shapes (a VCR db then bounds regions by their counts)."""
         from villa_fast import data as d
 
         if vcr:
-            return self._vcr_dataset(task, pairs, max_len)
+            return self._vcr_dataset(task, pairs, max_len, padded)
         c = self.cfg
         sets = []
         for txt, img in pairs:
@@ -218,7 +219,8 @@ class PretrainTask(Task):
             ratios = entry.get("mix_ratio") or [1] * len(entry["tasks"])
             for task, ratio in zip(entry["tasks"], ratios, strict=True):
                 t = _norm(task)
-                ds, collate = self._dataset(t, pairs, self.cfg["max_txt_len"], vcr)
+                padded = t in adv and bool(self.cfg.get("adv_training") and self.cfg.get("adv_graphed"))
+                ds, collate = self._dataset(t, pairs, self.cfg["max_txt_len"], vcr, padded)
                 key = f"{entry.get('name', i)}_{t}"
                 loader = self.batch_loader(ds, collate, ctx, train=True, graphs=share if t in adv else 0)
                 loaders[key] = (t, loader, float(ratio))

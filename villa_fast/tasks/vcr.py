@@ -35,10 +35,13 @@ class VcrTask(Task):
         from villa_fast.data import ConcatDatasetWithLens, VcrDataset, VcrTxtTokLmdb, vcr_collate
 
         sets = []
+        # fixed shapes (adv_graphed) bound the regions by the records' counts (the gt db lists 100 for every image)
+        exact = bool(self.cfg.get("adv_training") and self.cfg.get("adv_graphed"))
         for txt, img in self.pairs("train"):
             gt, det = self.gt_det_img_dbs(img)
             for sub in ("qa", "qar"):
-                sets.append(VcrDataset(VcrTxtTokLmdb(txt, self.cfg["max_txt_len"], task=sub), gt, det))
+                tdb = VcrTxtTokLmdb(txt, self.cfg["max_txt_len"], task=sub)
+                sets.append(VcrDataset(tdb, gt, det, exact_region_counts=exact))
         return self.batch_loader(ConcatDatasetWithLens(sets), vcr_collate, ctx, train=True)
 
     def eval_loader(self, ctx: DataContext, split: str = "val"):
