@@ -62,8 +62,10 @@ def _expected_loss(task: str, logits, batch, model):
     if task in ("vqa", "ve"):
         t = batch["targets"]
         return F.binary_cross_entropy_with_logits(z, t, reduction="none").mean() * t.size(1)
-    if task in ("nlvr2", "nlvr2_paired", "vcr", "re"):
+    if task in ("nlvr2", "nlvr2_paired", "vcr"):
         return F.cross_entropy(z, batch["targets"], reduction="none").mean()
+    if task == "re":  # summed over the batch, as the authors' train_re.py
+        return F.cross_entropy(z, batch["targets"], reduction="none").sum()
     if task in ("itm", "retrieval"):
         s = torch.sigmoid(z).view(-1, batch["sample_size"])
         return torch.clamp(model.margin + s[:, 1:] - s[:, :1], min=0).mean()

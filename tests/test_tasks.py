@@ -181,3 +181,29 @@ def test_vcr_test_split_writes_the_leaderboard_csv(tmp_path):
     for qid, v in val_scores.items():
         t, gold = scores[qid], int(db[qid]["qa_target"])
         assert v == pytest.approx(t[:4] + t[4 + 4 * gold : 8 + 4 * gold], abs=1e-5)
+
+
+def test_re_sums_its_loss_and_consistency_term_over_the_batch(tmp_path):
+    """Referring expressions train on the summed cross-entropy (the authors' ``loss.sum()``), and the VILLA step's
+    KL sums likewise: a batch's task gradient is the batch size times the mean's, and the KL the rows' sum."""
+    import torch.nn.functional as F
+
+    from villa_fast import ops
+
+    cfg = resolve_config(None, task_config(tmp_path, "re", adv_training=True))
+    trainer = Trainer(cfg, quiet=True)
+    assert trainer.task.main_metric == "acc_iou"
+    assert trainer.adv_step.config.kl_reduction == "sum"
+    batch = next(iter(trainer.source().batches()))
+    model = trainer.model
+    model.eval()
+    logits = trainer.task.forward(model, batch)
+    n = logits.size(0)
+    assert n > 1
+    loss = trainer.task.loss(model, logits, batch)
+    mean = F.cross_entropy(logits.float(), batch["targets"].reshape(-1).long())
+    torch.testing.assert_close(loss, mean * n)
+    other = logits.detach() + torch.randn_like(logits)
+    torch.testing.assert_close(
+        ops.sym_kl(logits.detach(), other, "sum"), ops.sym_kl(logits.detach(), other, "batchmean") * n
+    )

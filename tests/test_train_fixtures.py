@@ -104,8 +104,11 @@ def build_task_data(root: Path, task: str, n_txt: int = 48, n_img: int = 12, see
                 elif task == "re":
                     image_id = imgs.index(img)
                     ann_ids = [image_id * 10 + k for k in range(4)]
-                    rec.update(image_id=image_id, ann_id=ann_ids[int(rng.integers(4))], ann_ids=ann_ids)
-                    images[image_id] = {"id": image_id, "ann_ids": ann_ids}
+                    k = int(rng.integers(4))
+                    # the referred box in pixels and the image size: what the IoU accuracy (acc_iou) reads
+                    box = [40.0 * k, 30.0 * k, 160.0, 120.0]
+                    rec.update(image_id=image_id, ann_id=ann_ids[k], ann_ids=ann_ids, bbox=box)
+                    images[image_id] = {"id": image_id, "ann_ids": ann_ids, "width": 640, "height": 480}
                 w.add(id_, rec, txt_len)
             if task == "vqa":
                 extra["ans2label.json"] = {f"a{k}": k for k in range(5)}

@@ -13,7 +13,7 @@ import torch
 
 MODALITIES = ("text", "image", "text+image", "alter")
 NORM_TYPES = ("l2", "linf")
-KL_REDUCTIONS = ("batchmean", "mean")
+KL_REDUCTIONS = ("batchmean", "mean", "sum")
 CLEAN_BACKWARD = ("once", "per_step", "recompute")
 AMP_DTYPES = (None, torch.bfloat16, torch.float16)
 
@@ -46,7 +46,8 @@ class AdversarialConfig:
         kl_weight: alpha, the weight of the symmetric KL between perturbed and clean logits.
         modality: "text", "image", "text+image" (both deltas in one forward) or "alter"
             (a text-perturbed and an image-perturbed forward per step, each loss divided by 2K).
-        kl_reduction: "batchmean" (sum over classes, mean over rows) or "mean" (mean over all elements).
+        kl_reduction: "batchmean" (sum over classes, mean over rows), "mean" (mean over all elements) or "sum"
+            (sum over rows and classes: a task whose loss sums over its examples).
         clean_backward: "once" back-propagates the clean pass once with the summed upstream gradients
             (same gradients, 12F instead of 16F for K = 3); "per_step" retains the clean graph and
             back-propagates it at every step, as the released loop does; "recompute" is "once" without

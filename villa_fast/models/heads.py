@@ -324,7 +324,8 @@ class UniterForReferringExpression(_TaskModel):
 
     forward -> scores [B, max_bb], -1e4 at padded regions (``obj_masks`` [B, max_bb], True or 1 = padding;
     bool or any integer dtype, as ``re_collate`` emits uint8);
-    loss cross-entropy (mean) vs ``targets`` [B] (index of the referred region).
+    loss cross-entropy vs ``targets`` [B] (index of the referred region), summed over the batch as the
+    authors' ``train_re.py`` sums it (their per-example losses, ``loss.sum()``).
     Needs ``txt_lens`` (list or [B] tensor) to find each row's regions; derived from
     ``gather_index`` when absent.
     """
@@ -374,7 +375,7 @@ class UniterForReferringExpression(_TaskModel):
         return self.re_output(hid).squeeze(-1).masked_fill(self._obj_masks(batch).to(hid.device), -1e4)
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        return F.cross_entropy(_fp32(logits), batch["targets"].reshape(-1).long())
+        return F.cross_entropy(_fp32(logits), batch["targets"].reshape(-1).long(), reduction="sum")
 
 
 # -- pre-training --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 NORM_TYPES = ("l2", "linf")
-REDUCTIONS = ("batchmean", "mean")
+REDUCTIONS = ("batchmean", "mean", "sum")
 
 
 def tensor(name: str, value: object) -> Tensor:

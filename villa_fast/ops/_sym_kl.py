@@ -63,7 +63,8 @@ def sym_kl(
     Args:
         logits_a, logits_b: [N, C] with 2 <= C <= 32768, float32, bfloat16, float16 (or float64);
             the math is done in float32 (float64 for float64 inputs). Gradients flow into both.
-        reduction: "batchmean" sums over classes and averages over rows; "mean" averages over all elements.
+        reduction: "batchmean" sums over classes and averages over rows; "mean" averages over all elements;
+            "sum" sums over both (the kernels' batchmean times the rows).
         row_mask: optional bool [N]: only the rows where it is true count, as if the others were not there
             (the average is over the true rows; the other rows get zero gradient, whatever their values).
             For logits padded to a fixed row count (a CUDA graph needs fixed shapes): no host sync; with no
@@ -106,7 +107,11 @@ def sym_kl(
         a, b = torch.where(col, a, 0), torch.where(col, b, 0)
     backend = choose("sym_kl", a.device.type, str(a.dtype))
     need_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    loss, _, _ = _sym_kl_op(a.contiguous(), b.contiguous(), reduction, need_grad, backend)
+    kernel_reduction = "batchmean" if reduction == "sum" else reduction
+    loss, _, _ = _sym_kl_op(a.contiguous(), b.contiguous(), kernel_reduction, need_grad, backend)
+    if reduction == "sum":
+        # masked rows add exactly zero: the sum is the average over all N rows times N
+        return loss * n
     if keep is not None:
         # the kernel averaged over all N rows: rescale to the kept rows' count (on the device, no sync)
         loss = loss * (n / keep.sum().clamp(min=1).to(loss.dtype))

@@ -15,7 +15,9 @@ def _divisor(n: int, c: int, reduction: str) -> int:
         return n
     if reduction == "mean":
         return n * c
-    raise ValueError(f"reduction must be 'batchmean' or 'mean', got {reduction!r}")
+    if reduction == "sum":
+        return 1
+    raise ValueError(f"reduction must be 'batchmean', 'mean' or 'sum', got {reduction!r}")
 
 
 def _parts(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

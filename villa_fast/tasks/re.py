@@ -11,8 +11,16 @@ Evaluation reports two accuracies:
   image size (``images.json`` ``width`` / ``height``) and the referred box (the record's ``bbox``);
   ``n_iou`` examples had both.
 
-Keys that no example supports are left out. Predictions are ``{"sent_id", "pred_region"}`` plus
-``pred_box`` / ``tgt_box`` (``[x, y, w, h]`` in pixels) where known.
+Keys that no example supports are left out; ``acc_iou`` is the task's main metric (the authors'
+``valid/acc``).
+
+Training sums the cross-entropy over the batch, as the authors' ``train_re.py`` does (``loss.sum()``
+of the per-example losses; with their gradient clipping at 2.0 the sum's scale matters). The authors
+released no adversarial RE script; here the VILLA step's consistency term is summed over the batch
+too (``kl_reduction = "sum"``), which keeps the two terms in the ratio they have on the averaged tasks.
+
+Predictions are ``{"sent_id", "pred_region"}`` plus ``pred_box`` / ``tgt_box`` (``[x, y, w, h]`` in
+pixels) where known.
 
 Image databases follow the authors' rule (``create_dataloader`` of UNITER's ``train_re.py``, and
 ``inf_re.py``): an ``img_db`` path that contains ``coco_gt`` (the official ``re_coco_gt``) holds
@@ -92,6 +100,11 @@ def box_iou(box1: Tensor, box2: Tensor) -> Tensor:
 class ReTask(Task):
     name = "re"
     supports_adversarial = True
+    #: the authors' validation accuracy (``valid/acc`` of ``train_re.py``: IoU above 0.5)
+    main_metric = "acc_iou"
+    #: the loss sums over the batch (the authors' ``loss.sum()``); the consistency term sums likewise, so the
+    #: two keep the balance VILLA gives them on the tasks whose both terms average
+    kl_reduction = "sum"
     sum_keys = ("n", "correct", "loss", "n_target", "n_iou", "correct_iou")
     #: batches of train_batch_size / val_batch_size sentences, last one kept (see the module docstring)
     train_batch_unit = EXAMPLES

@@ -158,7 +158,9 @@ SCHEMA: dict[str, Key] = {
         ("auto", "on", "off"),
         official=False,
     ),
-    "adv_kl_reduction": _k("str", None, "KL reduction (default per task)", ("batchmean", "mean"), official=False),
+    "adv_kl_reduction": _k(
+        "str", None, "KL reduction (default per task)", ("batchmean", "mean", "sum"), official=False
+    ),
     "adv_pretrain_tasks": _k("str_list", ["mlm", "itm"], "pre-training tasks trained adversarially", official=False),
     "mlm_prob": _k("float", 0.15, "pre-training: word masking probability", official=False),
     "vcr_pretrain_texts": _k(
