@@ -72,7 +72,9 @@ def test_two_gloo_processes_match_one(tmp_path):
     for b in batches[:2]:
         trainer.micro_step(b)
     single = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
-    assert ddp["grads"].keys() >= single.keys()
+    # a parameter without a gradient (the image mask embedding, unused in fine-tuning) keeps none: no step moves it
+    assert ddp["grads"].keys() == single.keys()
+    assert "uniter.img_embeddings.mask_embedding.weight" not in single
     for k, g in single.items():
         torch.testing.assert_close(ddp["grads"][k], g, rtol=1e-4, atol=1e-6, msg=k)
     # evaluation shards the validation set over ranks and gathers every example once
@@ -105,3 +107,30 @@ def test_torchrun_cli_two_processes(tmp_path):
     assert res.stdout.count("nlvr2 after 4 steps") == 1  # rank 0 alone reports
     state = torch.load(tmp_path / "out" / "ckpt" / "step_4" / "train_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def _presence_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from villa_fast.train import distributed as vdist
+
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    params[0].grad = torch.full((3,), float(rank + 1))  # on every rank
+    if rank == 0:
+        params[1].grad = torch.ones(3)  # on one rank only
+    # params[2]: on none
+    vdist.all_reduce_grads(params, world, average=False)
+    if rank == 1:
+        torch.save([None if p.grad is None else p.grad.clone() for p in params], out)
+    torch.distributed.destroy_process_group()
+
+
+def test_all_reduce_keeps_no_gradient_where_no_rank_has_one(tmp_path):
+    """Summed over the ranks; a gradient one rank lacks counts as zero there; a parameter no rank has a gradient
+    for keeps none (an optimizer then leaves it alone, as in one process)."""
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(_presence_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    g = torch.load(out, weights_only=True)
+    assert torch.equal(g[0], torch.full((3,), 3.0))
+    assert torch.equal(g[1], torch.ones(3))
+    assert g[2] is None

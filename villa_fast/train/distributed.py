@@ -76,15 +76,28 @@ def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 @torch.no_grad()
 def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, average: bool = True) -> None:
-    """Sum (``average=False``, as the authors' scripts do) or average ``p.grad`` over the process
-    group; parameters without a gradient count as zero."""
+    """Sum (``average=False``, as the authors' scripts do) or average ``p.grad`` over the process group.
+
+    A parameter without a gradient on some ranks counts as zero there; one without a gradient on every rank
+    keeps ``grad = None``, so the optimizer leaves it alone as in a single process (the authors reduce only
+    the gradients that exist; a zero-filled one would take weight decay and stale momentum). The all-reduce
+    of the presence flags is unconditional, so every rank runs the same collectives; only a rank that lacks a
+    gradient reads the flags back (a wait on its own stream, no extra collective)."""
     if world_size <= 1:
         return
-    grads = []
-    for p in params:
+    grads, missing = [], []
+    for i, p in enumerate(params):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+            missing.append(i)
         grads.append(p.grad)
+    if not grads:
+        return
+    device = grads[0].device
+    present = torch.ones(len(params), dtype=torch.float32, device=device)
+    if missing:
+        present[missing] = 0.0
+    dist.all_reduce(present)
     for bucket in _buckets(grads):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat)
@@ -95,6 +108,11 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, average:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+    if missing:
+        anywhere = present.cpu()
+        for i in missing:
+            if anywhere[i] == 0:
+                params[i].grad = None
 
 
 @torch.no_grad()

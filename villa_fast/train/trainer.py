@@ -249,7 +249,8 @@ class Trainer:
         if self.cfg["fp16"]:
             if self.device.type == "cuda":
                 return torch.float16
-            self._log("fp16 needs a GPU: training in float32 on the CPU")
+            if self.dist.is_main:
+                logger.warning("fp16 needs a GPU: training in float32 on the %s", self.device.type.upper())
         return None
 
     def _autocast(self):
@@ -632,6 +633,23 @@ class Trainer:
         attack = self.attack() if robust else None
         clean, adv = task.eval_init(), task.eval_init()
         limit = self.cfg["max_val_examples"]
+        # evaluation draws nothing from the training random stream (loader seeds, the attack's initial
+        # perturbation): a run validated at another cadence, or resumed with another valid_steps, trains alike
+        rng_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices):
+            self._evaluate_loop(split, model, attack, clean, adv, limit, was_training)
+        clean = self._reduce(clean)  # every rank's examples
+        out = task.eval_finish(clean)
+        if attack is not None:
+            out.update({f"robust_{k}": v for k, v in task.eval_finish(self._reduce(adv)).items() if k != "n"})
+        if self.dist.is_main and (predictions_prefix or (write_predictions and self.output_dir)):
+            prefix = predictions_prefix or str(self.output_dir / "results" / f"results_{self.global_step}")
+            Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+            task.write_predictions(clean["pred"], prefix)
+        return _plain(out)
+
+    def _evaluate_loop(self, split, model, attack, clean, adv, limit, was_training) -> None:
+        task = self.task
         try:
             for batch in _epoch_iter(self.eval_loader(split)):
                 batch = task.prepare(model, self._to_device(batch))
@@ -647,15 +665,6 @@ class Trainer:
         finally:
             model.train(was_training)
             self.eval_loader(split).load_state_dict({"epoch": 0, "batch_index": 0})
-        clean = self._reduce(clean)  # every rank's examples
-        out = task.eval_finish(clean)
-        if attack is not None:
-            out.update({f"robust_{k}": v for k, v in task.eval_finish(self._reduce(adv)).items() if k != "n"})
-        if self.dist.is_main and (predictions_prefix or (write_predictions and self.output_dir)):
-            prefix = predictions_prefix or str(self.output_dir / "results" / f"results_{self.global_step}")
-            Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-            task.write_predictions(clean["pred"], prefix)
-        return _plain(out)
 
     def _reduce(self, state: dict) -> dict:
         if not self.dist.enabled:
