@@ -4,9 +4,9 @@
 // With p = softmax(a), q = softmax(b), d = log p - log q, Ep = sum p d, Eq = sum q d:
 //   L_row = Ep - Eq,  dL/da = p (d - Ep) + p - q,  dL/db = q (Eq - d) + q - p.
 // Rows that fit on chip are read once into registers (a warp per row for C <= 256, a block
-// per row up to 8192) and each gradient written once. Longer rows use an online max /
-// sum-exp that also accumulates sum e^(a - m) (a - b), from which Ep and Eq follow without
-// a second statistics pass; a second read (L2-hot) writes the gradients. Per-row losses go
+// per row up to 8192) and each gradient written once. Longer rows take three reads: an online
+// max / sum-exp, the sums of Ep, Eq and the loss from d formed per element, and the gradients
+// (the later reads mostly from L2). Per-row losses go
 // to a buffer reduced by one small block in a fixed order: no float atomics, so the loss is
 // bit-reproducible.
 #include <cuda_bf16.h>
@@ -111,57 +111,61 @@ __global__ void __launch_bounds__(kGroup == 32 ? 32 * kWarpRowsPerBlock : kGroup
     }
 }
 
-// Online (max, sum-exp, sum-exp * (a - b)) for one side; rescaled whenever the max grows.
+// Online (max, sum-exp) for one side; the sum is rescaled whenever the max grows.
 struct Online {
-    float m = kNegInf, s = 0.f, t = 0.f;
-    __device__ __forceinline__ void add(float v, float diff) {
+    float m = kNegInf, s = 0.f;
+    __device__ __forceinline__ void add(float v) {
         if (v > m) {
-            const float sc = __expf(m - v);  // 0 while m is still -inf
-            s *= sc;
-            t *= sc;
+            s *= __expf(m - v);  // 0 while m is still -inf
             m = v;
         }
-        const float e = v == kNegInf ? 0.f : __expf(v - m);
-        s += e;
-        // a zero-probability class adds nothing (0 * log 0 = 0), so a one-sided -inf gives +inf, not NaN
-        if (e != 0.f) t = fmaf(e, diff, t);
+        s += v == kNegInf ? 0.f : __expf(v - m);
     }
-    // bring the partial sums to a shared max
-    __device__ __forceinline__ void rebase(float m_all) {
-        const float sc = m == kNegInf ? 0.f : __expf(m - m_all);
-        s *= sc;
-        t *= sc;
-    }
+    // bring the partial sum to a shared max
+    __device__ __forceinline__ void rebase(float m_all) { s *= m == kNegInf ? 0.f : __expf(m - m_all); }
 };
 
+// Rows longer than the on-chip paths: three passes over the row (the later ones mostly from L2). The first
+// finds each side's log-sum-exp online; the second sums Ep, Eq and the loss from d = log p - log q formed per
+// element, as the on-chip kernel does (Ep and Eq derived from sum p (a - b) and the log-sum-exps instead
+// would subtract two numbers of the logits' scale to get a much smaller one, losing most digits when a and b
+// differ by a per-row offset); the third writes the gradients.
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     sym_kl_streaming_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ ga,
                             T* __restrict__ gb, float* __restrict__ row_loss, int64_t N, int C, float f) {
-    __shared__ float smem[4 * 32];
+    __shared__ float smem[3 * 32];
     for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
         const T* ar = a + row * C;
         const T* br = b + row * C;
         Online oa, ob;
         for (int c = threadIdx.x; c < C; c += kBlockThreads) {
-            const float x = to_float(ar[c]);
-            const float y = to_float(br[c]);
-            const float diff = (x == kNegInf && y == kNegInf) ? 0.f : x - y;
-            oa.add(x, diff);
-            ob.add(y, diff);
+            oa.add(to_float(ar[c]));
+            ob.add(to_float(br[c]));
         }
         float m[2] = {oa.m, ob.m};
         block_max(m, smem);
         oa.rebase(m[0]);
         ob.rebase(m[1]);
-        float v[4] = {oa.s, oa.t, ob.s, ob.t};
-        block_sum(v, smem);
-        const float lse_a = m[0] + __logf(v[0]);
-        const float lse_b = m[1] + __logf(v[2]);
-        // sum p d = sum p (a - b) - (lse_a - lse_b), as sum p = 1; likewise for q
-        const float ep = v[1] / v[0] - (lse_a - lse_b);
-        const float eq = v[3] / v[2] - (lse_a - lse_b);
-        if (threadIdx.x == 0) row_loss[row] = ep - eq;
+        float s[2] = {oa.s, ob.s};
+        block_sum(s, smem);
+        const float lse_a = m[0] + __logf(s[0]);
+        const float lse_b = m[1] + __logf(s[1]);
+        // e = (Ep, Eq, loss); the loss summed as (p - q) d so that a class that is -inf on one side only gives
+        // +inf (as on the CPU) instead of 0 * -inf = NaN
+        float e[3] = {0.f, 0.f, 0.f};
+        for (int c = threadIdx.x; c < C; c += kBlockThreads) {
+            const float lp = to_float(ar[c]) - lse_a;
+            const float lq = to_float(br[c]) - lse_b;
+            const float p = __expf(lp), q = __expf(lq);
+            const float d = log_ratio(lp, lq);
+            e[0] = fmaf(p, d, e[0]);
+            e[1] = fmaf(q, d, e[1]);
+            e[2] = fmaf(p - q, d, e[2]);
+        }
+        block_sum(e, smem);
+        const float ep = e[0], eq = e[1];
+        if (threadIdx.x == 0) row_loss[row] = e[2];
         for (int c = threadIdx.x; c < C; c += kBlockThreads) {
             const float lp = to_float(ar[c]) - lse_a;
             const float lq = to_float(br[c]) - lse_b;

@@ -74,28 +74,32 @@ def _perturb_update_kernel(
         lr = lr1
         d_row = d1_ptr + row * n1
         g_row = g1_ptr + row * n1
-    inv_scale = 1.0
+    # g = grad / scale in round-to-nearest division (as the reference and the CUDA kernel; a plain `/` or a
+    # reciprocal compiles to an approximation on the GPU)
+    scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
         # an infinite scale would turn every gradient into zeros: make it poison the row instead
-        inv_scale = tl.where(tl.abs(scale) == float("inf"), float("nan"), 1.0 / scale)
+        scale = tl.where(tl.abs(scale) == float("inf"), float("nan"), scale)
     offs = tl.arange(0, BLOCK)
     NEED_D: tl.constexpr = PROJECT and NORM_L2
     if SINGLE:
         m = offs < n
-        g = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32) * inv_scale
+        g = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = tl.div_rn(g, scale)
         d = tl.load(d_row + offs, mask=m, other=0.0).to(tl.float32)
         bad, gn, dd, dg = _row_stats(g, d, False, NORM_L2)
         if bad == 0:
             if NORM_L2:
-                gn = tl.sqrt(gn)
-            step = lr / tl.maximum(gn, 1e-8)
+                gn = tl.sqrt_rn(gn)
+            step = tl.div_rn(lr, tl.maximum(gn, 1e-8))
             new = d + step * g
             if PROJECT:
                 if NORM_L2:
-                    nd = tl.sqrt(tl.sum(new * new, axis=0))
+                    nd = tl.sqrt_rn(tl.sum(new * new, axis=0))
                     if nd > max_norm:
-                        new = new * (max_norm / nd)
+                        new = new * tl.div_rn(max_norm, nd)
                 else:
                     new = tl.minimum(tl.maximum(new, -max_norm), max_norm)
             tl.store(d_row + offs, new, mask=m)
@@ -109,7 +113,9 @@ def _perturb_update_kernel(
         for start in range(0, n, BLOCK):
             o = start + offs
             m = o < n
-            g = tl.load(g_row + o, mask=m, other=0.0).to(tl.float32) * inv_scale
+            g = tl.load(g_row + o, mask=m, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                g = tl.div_rn(g, scale)
             if NEED_D:
                 d = tl.load(d_row + o, mask=m, other=0.0).to(tl.float32)
             else:
@@ -125,18 +131,20 @@ def _perturb_update_kernel(
         if bad == 0:
             if NORM_L2:
                 gsq = gn
-                gn = tl.sqrt(gn)
-            step = lr / tl.maximum(gn, 1e-8)
+                gn = tl.sqrt_rn(gn)
+            step = tl.div_rn(lr, tl.maximum(gn, 1e-8))
             shrink = 1.0
             if NEED_D:
                 # ||d + s g||^2 from the partial sums of the first pass: no extra pass over the row
-                nd = tl.sqrt(tl.maximum(dd + 2.0 * step * dg + step * step * gsq, 0.0))
+                nd = tl.sqrt_rn(tl.maximum(dd + 2.0 * step * dg + step * step * gsq, 0.0))
                 if nd > max_norm:
-                    shrink = max_norm / nd
+                    shrink = tl.div_rn(max_norm, nd)
             for start in range(0, n, BLOCK):
                 o = start + offs
                 m = o < n
-                g = tl.load(g_row + o, mask=m, other=0.0).to(tl.float32) * inv_scale
+                g = tl.load(g_row + o, mask=m, other=0.0).to(tl.float32)
+                if HAS_SCALE:
+                    g = tl.div_rn(g, scale)
                 d = tl.load(d_row + o, mask=m, other=0.0).to(tl.float32)
                 new = (d + step * g) * shrink
                 if PROJECT and not NORM_L2:

@@ -3,6 +3,7 @@ for sm_90 (H100/H200), and ptxas reports no register spills in any of its kernel
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
 KERNELS = sorted(CSRC.glob("*_kernel.cu"))
 
 
@@ -39,6 +41,25 @@ def test_kernel_sources_exist():
     assert {p.name for p in KERNELS} >= {"perturb_update_kernel.cu", "perturb_init_kernel.cu", "sym_kl_kernel.cu"}
 
 
+def _shipped_flags() -> list[str]:
+    """setup.py's nvcc flags (its NVCC_FLAGS list), so these tests compile what the extension ships."""
+    text = (ROOT / "setup.py").read_text()
+    m = re.search(r"^NVCC_FLAGS = (\[.*\])$", text, re.M)
+    assert m, "setup.py defines no NVCC_FLAGS list"
+    return list(ast.literal_eval(m.group(1)))
+
+
+SHIPPED_FLAGS = _shipped_flags()
+
+
+def test_shipped_flags_keep_ieee_math():
+    """No --use_fast_math: it turns every division and square root into approximations and flushes denormals,
+    which the kernels' parity with the reference (perturb_update's rounded division, add_if's exact adds) rules
+    out; the kernels call __expf / __logf where they want the fast forms."""
+    assert not any("fast_math" in f or "fast-math" in f for f in SHIPPED_FLAGS), SHIPPED_FLAGS
+    assert "-O3" in SHIPPED_FLAGS
+
+
 @pytest.fixture(scope="module")
 def nvcc_sm90(tmp_path_factory):
     """(command, process, object file) of each source compiled for sm_90 with ptxas' resource report (-v);
@@ -48,7 +69,18 @@ def nvcc_sm90(tmp_path_factory):
     def compile_(source: Path):
         if source not in done:
             obj = tmp_path_factory.mktemp(source.stem) / "x.o"
-            cmd = [NVCC, "-c", "-std=c++17", "-arch=sm_90", "-O2", "-Xptxas", "-v", str(source), "-o", str(obj)]
+            cmd = [
+                NVCC,
+                "-c",
+                "-std=c++17",
+                "-arch=sm_90",
+                *SHIPPED_FLAGS,
+                "-Xptxas",
+                "-v",
+                str(source),
+                "-o",
+                str(obj),
+            ]
             done[source] = (cmd, subprocess.run(cmd, capture_output=True, text=True, timeout=300), obj)
         return done[source]
 
