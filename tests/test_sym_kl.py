@@ -205,3 +205,26 @@ def test_a_class_minus_inf_on_one_side_only_gives_inf(backend, c):
     a[0, 1] = float("-inf")
     got = ops.sym_kl(a.to(dev), b.to(dev))
     assert got.item() == float("inf") and reference.sym_kl(a.double(), b.double()).item() == float("inf")
+
+
+@pytest.mark.parametrize("offset", [1.0, 20.0])
+def test_long_rows_offset_by_a_constant_keep_their_digits(backend, offset):
+    """Logits that differ by a per-row constant plus a little noise: the softmaxes barely differ, so the loss is
+    tiny next to the logits' scale. Every path forms d = log p - log q per element; one that subtracted
+    sum p (a - b) and the log-sum-exps would lose most digits (vocabulary-sized rows take the streaming path)."""
+    dev = backend_device(backend)
+    n, c = 2, 30522
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(n, c, generator=g, dtype=torch.float64) * 2
+    b = a + offset + 1e-3 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    want, wga, _ = reference.sym_kl_fwd(a, b, "batchmean")
+    xa = a.float().to(dev).requires_grad_()
+    got = ops.sym_kl(xa, b.float().to(dev))
+    got.backward()
+    # float32 inputs: the noise itself is rounded at about 1e-7 * offset, so compare with the float64 loss of
+    # the rounded inputs
+    want32, wga32, _ = reference.sym_kl_fwd(a.float().double(), b.float().double(), "batchmean")
+    torch.testing.assert_close(got.double().cpu(), want32, rtol=2e-3, atol=0)
+    assert want32.item() > 0 and abs(want32.item() - want.item()) < 0.5 * want.item()
+    scale = wga32.abs().max().item()
+    torch.testing.assert_close(xa.grad.double().cpu(), wga32, rtol=0, atol=2e-3 * scale)
