@@ -136,6 +136,14 @@ def test_ve_classes_follow_the_official_order():
     assert {a: i for i, a in enumerate(VE_LABELS)} == _VE_LABELS
 
 
+def test_ve_predictions_map_ids_to_answers(tmp_path):
+    """SNLI-VE writes ``{question id: answer}`` as the authors' train_ve_adv.py; VQA a list of records."""
+    trainer, _, _ = _run(tmp_path, "ve")
+    preds = json.loads((trainer.output_dir / "results" / "results_4.json").read_text())
+    assert isinstance(preds, dict) and len(preds) == 24
+    assert set(preds.values()) <= {"contradiction", "entailment", "neutral"}
+
+
 def test_vqa_predictions_carry_integer_question_ids():
     """As the VQA evaluation files hold them (the authors' inference writes int(qid)); other ids stay as they are."""
     from villa_fast.tasks.vqa import _question_id

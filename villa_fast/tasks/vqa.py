@@ -141,3 +141,10 @@ class VeTask(VqaTask):
         from villa_fast.data import ve_collate, ve_eval_collate
 
         return ve_collate, ve_eval_collate
+
+    def write_predictions(self, preds: list, path_prefix: str) -> str | None:
+        """``{question id: answer}``, as the authors' ``train_ve_adv.py`` writes its results."""
+        path = f"{path_prefix}.json"
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({str(p["question_id"]): p["answer"] for p in preds}, fh)
+        return path
