@@ -85,10 +85,13 @@ def test_differs_from_torch_adamw_only_by_eps_and_decay_placement():
             opt.step()
         return p.detach()
 
-    # no eps, no decay: the two rules are the same algebra
+    # (next to) no eps, no decay: the two rules are the same algebra (eps = 0 itself is refused: 0 / 0 for a
+    # zero gradient)
     torch.testing.assert_close(
-        run(AdamW, eps=0.0), run(torch.optim.AdamW, eps=0.0, weight_decay=0.0), rtol=1e-12, atol=1e-15
+        run(AdamW, eps=1e-300), run(torch.optim.AdamW, eps=1e-300, weight_decay=0.0), rtol=1e-12, atol=1e-15
     )
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        AdamW([torch.nn.Parameter(torch.ones(2))], eps=0.0)
     # eps 1e-6 with gradients of 1e-4: torch's eps sits after the bias correction, the authors' before it
     diff = (run(AdamW, eps=1e-6) - run(torch.optim.AdamW, eps=1e-6, weight_decay=0.0)).abs().max()
     assert diff > 1e-6

@@ -18,10 +18,13 @@ CLEAN_BACKWARD = ("once", "per_step", "recompute")
 AMP_DTYPES = (None, torch.bfloat16, torch.float16)
 
 
-def _real(name: str, value: object, *, minimum: float = 0.0) -> float:
+def _real(name: str, value: object, *, minimum: float = 0.0, positive: bool = False) -> float:
+    """``value`` as a finite float >= ``minimum`` (``positive``: > 0), else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     v = float(value)
+    if positive and not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if not math.isfinite(v) or v < minimum:
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
     return v

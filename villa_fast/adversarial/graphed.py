@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -42,12 +43,24 @@ log = logging.getLogger("villa_fast.adversarial")
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 
 
-def clip_grad_norm_capturable_(params: Iterable[Tensor], max_norm: float, eps: float = 1e-6) -> Tensor:
+def clip_grad_norm_capturable_(
+    params: Tensor | Iterable[Tensor], max_norm: float | Tensor, eps: float = 1e-6
+) -> Tensor:
     """Scale gradients so that their total 2-norm is at most ``max_norm``, without a host sync.
 
     Same rule as ``torch.nn.utils.clip_grad_norm_``: coef = min(1, max_norm / (total + eps)), applied to
-    every gradient; returns the total norm before clipping (0-dim device tensor).
+    every gradient; returns the total norm before clipping (0-dim device tensor). ``params`` is an iterable of
+    tensors or a single tensor; ``max_norm`` a number > 0 (``inf``: no clipping) or a one-element tensor, whose
+    value is not checked (that would read it back to the host).
     """
+    if isinstance(max_norm, Tensor):
+        if max_norm.numel() != 1 or not max_norm.is_floating_point():
+            raise ValueError(f"max_norm must be a number > 0 or a floating one-element tensor, got {max_norm!r}")
+    elif isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm > 0:
+        # 0 would zero every gradient, a negative number flip their signs, NaN make them NaN
+        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+    if isinstance(params, Tensor):
+        params = [params]  # one tensor, as torch.nn.utils.clip_grad_norm_ takes it (not its rows)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
@@ -113,7 +126,7 @@ class GraphedVillaStep:
             ``capturable=True`` (torch's AdamW also ``fused=True``; or villa_fast.train.optim.AdamW) and a
             tensor ``lr`` (a float lr would be frozen into the graph).
             With a scaler, ``scaler.step`` / ``scaler.update`` run inside the graph as well.
-        max_grad_norm: optional clipping threshold applied before the optimizer step.
+        max_grad_norm: optional clipping threshold (> 0) applied before the optimizer step; needs ``optimizer``.
         warmup: eager warm-up steps on a side stream before each capture (their effect is undone).
         max_graphs: most input signatures captured; the graphs share one memory pool for their intermediates
             but each keeps its static inputs and outputs, so further new signatures run eagerly (with a warning)
@@ -144,6 +157,21 @@ class GraphedVillaStep:
         max_graphs: int = 16,
         kl_mask_fn: Callable[[Any], Tensor | None] | None = None,
     ) -> None:
+        # checked before VillaStep registers its hooks on the model
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if max_grad_norm is not None:
+            # 0 would zero every gradient before the optimizer step, a negative value flip their signs
+            max_grad_norm = _real("max_grad_norm", max_grad_norm, positive=True)
+            if optimizer is None:
+                raise ValueError(
+                    "max_grad_norm needs optimizer=: the clipping runs inside the step, just before the optimizer "
+                    "step (without one, clip .grad yourself before stepping)"
+                )
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
         self.eager = VillaStep(
             forward_fn,
             loss_fn,
@@ -157,15 +185,9 @@ class GraphedVillaStep:
         )
         # the gradients live in fixed .grad tensors: each step adds to them directly (no second buffer)
         self.eager._grads_in_place = True
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.max_grad_norm = None if max_grad_norm is None else _real("max_grad_norm", max_grad_norm)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
+        self.max_grad_norm = max_grad_norm
         self.warmup = warmup
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
         self.max_graphs = max_graphs
         self._graphs: dict[Any, _Graph] = {}
         # one memory pool for every captured signature: a replay's intermediates are dead when it ends and its
@@ -211,6 +233,7 @@ class GraphedVillaStep:
         *,
         optimizer_step: bool = True,
     ) -> StepResult:
+        self.eager._check_call("GraphedVillaStep.step", txt_mask, img_mask)
         do_opt = bool(optimizer_step) and self.optimizer is not None
         why = self._why_eager(batch)
         if why:

@@ -58,6 +58,8 @@ class Injector:
         self.survival: dict[str, Tensor] = {}
         #: the image delta enters as W delta added to a Linear image module's output (see the module docstring)
         self.image_split = isinstance(image_module, nn.Linear)
+        #: set by :meth:`remove`: the step cannot run any more
+        self.removed = False
         self._handles = []
         if text_module is not None:
             self._handles.append(text_module.register_forward_hook(self._text_hook))
@@ -70,6 +72,7 @@ class Injector:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.removed = True
 
     def device(self) -> torch.device | None:
         for m in (self.text_module, self.image_module):
@@ -88,14 +91,23 @@ class Injector:
                 f"the {name} injection point must see a tensor [B, ..., D], got {type(x).__name__}"
                 + (f" of shape {tuple(x.shape)}" if isinstance(x, Tensor) else "")
             )
-        meta = (x.shape, x.dtype, x.device)
-        prev = self.recorded[name]
-        if prev is not None and prev[0] != x.shape:
-            raise RuntimeError(
-                f"the {name} injection point was called more than once in one forward with different "
-                f"shapes ({tuple(prev[0])} and {tuple(x.shape)}); hook a module called once per forward"
+        if not x.is_floating_point():
+            where = "text_embedding's output" if name == "text" else "image_input's first input"
+            raise TypeError(
+                f"the {name} injection point ({where}) is {x.dtype}, not floating point: a perturbation cannot be "
+                "added to it; hook the module whose "
+                + ("output is the word embeddings" if name == "text" else "input is the region features")
             )
-        self.recorded[name] = meta
+        prev = self.recorded[name]
+        if prev is not None:
+            # a second call would receive the same delta (same shape) or fail against it (another shape)
+            a, b = tuple(prev[0]), tuple(x.shape)
+            shapes = f"shapes {a} and {b}" if a != b else f"shape {b}"
+            raise RuntimeError(
+                f"the {name} injection point was called more than once in one forward ({shapes}); hook a module "
+                "called once per forward"
+            )
+        self.recorded[name] = (x.shape, x.dtype, x.device)
 
     def _check_shape(self, name: str, x: object) -> None:
         delta = self.deltas[name]

@@ -27,6 +27,7 @@ graph can replay.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,11 @@ from villa_fast.adversarial.rng import ForkedRng
 from villa_fast.ops import add_if_, perturb_init, perturb_update_multi_, sym_kl
 
 _MODALITY_INDEX = {"text": 0, "image": 1}
+# per modality: the step's mask argument, its shape's letters and where the injection point sees the tensor
+_MASK_ARGS = {"text": ("txt_mask", "[B, L]", "output"), "image": ("img_mask", "[B, N]", "first input")}
+_SCALER_TYPES = tuple(
+    t for t in (getattr(torch.amp, "GradScaler", None), getattr(torch.cuda.amp, "GradScaler", None)) if t is not None
+)
 
 
 @dataclass
@@ -116,6 +122,73 @@ def _first_tensor(obj: Any) -> Tensor | None:
     return None
 
 
+def _check_params(params: Iterable[Tensor]) -> list[Tensor]:
+    """``params`` as a list, each a distinct leaf tensor requiring grad; raises naming the first bad entry."""
+    if isinstance(params, Tensor):
+        params = [params]  # one tensor, as torch.nn.utils.clip_grad_norm_ takes it
+    elif isinstance(params, nn.Module):
+        raise TypeError("params must be an iterable of tensors (e.g. list(model.parameters())), got a module")
+    try:
+        found = list(params)
+    except TypeError:
+        raise TypeError(f"params must be an iterable of tensors, got {type(params).__name__}") from None
+    if not found:
+        raise ValueError("params is empty (an iterator already consumed, e.g. by the optimizer?): pass a list")
+    first: dict[int, int] = {}
+    for i, p in enumerate(found):
+        if isinstance(p, dict):
+            raise TypeError(f"params[{i}] is a dict: pass the tensors themselves, not optimizer parameter groups")
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] does not require grad")
+        if not p.is_leaf:
+            raise ValueError(
+                f"params[{i}] is not a leaf tensor (computed from others, e.g. a cast or a view of a parameter): "
+                "its gradient would never reach .grad; pass the parameter itself"
+            )
+        j = first.setdefault(id(p), i)
+        if j != i:
+            raise ValueError(f"params[{i}] is params[{j}]: pass each tensor once (its gradient would be counted twice)")
+    return found
+
+
+def _checked_loss(loss: object) -> Tensor:
+    """What loss_fn returned, checked to be a floating-point scalar tensor (a one-element tensor is flattened)."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss_fn must return a scalar tensor (0-dim); got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor (0-dim); got a tensor of shape {tuple(loss.shape)}")
+    if not loss.is_floating_point():
+        raise TypeError(f"loss_fn must return a floating-point scalar tensor; got {loss.dtype}")
+    return loss if loss.dim() == 0 else loss.reshape(())
+
+
+def _check_logits(z: object, clean: torch.Size | None = None) -> Tensor:
+    """What forward_fn returned, checked to be logits [N, C] (N >= 1, C >= 2), shaped as on the clean pass."""
+    if not isinstance(z, Tensor) or z.dim() != 2:
+        raise RuntimeError(f"forward_fn must return logits [N, C], got {getattr(z, 'shape', type(z).__name__)}")
+    if not z.is_floating_point():
+        raise TypeError(f"forward_fn must return floating-point logits [N, C], got {z.dtype}")
+    if clean is not None:
+        if z.shape != clean:
+            raise RuntimeError(
+                f"forward_fn returned logits {tuple(z.shape)} on a perturbed pass but {tuple(clean)} on the clean "
+                "pass; its output shape must not depend on randomness"
+            )
+        return z
+    if z.shape[0] == 0:
+        raise ValueError("forward_fn returned 0 logit rows (empty batch): an adversarial step needs at least one row")
+    if z.shape[1] < 2:
+        raise ValueError(
+            f"forward_fn returned logits {tuple(z.shape)}: the consistency term (a symmetric KL between softmaxes over "
+            "the classes) needs C >= 2 (over one class it is always 0); for a single-logit binary head return "
+            "torch.cat([torch.zeros_like(z), z], 1) (its softmax is [1 - sigmoid(z), sigmoid(z)]) and let loss_fn "
+            "read logits[:, 1]"
+        )
+    return z
+
+
 def _all_finite(tensors: list[Tensor]) -> Tensor:
     """0-dim bool on the device: every element of every tensor is finite (NaN and inf propagate into the
     per-tensor 2-norms, accumulated in float32 (float64 for float64 tensors), so finite float16 or bfloat16
@@ -140,7 +213,8 @@ class VillaStep:
         scaler: optional ``torch.amp.GradScaler`` (float16): losses are scaled for backward, parameter
             gradients accumulate scaled (the caller's ``scaler.step`` unscales them) and delta gradients
             are unscaled on the device.
-        params: the parameters to differentiate; by default those reached by the first step's graph.
+        params: the parameters to differentiate (distinct leaf tensors requiring grad, at least one of them reached
+            by the loss); by default those reached by the first step's graph.
         generator: torch.Generator for the perturbation init when ``init_mag > 0``.
         kl_mask_fn: optional ``kl_mask_fn(batch) -> bool [N] | None``, the logit rows the consistency term
             counts (:func:`villa_fast.ops.sym_kl`'s ``row_mask``): for logits padded to a fixed row count,
@@ -180,15 +254,18 @@ class VillaStep:
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if kl_mask_fn is not None and not callable(kl_mask_fn):
             raise TypeError("kl_mask_fn must be callable: kl_mask_fn(batch) -> bool row mask [N] or None")
+        if scaler is not None and not isinstance(scaler, _SCALER_TYPES):
+            raise TypeError(
+                f"scaler must be a torch.amp.GradScaler (or torch.cuda.amp.GradScaler), got {type(scaler).__name__}"
+            )
+        checked = _check_params(params) if params is not None else None
         self.kl_mask_fn = kl_mask_fn
         self.forward_fn = forward_fn
         self.loss_fn = loss_fn
         self.config = config
         self.scaler = scaler
         self.generator = generator
-        self._params = list(params) if params is not None else None
-        if self._params is not None and not all(isinstance(p, Tensor) and p.requires_grad for p in self._params):
-            raise ValueError("params must be tensors that require grad")
+        self._params = checked
         self._injector = Injector(
             text_embedding if config.perturb_text else None, image_input if config.perturb_image else None
         )
@@ -209,9 +286,10 @@ class VillaStep:
     def discover_params(self, batch: Any) -> list[Tensor]:
         """Find the parameters from a clean forward and the task loss on ``batch`` (no gradient is written)."""
         if self._params is None:
+            self._check_call("VillaStep.discover_params")
             autocast = self._autocast(batch)
             z0 = self._clean(batch, autocast)
-            found = find_parameters([self.loss_fn(z0, batch), z0])
+            found = find_parameters([_checked_loss(self.loss_fn(z0, batch)), z0])
             if not found:
                 raise RuntimeError("no parameter requiring grad is reached by forward_fn and loss_fn")
             self._params = found
@@ -229,6 +307,7 @@ class VillaStep:
             txt_mask: optional [B, L] (1 = real token), shapes only the random init.
             img_mask: optional [B, N] (1 = real region), shapes only the random init.
         """
+        self._check_call("VillaStep.step", txt_mask, img_mask)
         return self._step(batch, txt_mask, img_mask)
 
     def update_scaler(self, skipped_steps: Tensor | None = None) -> None:
@@ -236,14 +315,27 @@ class VillaStep:
 
         Call it instead of ``scaler.update()`` after ``scaler.step(optimizer)``, with the sum of
         ``result.skipped_steps`` over the micro-batches: the left-out steps never reach ``.grad``, so the
-        scaler would not see their overflow. Runs on the device (no host sync).
+        scaler would not see their overflow. Runs on the device (no host sync); a Python integer (a count
+        already read back) is taken as well.
         """
         if self.scaler is None:
             raise RuntimeError("update_scaler needs a scaler")
         scaler = self.scaler
+        if isinstance(skipped_steps, numbers.Integral) and not isinstance(skipped_steps, bool):
+            scale = getattr(scaler, "_scale", None)
+            skipped_steps = torch.as_tensor(int(skipped_steps), device=scale.device if scale is not None else None)
+        elif skipped_steps is not None and not isinstance(skipped_steps, Tensor):
+            raise TypeError(
+                "skipped_steps must be the summed result.skipped_steps (an integer tensor, or a Python int), "
+                f"got {type(skipped_steps).__name__}"
+            )
+        if skipped_steps is not None and skipped_steps.numel() != 1:
+            got = tuple(skipped_steps.shape)
+            raise ValueError(f"skipped_steps must be one count (the sum of result.skipped_steps), got shape {got}")
         if skipped_steps is None or not scaler.is_enabled():
             scaler.update()
             return
+        skipped_steps = skipped_steps.reshape(())
         bad = (skipped_steps > 0).to(torch.float32)
         # a left-out step counts as an overflow of this iteration: added to the inf flags scaler.step recorded,
         # so update() backs the scale off and restarts its growth count exactly as for an overflow in .grad
@@ -256,6 +348,17 @@ class VillaStep:
             scaler.update(new_scale=torch.where(bad > 0, cur * scaler.get_backoff_factor(), cur))
 
     # --------------------------------------------------------------------------------------- internals
+    def _check_call(self, who: str, txt_mask: object = None, img_mask: object = None) -> None:
+        """What can be checked before any forward: autograd on, the hooks still there, the masks' types."""
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{who} needs autograd: it was called under torch.no_grad() or torch.inference_mode()")
+        if self._injector.removed:
+            raise RuntimeError(f"{who}: the hooks were removed (remove_hooks()); create a new step to train again")
+        for name, mask in (("text", txt_mask), ("image", img_mask)):
+            arg, dims, _ = _MASK_ARGS[name]
+            if mask is not None and not isinstance(mask, Tensor):
+                raise TypeError(f"{arg} must be a tensor {dims} (1 = real position) or None, got {type(mask).__name__}")
+
     def _device_type(self, batch: Any) -> str:
         dev = self._injector.device()
         if dev is None:
@@ -270,7 +373,9 @@ class VillaStep:
         dev_type = self._device_type(batch)
         return lambda: torch.autocast(dev_type, dtype=dtype)
 
-    def _forward(self, batch: Any, autocast: Any, text: Tensor | None, image: Tensor | None) -> Tensor:
+    def _forward(
+        self, batch: Any, autocast: Any, text: Tensor | None, image: Tensor | None, clean: torch.Size
+    ) -> Tensor:
         inj = self._injector
         inj.deltas["text"], inj.deltas["image"] = text, image
         try:
@@ -278,9 +383,7 @@ class VillaStep:
                 z = self.forward_fn(batch)
         finally:
             inj.deltas["text"] = inj.deltas["image"] = None
-        if not isinstance(z, Tensor) or z.dim() != 2:
-            raise RuntimeError(f"forward_fn must return logits [N, C], got {getattr(z, 'shape', type(z).__name__)}")
-        return _loss_dtype(z)
+        return _loss_dtype(_check_logits(z, clean))
 
     def _clean(self, batch: Any, autocast: Any) -> Tensor:
         inj = self._injector
@@ -324,8 +427,7 @@ class VillaStep:
                     z0 = self.forward_fn(batch)
         finally:
             inj.recording = False
-        if not isinstance(z0, Tensor) or z0.dim() != 2:
-            raise RuntimeError(f"forward_fn must return logits [N, C], got {getattr(z0, 'shape', type(z0).__name__)}")
+        z0 = _check_logits(z0)
         for name, mod in (("text", inj.text_module), ("image", inj.image_module)):
             if mod is not None and inj.recorded[name] is None:
                 raise RuntimeError(f"the {name} injection module was not called by forward_fn")
@@ -333,6 +435,17 @@ class VillaStep:
 
     def _init_delta(self, name: str, mask: Tensor | None) -> Tensor:
         shape, dtype, device = self._injector.recorded[name]
+        if mask is not None:
+            arg, dims, where = _MASK_ARGS[name]
+            want = tuple(shape[:-1])
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != want:
+                got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(
+                    f"{arg} must be a tensor of shape {dims if len(want) == 2 else '[B, ...]'} = {want} (the {name} "
+                    f"injection point's {where} {tuple(shape)} without its last dim), got {got}"
+                )
+            if mask.is_complex():
+                raise TypeError(f"{arg} must be bool or real, got {mask.dtype}")
         cfg = self.config
         like = torch.empty((), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device).expand(
             shape
@@ -389,15 +502,15 @@ class VillaStep:
             inj.measure = last
             try:
                 if cfg.modality == "alter":
-                    z1 = self._forward(batch, autocast, deltas["text"], None)
-                    z2 = self._forward(batch, autocast, None, deltas["image"])
-                    task = self.loss_fn(z1, batch) + self.loss_fn(z2, batch)
+                    z1 = self._forward(batch, autocast, deltas["text"], None, z0.shape)
+                    z2 = self._forward(batch, autocast, None, deltas["image"], z0.shape)
+                    task = _checked_loss(self.loss_fn(z1, batch)) + _checked_loss(self.loss_fn(z2, batch))
                     kl = sym_kl(z1, z0_ref, cfg.kl_reduction, row_mask=kl_rows) + sym_kl(
                         z2, z0_ref, cfg.kl_reduction, row_mask=kl_rows
                     )
                 else:
-                    z = self._forward(batch, autocast, deltas.get("text"), deltas.get("image"))
-                    task = self.loss_fn(z, batch)
+                    z = self._forward(batch, autocast, deltas.get("text"), deltas.get("image"), z0.shape)
+                    task = _checked_loss(self.loss_fn(z, batch))
                     kl = sym_kl(z, z0_ref, cfg.kl_reduction, row_mask=kl_rows)
             finally:
                 inj.measure = False
@@ -414,6 +527,12 @@ class VillaStep:
             grads = torch.autograd.grad(
                 out, [*params, *delta_list, *extra], allow_unused=True, retain_graph=not once and not last
             )
+            if k == 0 and all(g is None for g in grads[: len(params)]):
+                # nothing is written yet: every parameter gradient None would train nothing, silently
+                raise RuntimeError(
+                    f"none of params is reached by forward_fn/loss_fn (all {len(params)} gradients are None): pass "
+                    "the parameters of the model forward_fn runs"
+                )
             p_grads = _owned(list(grads[: len(params)]), grads[len(params) :])
             d_grads = list(grads[len(params) : len(params) + len(delta_list)])
             z_grad = grads[-1] if once else None

@@ -142,7 +142,8 @@ def adamw_step_(
         p = p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)    (lr alone when not correct_bias)
         p = p * (1 - lr * weight_decay)                                    (after the update)
 
-    ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``steps`` change in place; ``grads`` are read only. When the
+    ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``steps`` change in place (each with memory of its own: no
+    shared or expanded views); ``grads`` are read only. Every argument is checked before anything changes. When the
     one-element ``found_inf`` is non-zero nothing at all changes (parameters, moments, step counts), whatever the
     gradients hold. ``lr``, ``grad_scale`` and ``found_inf`` are read on the device: no host sync, and the op can
     be captured in a CUDA graph (the values at each replay are used). These are the ``grad_scale`` and
@@ -166,7 +167,8 @@ def adamw_step_(
         exp_avgs, exp_avg_sqs: the first and second moments, the parameter's shape, dtype and device.
         steps: one-element float32 tensors on the device, each parameter's step count.
         lr: a number >= 0, or a one-element float32/float64 tensor on the device.
-        beta1, beta2: in [0, 1). eps, weight_decay: >= 0. correct_bias: apply the two bias corrections.
+        beta1, beta2: in [0, 1). eps: > 0 (0 would make a zero gradient's step 0 / 0 = NaN).
+        weight_decay: >= 0. correct_bias: apply the two bias corrections.
         grad_scale: None or a one-element float32/float64 tensor on the device: the gradients are divided by it.
         found_inf: None or a one-element float32/float64 tensor on the device: non-zero skips the step.
     """
@@ -179,7 +181,8 @@ def adamw_step_(
         if len(value) != len(params):
             raise ValueError(f"{name} has {len(value)} tensors but params has {len(params)}")
     beta1, beta2 = _beta("beta1", beta1), _beta("beta2", beta2)
-    eps, weight_decay = _check.real("eps", eps), _check.real("weight_decay", weight_decay)
+    # eps > 0: with eps = 0 a zero gradient on a zero second moment gives 0 / 0 = NaN in the parameter
+    eps, weight_decay = _check.positive("eps", eps), _check.real("weight_decay", weight_decay)
     if not isinstance(correct_bias, (bool, numbers.Integral)):
         raise TypeError(f"correct_bias must be a bool, got {type(correct_bias).__name__}")
     correct_bias = bool(correct_bias)

@@ -183,17 +183,25 @@ def backend_for(tensor: Tensor, op: str | None = None) -> str:
 
     With ``op`` (``"sym_kl"``, ``"perturb_update_multi_"``, ... the public names or the short ones), the one that
     op would run with for this tensor's device and dtype (an op without that backend's kernel or dtype takes the
-    next one, as it does when called); without, the device's choice under VILLA_FAST_BACKEND alone.
+    next one, as it does when called; for sym_kl a [N, C] tensor's class count counts too); without, the device's
+    choice under VILLA_FAST_BACKEND alone.
     """
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     if op is None:
         return _pick(tensor.device)
-    key = op.rstrip("_")
+    if not isinstance(op, str):
+        raise TypeError(f"op must be a str naming an op, got {type(op).__name__}")
+    key = op[:-1] if op.endswith("_") else op  # the public names end in one underscore: add_if_, adamw_step_
     key = "perturb_update" if key == "perturb_update_multi" else key
     if key not in SUPPORTED_DTYPES:
-        raise ValueError(f"op must be one of {', '.join(sorted(SUPPORTED_DTYPES))}; got {op!r}")
+        known = ", ".join(sorted((*SUPPORTED_DTYPES, "perturb_update_multi")))
+        raise ValueError(f"op must be one of {known} (or the name with one trailing underscore); got {op!r}")
     dtype = str(tensor.dtype)
     if key == "perturb_init" and dtype != _F64:
         dtype = _F32  # its deltas are float32 (float64 for float64 tensors) whatever the tensor's dtype
+    if key == "sym_kl" and tensor.dim() == 2:
+        return choose_sym_kl(tensor.device.type, dtype, tensor.shape[1])
     return choose(key, tensor.device.type, dtype)
 
 
@@ -266,7 +274,60 @@ def choose(op: str, device_type: str, dtype: str) -> str:
     return "reference"
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Every backend that can run on ``device`` here, fastest first."""
-    device = torch.device(device)
-    return [b for b in BACKENDS if not _why_not(b, device)]
+# the most classes the C++ extension's sym_kl_fwd takes (kMaxClasses in csrc/sym_kl.cpp)
+SYM_KL_EXT_MAX_CLASSES = 32768
+
+
+def choose_sym_kl(device_type: str, dtype: str, classes: int) -> str:
+    """:func:`choose` for sym_kl on [N, ``classes``] logits: the C++ extension's sym_kl (its CPU and CUDA kernels
+    alike, csrc/sym_kl.cpp) takes at most SYM_KL_EXT_MAX_CLASSES classes, the Triton and reference ones any
+    number. Past that, auto mode takes Triton on a CUDA device where it can run, else the reference; an explicit
+    cpp or cuda request raises."""
+    backend = choose("sym_kl", device_type, dtype)
+    if backend not in ("cpp", "cuda") or classes <= SYM_KL_EXT_MAX_CLASSES:
+        return backend
+    other = _past_ext_classes(device_type)
+    if not other:
+        raise BackendUnavailableError(
+            f"{_env_name('sym_kl')}={backend}: the {backend} sym_kl takes C <= {SYM_KL_EXT_MAX_CLASSES} classes, "
+            f"got C={classes} (the triton and reference backends take any C)"
+        )
+    return other
+
+
+@torch.compiler.assume_constant_result
+def _past_ext_classes(device_type: str) -> str:
+    """The sym_kl backend for more classes than the extension takes: "" under an explicit request."""
+    if requested_backend("sym_kl") != "auto":
+        return ""
+    if device_type == "cuda" and not _why_not("triton", torch.device(device_type)):
+        return "triton"
+    return "reference"
+
+
+def _as_device(device: object) -> torch.device:
+    """``device`` as a torch.device; an int names a CUDA device even where no accelerator is present (where
+    torch.device(0) raises)."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"device must be a torch.device, a str or an int, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        if isinstance(device, int) and device >= 0:
+            return torch.device("cuda", device)
+        raise ValueError(f"device {device!r} is not a device: {exc}") from None
+
+
+def available_backends(
+    device: torch.device | str | int = "cpu", *, reasons: bool = False
+) -> list[str] | dict[str, str]:
+    """Every backend that can run on ``device`` here, fastest first.
+
+    With ``reasons``, a dict of every backend instead: "" for those that can run, else why not (for a CUDA device
+    on a machine without one: "no CUDA device is available ..."). An int is a CUDA device index.
+    """
+    device = _as_device(device)
+    why = {b: _why_not(b, device) for b in BACKENDS}
+    return why if reasons else [b for b in BACKENDS if not why[b]]

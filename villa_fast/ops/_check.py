@@ -39,6 +39,14 @@ def real(name: str, value: object, *, minimum: float = 0.0) -> float:
     return v
 
 
+def positive(name: str, value: object) -> float:
+    """A finite real number > 0."""
+    v = real(name, value)
+    if not v > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
 def choice(name: str, value: object, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}; got {value!r}")
@@ -49,9 +57,13 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
 
-def _spans(groups: list[tuple[str, list[Tensor]]]) -> list[tuple[int, int, int, int]]:
+def _spans(
+    groups: list[tuple[str, list[Tensor]]], *, written: bool = False
+) -> tuple[list[tuple[int, int, int, int]], tuple[int, int, str] | None]:
     """(first byte, end byte, group, index) of every non-empty tensor, sorted: the bytes a contiguous tensor
-    covers; a strided one's first element."""
+    covers; a strided one's first element. With them the first tensor that cannot be judged, as (group, index,
+    why), or None: a meta tensor (no memory), or, when ``written``, an expanded view (one element at many
+    indices)."""
     spans = []
     for gi, (_, ts) in enumerate(groups):
         for i, t in enumerate(ts):
@@ -59,14 +71,24 @@ def _spans(groups: list[tuple[str, list[Tensor]]]) -> list[tuple[int, int, int, 
             if not n:
                 continue
             if not t.is_contiguous():
+                if written and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape, strict=True)):
+                    return spans, (gi, i, "expanded")
                 # the kernels take contiguous tensors; a strided one runs through the reference one tensor at
                 # a time (or as a contiguous copy), where interleaved views cannot race: only its first
                 # element is claimed, which still catches the same view twice
                 n = 1
             lo = t.data_ptr()
+            if lo == 0 and t.is_meta:  # a non-empty tensor with memory never starts at address 0
+                return spans, (gi, i, "meta")
             spans.append((lo, lo + n * t.element_size(), gi, i))
     spans.sort()
-    return spans
+    return spans, None
+
+
+_UNJUDGED = {
+    "expanded": "is an expanded view (stride 0): every tensor an op writes must have memory of its own",
+    "meta": "is a meta tensor: meta tensors are not supported (they hold no data to compute on)",
+}
 
 
 def memory_clash(
@@ -84,13 +106,17 @@ def memory_clash(
     any written one, except with its partner when both are the same view (an element reads itself before it
     is written: ``a += a``). Contiguous tensors are judged by the bytes they cover; a strided view, which the
     ops run apart (reference or contiguous copy), only by its first element. Empty tensors hold no memory.
+    A written tensor must not be an expanded view (a stride-0 dim of size > 1: one element at many indices), and
+    no tensor may be a meta tensor (no memory to judge, nothing to compute on): both are reported as well.
     Names are ``name[i]`` (``name`` alone when ``indexed`` is false). O(n log n) in the number of tensors.
     """
 
     def name(group: str, i: int) -> str:
         return f"{group}[{i}]" if indexed else group
 
-    spans = _spans(written)
+    spans, bad = _spans(written, written=True)
+    if bad:
+        return f"{name(written[bad[0]][0], bad[1])} {_UNJUDGED[bad[2]]}"
     for (_, hi_a, ga, ia), (lo_b, _, gb, ib) in zip(spans, spans[1:], strict=False):
         if lo_b < hi_a:
             a, b = written[ga][1][ia], written[gb][1][ib]
@@ -102,7 +128,10 @@ def memory_clash(
     if not read:
         return None
     starts = [s[0] for s in spans]
-    for r_lo, r_hi, rg, ri in _spans([(g[0], g[1]) for g in read]):
+    read_spans, bad = _spans([(g[0], g[1]) for g in read])
+    if bad:
+        return f"{name(read[bad[0]][0], bad[1])} {_UNJUDGED[bad[2]]}"
+    for r_lo, r_hi, rg, ri in read_spans:
         # written spans are disjoint and sorted: those overlapping [r_lo, r_hi) end the prefix left of r_hi
         j = bisect.bisect_left(starts, r_hi) - 1
         while j >= 0 and spans[j][1] > r_lo:

@@ -158,6 +158,34 @@ def perturb_update_(
 # ------------------------------------------------------------------------------------------------- init
 
 
+_MASK_VALUES = "mask must be bool or 0/1 integers (1 = valid position)"
+
+
+def _validity_mask(mask: Tensor) -> None:
+    """Refuse a non-bool mask holding anything but 0 and 1 (an additive attention mask, a 0/255 byte mask): it
+    would silently scale or zero the perturbation, or make it NaN. The values are read only where that costs no
+    host sync and no graph break: a plain CPU tensor in eager mode (not traced, faked or under a transform)."""
+    if mask.dtype == torch.bool or mask.device.type != "cpu" or not mask.numel():
+        return
+    dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    transforms = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if (
+        type(mask) not in (Tensor, torch.nn.Parameter)
+        or torch.compiler.is_compiling()
+        or (dispatch_modes is not None and dispatch_modes())
+        or (transforms is not None and transforms())
+    ):
+        return
+    bad = (mask != 0) & (mask != 1)  # NaN is neither
+    if bad.any():
+        value = mask[bad][0].item()
+        if mask.is_floating_point():
+            raise ValueError(
+                f"{_MASK_VALUES}; an additive attention mask (0 / -inf) is not a validity mask (mask holds {value})"
+            )
+        raise ValueError(f"{_MASK_VALUES}; mask holds {value}")
+
+
 @torch.library.custom_op("villa_fast::perturb_init_", mutates_args=("noise",))
 def _perturb_init_op(noise: Tensor, mask: Tensor | None, init_mag: float, norm_type: str, backend: str) -> None:
     if backend == "reference":
@@ -192,7 +220,11 @@ def perturb_init(
 
     Args:
         like: [B, P..., D] tensor whose shape, device (and float64-ness) the perturbation takes.
-        mask: optional [B, P...] (bool or numeric, 1 = valid position).
+        mask: optional [B, P...] validity mask, 1 / True = valid position: bool, or integers (or floats) holding
+            only 0 and 1. Any other value (an additive attention mask 0 / -1e4 or 0 / -inf, a uint8 255) is
+            refused with a ValueError on a CPU mask; on a CUDA mask the values are not checked (that would need a
+            host sync): pass a bool mask there (``mask > 0`` of a 0/1 mask).
+    An empty ``like`` (B = 0, a zero-sized position dim, or D = 0) gives an empty result.
     """
     _check.tensor("like", like)
     init_mag = _check.real("init_mag", init_mag)
@@ -202,16 +234,18 @@ def perturb_init(
     if mask is not None:
         _check.tensor("mask", mask)
         if mask.is_complex():
-            raise TypeError(f"mask must be bool or real, got {mask.dtype}")
+            raise TypeError(f"{_MASK_VALUES}; got dtype {mask.dtype}")
         if tuple(mask.shape) != tuple(like.shape[:-1]):
             raise ValueError(
                 f"mask must have shape {tuple(like.shape[:-1])} (like without its last dim), got {tuple(mask.shape)}"
             )
         _check.same_device("mask", mask, "like", like)
+        _validity_mask(mask)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    if init_mag == 0:
+    if init_mag == 0 or like.numel() == 0:
+        # nothing to draw for an empty batch, no positions or D = 0
         return torch.zeros(like.shape, dtype=dtype, device=like.device)
     noise = torch.empty(like.shape, dtype=dtype, device=like.device).uniform_(-1, 1, generator=generator)
     b, d = like.shape[0], like.shape[-1]

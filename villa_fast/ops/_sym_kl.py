@@ -9,10 +9,11 @@ from torch import Tensor
 
 from villa_fast import reference
 from villa_fast.ops import _check
-from villa_fast.ops._backend import choose, extension
+from villa_fast.ops._backend import SYM_KL_EXT_MAX_CLASSES, choose_sym_kl, extension
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MAX_CLASSES = 32768
+# the most classes the C++ extension's kernels take (CPU and CUDA); more run on the Triton or reference backend
+MAX_CLASSES = SYM_KL_EXT_MAX_CLASSES
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,8 +62,11 @@ def sym_kl(
     """Symmetric KL ``KL(softmax(b) || softmax(a)) + KL(softmax(a) || softmax(b))`` of [N, C] logits.
 
     Args:
-        logits_a, logits_b: [N, C] with 2 <= C <= 32768, float32, bfloat16, float16 (or float64);
-            the math is done in float32 (float64 for float64 inputs). Gradients flow into both.
+        logits_a, logits_b: [N, C] with N >= 1 and C >= 2, float32, bfloat16, float16 (or float64);
+            the math is done in float32 (float64 for float64 inputs). Gradients flow into both. The cpp and cuda
+            backends take C <= 32768 (``MAX_CLASSES``); more classes (a vocabulary head, C = 50265) run on Triton
+            on a CUDA device where it is installed, else on the reference (an explicit
+            VILLA_FAST_BACKEND=cpp|cuda raises BackendUnavailableError for them).
         reduction: "batchmean" sums over classes and averages over rows; "mean" averages over all elements;
             "sum" sums over both (the kernels' batchmean times the rows).
         row_mask: optional bool [N]: only the rows where it is true count, as if the others were not there
@@ -84,8 +88,8 @@ def sym_kl(
     n, c = a.shape
     if n < 1:
         raise ValueError("logits_a must have at least one row (N >= 1)")
-    if not 2 <= c <= MAX_CLASSES:
-        raise ValueError(f"logits_a must have 2 <= C <= {MAX_CLASSES} classes, got C={c}")
+    if c < 2:
+        raise ValueError(f"logits_a must have at least 2 classes (2 <= C), got C={c}")
     _check.same_device("logits_a", a, "logits_b", b)
     if a.dtype != b.dtype:
         common = torch.promote_types(a.dtype, b.dtype)
@@ -105,7 +109,7 @@ def sym_kl(
         # equal rows (both zero) add exactly zero to the sum, and torch.where sends them no gradient
         col = keep.unsqueeze(1)
         a, b = torch.where(col, a, 0), torch.where(col, b, 0)
-    backend = choose("sym_kl", a.device.type, str(a.dtype))
+    backend = choose_sym_kl(a.device.type, str(a.dtype), c)
     need_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     kernel_reduction = "batchmean" if reduction == "sum" else reduction
     loss, _, _ = _sym_kl_op(a.contiguous(), b.contiguous(), kernel_reduction, need_grad, backend)

@@ -108,8 +108,9 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: lr must be a finite number >= 0, got {lr!r}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {betas!r}")
-        if not eps >= 0.0:
-            raise ValueError(f"AdamW: eps must be >= 0, got {eps!r}")
+        if not (eps > 0.0 and math.isfinite(eps)):
+            # eps = 0 divides 0 by 0 for a parameter whose gradient is zero
+            raise ValueError(f"AdamW: eps must be a finite number > 0, got {eps!r}")
         if not weight_decay >= 0.0:
             raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay!r}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
