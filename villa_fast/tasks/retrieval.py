@@ -19,7 +19,10 @@ step is ``2 * train_batch_size`` micro-batches per process, image side and text 
 (:class:`AlternatingSidesSampler`), their summed gradients multiplied by ``1 / train_batch_size``
 (the VILLA step's objective, hinge and KL term, alike); ``gradient_accumulation_steps`` must stay 1.
 Across processes the gradients are summed, as theirs are; each process takes its own share of each
-side's permutation (their per-process loaders are not sharded).
+side's permutation (their per-process loaders are not sharded). An image-side item's rows (one image, many
+texts) are packed with each row's own text length; the authors' ``ItmRankDatasetHardNegFromImage`` passes
+the last sampled text's length as the padded text width to ``get_gather_index``, which whenever that text
+is not the longest reads text padding into the region slots of the other rows; that slip is not reproduced.
 
 Adversarial fine-tuning. The authors' repository (zhegan27/VILLA) ships adversarial training scripts
 for VQA, VCR, NLVR2 and SNLI-VE only (``train_{vqa,vcr,nlvr2,ve}_adv.py``); for retrieval it has the
