@@ -204,3 +204,38 @@ def test_resume_data_moves_names_pretraining_datasets():
     now = {"train_datasets": [{"name": "coco", "db": ["/b/txt"], "img": ["/a/img"], "tasks": ["mlm"]}]}
     assert resume_data_moves(saved, now) == [("train_datasets[0].db", ["/a/txt"], ["/b/txt"])]
     assert resume_data_moves(saved, saved) == []
+
+
+def test_one_named_gpu_for_several_processes_is_refused():
+    from villa_fast.train.config import ConfigError
+    from villa_fast.train.trainer import resolve_device
+
+    assert resolve_device("cuda", local_rank=3, world_size=4) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1", world_size=1) == torch.device("cuda", 1)
+    assert resolve_device("cpu", local_rank=2, world_size=4) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="names one GPU for all 4 processes"):
+        resolve_device("cuda:0", local_rank=2, world_size=4)
+
+
+def test_a_resumed_run_purges_tensorboard_events_past_its_checkpoint(tmp_path, monkeypatch):
+    """The killed run logged steps after its last checkpoint; the resumed run logs them again: its writer drops
+    the old events from the next step on (``purge_step``), a fresh run's purges nothing."""
+    pytest.importorskip("torch.utils.tensorboard")
+    import torch.utils.tensorboard as tbmod
+
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, **kw):
+            made.append(kw)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tbmod, "SummaryWriter", Writer)
+    trainer = Trainer(resolve_config(None, _cfg(tmp_path, tensorboard=True)), quiet=True)
+    trainer._tensorboard()
+    trainer._tb = None
+    trainer.global_step = 7
+    trainer._tensorboard()
+    assert made == [{}, {"purge_step": 8}]

@@ -46,12 +46,20 @@ __all__ = ["LoaderSource", "Trainer", "resolve_device", "set_seed"]
 logger = logging.getLogger("villa_fast.train")
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+def resolve_device(spec: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The training device: ``auto`` (this process's GPU, else the CPU), or ``spec``; a bare ``cuda`` takes the
+    process's local rank. Several processes cannot share one named GPU (``cuda:0`` for every rank would put them
+    all on GPU 0): with ``world_size > 1`` a CUDA index is refused."""
     if spec == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
+    elif dev.type == "cuda" and world_size > 1:
+        raise ConfigError(
+            f"device {spec!r} names one GPU for all {world_size} processes: use 'cuda' or 'auto' (each process "
+            "takes the GPU of its local rank)"
+        )
     return dev
 
 
@@ -150,9 +158,10 @@ class Trainer:
         self.cfg = dict(cfg)
         self.task = task or build_task(self.cfg)
         self.quiet = quiet
-        dev = resolve_device(self.cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        dev = resolve_device(self.cfg["device"], int(os.environ.get("LOCAL_RANK", "0")), world)
         self.dist = vdist.init_distributed(dev.type)
-        self.device = resolve_device(self.cfg["device"], self.dist.local_rank)
+        self.device = resolve_device(self.cfg["device"], self.dist.local_rank, self.dist.world_size)
         set_seed(self.cfg["seed"])
         self.ctx = DataContext(
             seed=self.cfg["seed"],
@@ -312,7 +321,9 @@ class Trainer:
             except ImportError:  # pragma: no cover
                 self.cfg["tensorboard"] = False
                 return None
-            self._tb = SummaryWriter(str(self.output_dir / "log"))
+            # a resumed run rewrites the steps after its checkpoint: the killed run's events past it are dropped
+            purge = {"purge_step": self.global_step + 1} if self.global_step else {}
+            self._tb = SummaryWriter(str(self.output_dir / "log"), **purge)
         return self._tb
 
     def _record(self, entry: dict[str, Any]) -> None:
