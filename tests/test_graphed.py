@@ -366,6 +366,25 @@ def test_warmup_is_undone_before_capture():
     assert torch.equal(gen.get_state(), gen_state)
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_warmup_leaves_the_default_cuda_generator_alone():
+    """The warm-up's draws (here the initial perturbation, from the default CUDA generator) are undone: the run's
+    random stream does not depend on the step at which a shape is first captured."""
+    cfg = AdversarialConfig(steps=2, lr_txt=0.3, lr_img=0.4, modality="text+image", init_mag=0.1)
+    model = _cuda_toy()
+    step = _graphed(model, cfg, optimizer=_fused_adamw(model))
+    batch = _cuda_batch(12)
+    step.eager.discover_params(batch)
+    state = torch.cuda.get_rng_state()
+    snap = step._snapshot()
+    for _ in range(2):
+        step._full(batch, None, None, True)
+    assert not torch.equal(torch.cuda.get_rng_state(), state)
+    step._restore(snap)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
 def test_new_shapes_beyond_max_graphs_run_eagerly(monkeypatch):
     """The capture policy, without a GPU: signatures past ``max_graphs`` are not captured (each graph holds
     its own memory pool) but run eagerly, with one warning naming the remedy."""

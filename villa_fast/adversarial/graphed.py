@@ -399,6 +399,11 @@ class GraphedVillaStep:
             snap["scaler"] = self.scaler.state_dict()
         if self.eager.generator is not None:
             snap["gen"] = self.eager.generator.get_state()
+        device = params[0].device if params else None
+        if device is not None and device.type == "cuda":
+            # the warm-up's dropout draws from the default generator: undone, so the training run's random
+            # stream does not depend on when a shape is first met (a resumed run captures at other steps)
+            snap["cuda_rng"] = (device, torch.cuda.get_rng_state(device))
         if self._pending is not None:
             snap["pending"] = self._pending.clone()
         return snap
@@ -436,6 +441,8 @@ class GraphedVillaStep:
             self.scaler.load_state_dict(snap["scaler"])
         if "gen" in snap:
             self.eager.generator.set_state(snap["gen"])
+        if "cuda_rng" in snap:
+            torch.cuda.set_rng_state(snap["cuda_rng"][1], snap["cuda_rng"][0])
         if "pending" in snap:
             self._pending.copy_(snap["pending"])
         elif self._pending is not None:
