@@ -139,3 +139,77 @@ def test_null_is_refused_where_a_key_needs_a_value(tmp_path, key):
 def test_null_is_accepted_where_it_means_unset(tmp_path, key):
     cfg = resolve_config(_write(tmp_path, {key: None}))
     assert cfg[key] is None
+
+
+# -- non-finite numbers, ranges, unreadable files ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("key", ["learning_rate", "adv_lr_txt", "attack_eps", "dropout"])
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, key, text):
+    p = tmp_path / "c.json"
+    p.write_text(f'{{"task": "vqa", "{key}": {text}}}')  # Python's json reads NaN / Infinity
+    with pytest.raises(ConfigError, match=rf"'{key}' must be a finite number"):
+        resolve_config(p)
+    with pytest.raises(ConfigError, match=rf"'{key}' must be a finite number"):
+        resolve_config(None, {"task": "vqa", key: float(text.replace("Infinity", "inf"))})
+
+
+def test_non_finite_betas_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="'betas' must be a list of finite numbers"):
+        resolve_config(None, {"task": "vqa", "betas": [float("nan"), 0.98]})
+
+
+@pytest.mark.parametrize(
+    "obj, words",
+    [
+        ({"adv_lr_txt": -1e-3}, ["adv_lr_txt", ">= 0"]),
+        ({"adv_lr_img": -0.5}, ["adv_lr_img", ">= 0"]),
+        ({"attack_eps": -1.0}, ["attack_eps", ">= 0"]),
+        ({"attack_lr": -0.1}, ["attack_lr", ">= 0"]),
+        ({"lr_mul": 0}, ["lr_mul", "> 0"]),
+        ({"lr_mul": -10.0}, ["lr_mul", "> 0"]),
+        ({"keep_checkpoints": -1}, ["keep_checkpoints", ">= 0"]),
+        ({"hard_neg_size": -1}, ["hard_neg_size", ">= 0"]),
+        ({"negative_size": 0}, ["negative_size", "> 0"]),
+        ({"negative_size": 3, "hard_neg_size": 4}, ["hard_neg_size", "negative_size", "larger"]),
+        ({"inf_minibatch_size": 0}, ["inf_minibatch_size"]),
+        ({"max_val_examples": -5}, ["max_val_examples"]),
+    ],
+)
+def test_out_of_range_values_name_the_key(tmp_path, obj, words):
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(_write(tmp_path, {"task": "retrieval", **obj}))
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_zero_means_off_where_documented():
+    cfg = resolve_config(None, {"task": "retrieval", "keep_checkpoints": 0, "hard_neg_size": 0, "adv_lr_img": 0})
+    assert cfg["keep_checkpoints"] == 0 and cfg["hard_neg_size"] == 0
+
+
+def _pretrain_entry(**kw):
+    return {"name": "coco", "db": ["/d/txt"], "img": ["/d/img"], "tasks": ["mlm", "itm"], **kw}
+
+
+def test_all_zero_mix_ratio_is_refused_naming_the_entry(tmp_path):
+    entries = [_pretrain_entry(mix_ratio=[1, 2]), _pretrain_entry(name="vg", mix_ratio=[0, 0])]
+    with pytest.raises(ConfigError, match=r"'train_datasets'\[1\] \('vg'\): mix_ratio is all zeros"):
+        resolve_config(_write(tmp_path, {"task": "pretrain", "train_datasets": entries}))
+    with pytest.raises(ConfigError, match=r"'train_datasets'\[0\]: mix_ratio must be finite numbers >= 0"):
+        resolve_config(None, {"task": "pretrain", "train_datasets": [_pretrain_entry(mix_ratio=[-1, 2])]})
+    with pytest.raises(ConfigError, match=r"'train_datasets'\[0\]: mix_ratio must be a list of numbers"):
+        resolve_config(None, {"task": "pretrain", "train_datasets": [_pretrain_entry(mix_ratio="1,2")]})
+    # one task of an entry at 0 is a valid mix
+    cfg = resolve_config(None, {"task": "pretrain", "train_datasets": [_pretrain_entry(mix_ratio=[0, 3])]})
+    assert cfg["train_datasets"][0]["mix_ratio"] == [0, 3]
+
+
+def test_config_that_is_a_directory_or_not_utf8_gives_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        resolve_config(tmp_path)
+    p = tmp_path / "latin1.json"
+    p.write_bytes('{"task": "vqa", "output_dir": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.json: not a UTF-8 text file"):
+        load_config(p)

@@ -363,3 +363,62 @@ def test_minilm_bert_weights_give_reference_hidden_states():
     ref = ref_bert_text(load_file(str(model_dir / "model.safetensors")), ids, mask, cfg)
     torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[1, :7], ref[1, :7], rtol=1e-4, atol=1e-4)
+
+
+# -- files that are not weights ---------------------------------------------------------------------------
+
+
+class _Payload:
+    """An arbitrary object in a pickle: unpickling it would run its __reduce__."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (_mark_ran, ())
+
+
+def _mark_ran():
+    _Payload.ran = True
+    return "ran"
+
+
+@pytest.mark.parametrize("kind", ["json", "object", "empty", "truncated"])
+def test_a_file_that_is_no_state_dict_is_named_and_never_unpickled(tmp_path, kind):
+    from villa_fast.models import read_state_dict
+    from villa_fast.models.checkpoint import CheckpointFormatError
+
+    path = tmp_path / "weights.pt"
+    if kind == "json":
+        path.write_text('{"vocab_size": 100}')
+    elif kind == "object":
+        torch.save({"w": torch.zeros(2), "x": _Payload()}, path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"w": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:-200])
+    _Payload.ran = False
+    with pytest.raises(CheckpointFormatError) as exc:
+        read_state_dict(path)
+    msg = str(exc.value)
+    assert str(path) in msg and "weights_only" not in msg
+    if kind in ("json", "object"):
+        assert "is not a .safetensors file or a torch state dict (refusing to unpickle arbitrary objects)" in msg
+    assert not _Payload.ran
+    with pytest.raises(CheckpointFormatError):
+        load_pretrained(UniterModel(tiny_config()), path)
+
+
+@pytest.mark.parametrize("cut", [0, 20, -8])
+def test_an_empty_or_truncated_safetensors_file_is_named(tmp_path, cut):
+    from villa_fast.models import read_state_dict
+    from villa_fast.models.checkpoint import CheckpointFormatError
+
+    path = tmp_path / "model.safetensors"
+    save_safetensors(UniterModel(tiny_config()), path)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut])
+    with pytest.raises(CheckpointFormatError, match=rf"{path}: not a readable \.safetensors file"):
+        read_state_dict(path)
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        read_state_dict(tmp_path / "absent.safetensors")

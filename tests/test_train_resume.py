@@ -147,3 +147,98 @@ def test_resume_between_log_steps_logs_what_the_uninterrupted_run_logs(tmp_path,
     assert losses(resumed.train()) == ref
     logged = [json.loads(x) for x in hist_file.read_text().splitlines()]
     assert losses(logged) == ref
+
+
+# -- unreadable checkpoints, leftovers of killed runs, durable writes --------------------------------------------
+
+
+def _tiny_checkpoints(ckpt: Path, steps=(1, 2)):
+    from tests.test_models import tiny_config
+    from villa_fast.models import UniterModel
+    from villa_fast.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = UniterModel(tiny_config())
+    for s in steps:
+        save_checkpoint(ckpt, s, model, {"step": s, "w": torch.arange(100.0)})
+    return model
+
+
+@pytest.mark.parametrize("damage", ["truncated_state", "empty_state", "empty_weights", "truncated_weights"])
+def test_an_unreadable_checkpoint_names_its_path_and_step(tmp_path, damage):
+    from villa_fast.train.checkpoint import CheckpointReadError, load_checkpoint
+
+    model = _tiny_checkpoints(tmp_path / "ckpt", steps=(2,))
+    step = tmp_path / "ckpt" / "step_2"
+    f = step / ("train_state.pt" if "state" in damage else "model.safetensors")
+    data = f.read_bytes()
+    f.write_bytes(b"" if damage.startswith("empty") else data[: len(data) // 2])
+    with pytest.raises(CheckpointReadError) as exc:
+        load_checkpoint(step, model)
+    msg = str(exc.value)
+    assert str(step) in msg and "(step 2)" in msg and f.name in msg
+    assert "weights_only" not in msg
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        load_checkpoint(tmp_path / "ckpt" / "step_9", model)
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
+    import logging
+
+    from villa_fast.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    model = _tiny_checkpoints(ckpt, steps=(1, 2, 3))
+    for s, name in ((3, "train_state.pt"), (2, "model.safetensors")):
+        f = ckpt / f"step_{s}" / name
+        f.write_bytes(f.read_bytes()[:-100])  # a copy cut short / a power loss on a disk without a real fsync
+    with caplog.at_level(logging.WARNING, logger="villa_fast.train.checkpoint"):
+        assert latest_checkpoint(ckpt) == ckpt / "step_1"
+    assert "step 3" in caplog.text and "step 2" in caplog.text and "step_1" in caplog.text
+    # the unreadable ones are kept aside, out of the way of resume and pruning
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_1", "step_2.unreadable", "step_3.unreadable"]
+    assert load_checkpoint(ckpt / "step_1", model)["step"] == 1
+    # with no complete checkpoint the newest is returned, and loading it says what is wrong
+    (ckpt / "step_1" / "train_state.pt").write_bytes(b"")
+    assert latest_checkpoint(ckpt) == ckpt / "step_1"
+
+
+def test_leftovers_of_killed_runs_are_removed_on_save_and_resume(tmp_path):
+    from villa_fast.train.checkpoint import latest_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    model = _tiny_checkpoints(ckpt, steps=(1,))
+    ours = [".step_2.k3j_x9a", ".stale_step_1.4242", ".model_final.safetensors.abc123"]
+    for name in ours[:2]:
+        (ckpt / name).mkdir()
+        (ckpt / name / "model.safetensors").write_bytes(b"x" * 100)
+    (ckpt / ours[2]).write_bytes(b"x")
+    theirs = [".step_notes", "step_1.bak", ".hidden", "notes.txt"]  # not the library's temporary naming
+    for name in theirs:
+        (ckpt / name).write_text("keep")
+    assert latest_checkpoint(ckpt) == ckpt / "step_1"
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["step_1", *theirs])
+    (ckpt / ours[0]).mkdir()
+    _tiny_checkpoints(ckpt, steps=(2,))  # a save removes them too
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["step_1", "step_2", *theirs])
+    del model
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the fsynced descriptors")
+def test_checkpoint_files_and_directories_are_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    ckpt = tmp_path / "ckpt"
+    _tiny_checkpoints(ckpt, steps=(5,))
+    names = [Path(p).name for p in synced]
+    # each file's data before its rename, the directory holding the renamed files, the parent after the final rename
+    assert any(n.startswith(".model.safetensors.") for n in names)
+    assert any(n.startswith(".train_state.pt.") for n in names)
+    assert any(n.startswith(".step_5.") for n in names)
+    assert synced[-1] == str(ckpt)

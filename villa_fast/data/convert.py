@@ -257,32 +257,102 @@ def _parser(prog: str = "python -m villa_fast.data.convert") -> argparse.Argumen
     pt.add_argument("--task", required=True, choices=TASKS)
     pt.add_argument("--jsonl", required=True, help="one JSON example per line (see module docs)")
     pt.add_argument("--output", required=True, help="txt_db directory to write")
-    pt.add_argument("--vocab", help="WordPiece vocab.txt (needed unless examples carry input_ids)")
+    pt.add_argument(
+        "--vocab",
+        help="WordPiece vocab.txt (required: it tokenises the text and gives the txt_db meta its CLS, SEP, MASK and "
+        "v_range, also when the examples carry input_ids)",
+    )
     pt.add_argument("--lowercase", action="store_true", help="lowercase before WordPiece (uncased vocabularies)")
     pt.add_argument("--ans2label", help="VQA answer -> label JSON")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of input errors (normally one line)")
     return p
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = (_parser(prog) if prog else _parser()).parse_args(argv)
+def _read_ans2label(path: str) -> dict[str, int]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataFormatError(f"--ans2label {path}: not a JSON file ({exc})") from None
+    if not isinstance(obj, dict) or not all(_is_label(v) for v in obj.values()):
+        raise DataFormatError(f"--ans2label {path}: must be a JSON object mapping answers to integer labels")
+    return obj
+
+
+def _is_label(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+class _RemoveOnFailure:
+    """Removes what a failed (or interrupted) conversion created under ``output``: the whole directory when it did
+    not exist before, else only the entries added to it; never what was there before."""
+
+    def __init__(self, output: str | Path):
+        self.output = Path(output)
+        self.existed = self.output.exists() or self.output.is_symlink()
+        self.before = {p.name for p in self.output.iterdir()} if self.output.is_dir() else None
+
+    def __enter__(self) -> _RemoveOnFailure:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            return
+        import shutil
+
+        if not self.existed:
+            if self.output.is_dir() and not self.output.is_symlink():
+                shutil.rmtree(self.output, ignore_errors=True)
+            return
+        if self.before is None or not self.output.is_dir():
+            return
+        for p in self.output.iterdir():
+            if p.name in self.before:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def main(
+    argv: Sequence[str] | None = None, prog: str | None = None, *, report_errors: bool = False, debug: bool = False
+) -> int:
+    """The convert command line. ``report_errors`` (the console entry points): an input error prints
+    ``error: ...`` and returns 2 instead of raising (``--debug`` / ``debug``: raised). A failed conversion
+    removes the output it created, so that a rerun starts clean."""
+    parser = _parser(prog) if prog else _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    if args.cmd == "img":
-        name2nbb = convert_images(
-            args.npz_dir, args.output, args.conf_th, args.max_bb, args.min_bb, args.num_bb, not args.no_compress
+    if args.cmd == "txt" and not args.vocab:
+        parser.error(
+            "--vocab is required for convert txt: the vocabulary tokenises the text and gives the txt_db meta "
+            "its CLS, SEP, MASK and v_range (also when the examples carry input_ids)"
         )
+    if not report_errors:
+        return _run(args)
+    from villa_fast.cli import run_reporting_errors
+
+    return run_reporting_errors(lambda: _run(args), debug=debug or args.debug)
+
+
+def _run(args) -> int:
+    if args.cmd == "img":
+        with _RemoveOnFailure(args.output):
+            name2nbb = convert_images(
+                args.npz_dir, args.output, args.conf_th, args.max_bb, args.min_bb, args.num_bb, not args.no_compress
+            )
         print(f"wrote {len(name2nbb)} images to {args.output}")
     else:
-        ans2label = None
-        if args.ans2label:
-            with open(args.ans2label, encoding="utf-8") as fh:
-                ans2label = json.load(fh)
-        stats = convert_texts(
-            args.task, args.jsonl, args.output, args.vocab, lowercase=args.lowercase, ans2label=ans2label
-        )
+        ans2label = _read_ans2label(args.ans2label) if args.ans2label else None
+        with _RemoveOnFailure(args.output):
+            stats = convert_texts(
+                args.task, args.jsonl, args.output, args.vocab, lowercase=args.lowercase, ans2label=ans2label
+            )
         print(f"wrote {stats['written']} examples to {args.output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(report_errors=True))

@@ -8,9 +8,12 @@ have grown type/word embeddings (NLVR2: 3 types; VCR: 4 types and 81 extra token
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,10 @@ _EXPANDABLE = ("embeddings.word_embeddings.weight", "embeddings.token_type_embed
 
 class CheckpointShapeError(ValueError):
     """A checkpoint tensor whose shape the model cannot take."""
+
+
+class CheckpointFormatError(ValueError):
+    """A weights file that is not a readable safetensors file or torch state dict (the message names it)."""
 
 
 @dataclass
@@ -64,12 +71,47 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             if (path / name).exists():
                 return read_state_dict(path / name)
         raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or model.pt in {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise CheckpointFormatError(
+                f"{path}: not a readable .safetensors file, truncated or corrupt ({exc})"
+            ) from None
+    obj = load_torch_file(path)
     return _unwrap(obj, str(path))
+
+
+def load_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never arbitrary objects.
+
+    Raises:
+        CheckpointFormatError: the file is empty, truncated, corrupt or holds other objects (the message names
+            it; torch's own would advise ``weights_only=False``, which runs whatever the file holds).
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise CheckpointFormatError(f"{path} is empty: not a .safetensors file or a torch state dict")
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise CheckpointFormatError(f"{path}: torch file truncated or corrupt (its zip directory is missing)")
+    try:
+        return torch.load(str(path), map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile):
+        raise CheckpointFormatError(
+            f"{path} is not a .safetensors file or a torch state dict (refusing to unpickle arbitrary objects)"
+        ) from None
+    except (RuntimeError, OSError) as exc:
+        reader = isinstance(exc, RuntimeError) and ("PytorchStreamReader" in str(exc) or "zip archive" in str(exc))
+        if not (reader or (type(exc) is OSError and exc.errno == errno.EINVAL)):
+            raise
+        raise CheckpointFormatError(f"{path}: torch file truncated or corrupt ({str(exc).splitlines()[0]})") from None
 
 
 def _unwrap(obj: object, where: str) -> dict[str, Tensor]:

@@ -2,17 +2,23 @@
 
 A checkpoint is a directory ``ckpt/step_{N}`` holding ``model.safetensors`` and ``train_state.pt``
 (optimizer, schedule, loss scaler, RNG states, data position, step), each written to a
-temporary file and renamed into place; the directory itself is renamed into place last, so a
-crash never leaves a half-written checkpoint that ``--resume`` would pick.
+temporary file, flushed to disk (fsync) and renamed into place; the directory itself is renamed into
+place last (and its parent fsynced), so neither a crash nor a power loss leaves a half-written
+checkpoint that ``--resume`` would pick. Temporary directories a killed run left behind
+(``.step_N.*``, ``.stale_step_N.*``) are removed when the next run saves or resumes. A newest checkpoint
+whose files are truncated (a disk that lied about the fsync, a copy cut short) is set aside with a warning
+and the run resumes from the newest complete one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,44 +26,95 @@ import numpy as np
 import torch
 from torch import nn
 
+from villa_fast.models.checkpoint import CheckpointFormatError, load_torch_file
+
 __all__ = [
+    "CheckpointReadError",
     "atomic_save",
     "latest_checkpoint",
     "load_checkpoint",
+    "remove_leftovers",
     "rng_state",
     "run_files",
     "save_checkpoint",
     "set_rng_state",
 ]
 
+logger = logging.getLogger(__name__)
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+#: this library's temporary names in a checkpoint directory (save_checkpoint's directory being written, the
+#: previous checkpoint of the same step set aside, atomic_save_weights' final weights being written); a killed
+#: run leaves them behind, each as large as a checkpoint
+_LEFTOVER = re.compile(r"^\.(step_\d+\.|stale_step_\d+\.|model_final\.safetensors\.).+$")
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace``."""
+class CheckpointReadError(CheckpointFormatError):
+    """A training checkpoint's file is truncated, empty or not in its format (the message names it and the step)."""
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's contents to disk (directories: where the platform allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):  # a platform that cannot open directories (Windows): nothing to flush
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    """``write(tmp)`` to a temporary file in ``path``'s directory, fsync it, ``os.replace`` it to ``path``, fsync
+    the directory."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then ``os.replace``."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     from villa_fast.models import save_safetensors
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_safetensors(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic_write(path, lambda tmp: save_safetensors(model, tmp))
+
+
+def remove_leftovers(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and directories killed runs left in ``ckpt_dir`` (only this library's own
+    dot-prefixed names: ``.step_N.*``, ``.stale_step_N.*``, ``.model_final.safetensors.*``); returns them.
+    Call it from one process (rank 0), not while another process saves into the same directory."""
+    ckpt_dir = Path(ckpt_dir)
+    removed = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if not _LEFTOVER.match(p.name):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        logger.info("removed %d temporary checkpoint files left by an interrupted run in %s", len(removed), ckpt_dir)
+    return removed
 
 
 def rng_state() -> dict[str, Any]:
@@ -100,6 +157,7 @@ def save_checkpoint(
     """Write ``ckpt_dir/step_{step}`` atomically; keep the newest ``keep`` checkpoints (0: all)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(ckpt_dir)
     final = ckpt_dir / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=ckpt_dir))
     try:
@@ -110,9 +168,11 @@ def save_checkpoint(
             stale = ckpt_dir / f".stale_step_{step}.{os.getpid()}"
             os.replace(final, stale)
             os.replace(tmp, final)
+            _fsync(ckpt_dir)
             shutil.rmtree(stale, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            _fsync(ckpt_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -149,23 +209,104 @@ def run_files(output_dir: str | os.PathLike) -> list[str]:
     return found
 
 
+def _unreadable(step_dir: Path) -> str | None:
+    """Why ``step_dir``'s files cannot be a complete checkpoint (None: they look complete). Reads only the
+    safetensors header and the zip directory of train_state.pt, which a truncated or empty file lacks."""
+    from safetensors import safe_open
+
+    weights, state = step_dir / "model.safetensors", step_dir / "train_state.pt"
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        return f"{weights.name}: {exc}"
+    try:
+        with zipfile.ZipFile(state) as z:
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                return f"{state.name}: not a torch checkpoint (no data.pkl)"
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{state.name}: {exc}"
+    return None
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    dirs = _step_dirs(Path(ckpt_dir))
+    """The newest complete ``step_N`` in ``ckpt_dir`` (None: none there).
+
+    Removes temporary leftovers of killed runs first (:func:`remove_leftovers`). A newer checkpoint whose files
+    are truncated or empty is renamed to ``step_N.unreadable`` (kept for inspection, never picked or pruned) with
+    a warning, and the newest complete one is returned: resuming from an older step is correct, only slower.
+    When no checkpoint is complete, the newest is returned as it is, for :func:`load_checkpoint` to report.
+    Call it from one process (rank 0)."""
+    ckpt_dir = Path(ckpt_dir)
+    remove_leftovers(ckpt_dir)
+    dirs = _step_dirs(ckpt_dir)
+    bad = []
+    for step, p in reversed(dirs):
+        why = _unreadable(p)
+        if why is None:
+            for bad_step, bad_path, bad_why in bad:
+                aside = bad_path.with_name(f"{bad_path.name}.unreadable")
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = bad_path.with_name(f"{bad_path.name}.unreadable{n}")
+                os.replace(bad_path, aside)
+                logger.warning(
+                    "checkpoint %s (step %d) is incomplete or corrupt (%s): moved to %s; resuming from the "
+                    "older checkpoint %s (step %d)",
+                    bad_path,
+                    bad_step,
+                    bad_why,
+                    aside.name,
+                    p,
+                    step,
+                )
+            if bad:
+                _fsync(ckpt_dir)
+            return p
+        bad.append((step, p, why))
     return dirs[-1][1] if dirs else None
 
 
+def _step_of(path: Path) -> str:
+    m = _STEP_DIR.match(path.name)
+    return f" (step {m.group(1)})" if m else ""
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, map_location: str | torch.device = "cpu") -> dict:
-    """Load the weights into ``model`` (exactly: every key must match) and return the training state."""
+    """Load the weights into ``model`` (exactly: every key must match) and return the training state.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a checkpoint directory (or lacks one of its two files).
+        CheckpointReadError: a file is truncated, empty or not in its format (the message names it and the step).
+        RuntimeError: the weights do not match the model.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    sd = load_file(str(path / "model.safetensors"), device=str(map_location))
+    where = f"checkpoint {path}{_step_of(path)}"
+    weights, state_file = path / "model.safetensors", path / "train_state.pt"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{where} is not a checkpoint directory (step_N holding model.safetensors and train_state.pt)"
+        )
+    for f in (weights, state_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{where} has no {f.name}: not a complete training checkpoint")
+    try:
+        sd = load_file(str(weights), device=str(map_location))
+    except SafetensorError as exc:
+        raise CheckpointReadError(f"{where}: {weights} cannot be read, it is truncated or corrupt ({exc})") from exc
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # tied weights are stored once: the keys safetensors left out alias a stored tensor
     missing = [k for k in missing if not _is_tied_alias(model, k, sd)]
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
-    return torch.load(path / "train_state.pt", map_location=map_location, weights_only=True)
+    try:
+        return load_torch_file(state_file, map_location=map_location)
+    except CheckpointFormatError as exc:
+        raise CheckpointReadError(f"{where}: {exc}") from None
 
 
 def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -239,6 +240,8 @@ def _check(key: str, value: Any, where: str) -> Any:
     elif kind == "float":
         if not _is_num(value):
             bad = _KIND_WORDS["float"]
+        elif not math.isfinite(value):
+            bad = "a finite number"
         else:
             value = float(value)
     elif kind == "bool":
@@ -257,6 +260,8 @@ def _check(key: str, value: Any, where: str) -> Any:
     elif kind == "float_list":
         if not isinstance(value, list | tuple) or not all(_is_num(v) for v in value):
             bad = _KIND_WORDS["float_list"]
+        elif not all(math.isfinite(v) for v in value):
+            bad = "a list of finite numbers"
         else:
             value = [float(v) for v in value]
     elif kind == "dict_list":
@@ -285,6 +290,12 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
             raw = json.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {path} is a directory: give the path of a JSON config file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
@@ -367,8 +378,30 @@ def _validate(cfg: dict[str, Any]) -> None:
         "adv_max_graphs",
     ):
         positive(key)
-    for key in ("warmup_steps", "n_workers", "adv_max_norm", "adv_init_mag", "adv_kl_weight", "weight_decay"):
+    for key in (
+        "warmup_steps",
+        "n_workers",
+        "adv_max_norm",
+        "adv_init_mag",
+        "adv_kl_weight",
+        "weight_decay",
+        "adv_lr_txt",
+        "adv_lr_img",
+        "attack_eps",
+        "attack_lr",
+        "itm_ot_lambda",
+        "max_val_examples",
+        "keep_checkpoints",  # 0: keep all
+        "hard_neg_size",  # 0: no hard-negative mining
+    ):
         positive(key, allow_zero=True)
+    for key in ("lr_mul", "negative_size", "inf_minibatch_size"):
+        positive(key)
+    if cfg["hard_neg_size"] > cfg["negative_size"]:
+        raise ConfigError(
+            f"key 'hard_neg_size' ({cfg['hard_neg_size']}) keeps the hardest of 'negative_size' "
+            f"({cfg['negative_size']}) sampled negatives: it cannot be larger"
+        )
     for key in ("valid_steps", "adv_steps", "log_steps", "attack_steps"):
         positive(key)
     if cfg["save_steps"] is not None:
@@ -406,8 +439,20 @@ def _validate(cfg: dict[str, Any]) -> None:
             extra = set(ds) - {"name", "db", "img", "tasks", "mix_ratio"}
             if extra:
                 raise ConfigError(f"key {name!r}[{i}] has unknown keys {sorted(extra)}")
-            if "mix_ratio" in ds and len(ds["mix_ratio"]) != len(ds["tasks"]):
-                raise ConfigError(f"key {name!r}[{i}]: mix_ratio and tasks differ in length")
+            if "mix_ratio" in ds:
+                ratios = ds["mix_ratio"]
+                if not isinstance(ratios, list | tuple) or not all(_is_num(r) for r in ratios):
+                    raise ConfigError(f"key {name!r}[{i}]: mix_ratio must be a list of numbers, got {ratios!r}")
+                if not isinstance(ds["tasks"], list | tuple) or len(ratios) != len(ds["tasks"]):
+                    raise ConfigError(f"key {name!r}[{i}]: mix_ratio and tasks differ in length")
+                if not all(math.isfinite(r) and r >= 0 for r in ratios):
+                    raise ConfigError(f"key {name!r}[{i}]: mix_ratio must be finite numbers >= 0, got {ratios!r}")
+                if name == "train_datasets" and ratios and not any(r > 0 for r in ratios):
+                    label = f" ({ds['name']!r})" if "name" in ds else ""
+                    raise ConfigError(
+                        f"key {name!r}[{i}]{label}: mix_ratio is all zeros, so none of its tasks would ever be "
+                        "drawn: give at least one task a ratio > 0, or leave the entry out"
+                    )
 
 
 #: keys that set the training trajectory: a resumed run must keep the checkpoint's values. The others
