@@ -209,6 +209,29 @@ def test_convert_cli(tmp_path, capsys):
     assert "wrote 2 examples" in capsys.readouterr().out
 
 
+def test_convert_vqa_raw_answers_become_soft_scores(tmp_path):
+    """The annotators' raw answers (no score) are counted into the official soft scores (0.3 per annotator, 1 from
+    four on); scored answers keep their score (the highest where one is listed twice); a mix is refused."""
+    from villa_fast.data.convert import convert_texts, vqa_soft_score
+
+    assert [vqa_soft_score(n) for n in range(7)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0, 1.0]
+    raw = ["red"] * 5 + ["green"] * 2 + ["blue", "maroon", "green"]
+    scored = [{"answer": "red", "score": 0.3}, {"answer": "red", "score": 0.9}, {"answer": "blue", "score": 0.6}]
+    lines = [
+        {"id": "raw", "input_ids": [7, 8], "img_fname": "im0.npz", "answers": [{"answer": a} for a in raw]},
+        {"id": "scored", "input_ids": [7], "img_fname": "im0.npz", "answers": scored},
+    ]
+    a2l = {"red": 0, "green": 1, "blue": 2}
+    stats = convert_texts("vqa", _write_jsonl(tmp_path / "q.jsonl", lines), tmp_path / "txt", meta=META, ans2label=a2l)
+    assert stats["unknown_answers"] == 1  # maroon
+    txt = TxtTokLmdb(tmp_path / "txt", -1)
+    assert txt["raw"]["target"] == {"labels": [0, 1, 2], "scores": [1.0, 0.9, 0.3]}
+    assert txt["scored"]["target"] == {"labels": [0, 2], "scores": [0.9, 0.6]}
+    mixed = [{**lines[0], "answers": [{"answer": "red"}, {"answer": "green", "score": 1.0}]}]
+    with pytest.raises(DataFormatError, match="some vqa answers have a 'score' and some do not"):
+        convert_texts("vqa", _write_jsonl(tmp_path / "m.jsonl", mixed), tmp_path / "txt2", meta=META, ans2label=a2l)
+
+
 # -- referring expressions: the image size (images.json width / height) ---------------------------------------
 # boxes as [x, y, w, h] pixels on a 320 x 240 image (and 200 x 100), exact in the float16 the img_db stores
 RE_SIZES = {0: (320, 240), 1: (200, 100)}

@@ -12,7 +12,9 @@ reads one JSON object per line:
   NLVR2 and VCR [gt-boxes image, detections image]) and the text as ``question`` /
   ``sentence`` / ``caption`` / ``hypothesis`` (tokenised here) or ``input_ids`` (kept);
 * ``vqa``: ``answers``: ``[{"answer": str, "score": float}]`` mapped through ``--ans2label``
-  (a JSON answer -> label map; unknown answers are counted and dropped from the target), or
+  (a JSON answer -> label map; unknown answers are counted and dropped from the target), or the
+  annotators' raw answers ``[{"answer": str}, ...]`` (no ``score``: each distinct answer scored by
+  how many gave it, 0.3 / 0.6 / 0.9 / 1, as the official txt_dbs), or
   ``target``: ``{"labels": [...], "scores": [...]}``;
 * ``ve``: ``label``: ``contradiction`` / ``entailment`` / ``neutral`` (or 0/1/2, in that order: the official
   SNLI-VE txt_dbs' and checkpoints' class order);
@@ -126,6 +128,44 @@ def _ids_of(texts, tok, where: str) -> list[list[int]]:
     return out
 
 
+def vqa_soft_score(count: int) -> float:
+    """The soft score of an answer ``count`` of the (ten) annotators gave, as in the preprocessing behind the
+    official VQA txt_dbs (bottom-up attention's ``get_score``): 0.3 per annotator, 1 from four on."""
+    return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
+
+
+def _vqa_target(answers, ans2label: dict, stats: dict, where: str) -> tuple[list[int], list[float]]:
+    """Labels and scores of a VQA example's ``answers``: scored entries as given (an answer listed twice keeps
+    its highest score), or raw annotator answers (no ``score``) counted into soft scores."""
+    if not isinstance(answers, list) or not all(isinstance(a, dict) and "answer" in a for a in answers):
+        raise DataFormatError(f"{where}: vqa 'answers' must be a list of {{'answer': ..., 'score': ...}} objects")
+    scored = ["score" in a for a in answers]
+    if any(scored) and not all(scored):
+        raise DataFormatError(
+            f"{where}: some vqa answers have a 'score' and some do not: give every answer its score, or none "
+            "(the annotators' raw answers, counted into soft scores)"
+        )
+    best: dict[int, float] = {}
+    if all(scored):
+        for a in answers:
+            lab = ans2label.get(a["answer"])
+            if lab is None:
+                stats["unknown_answers"] += 1
+                continue
+            best[int(lab)] = max(best.get(int(lab), 0.0), float(a["score"]))
+    else:
+        counts: dict[str, int] = {}
+        for a in answers:
+            counts[a["answer"]] = counts.get(a["answer"], 0) + 1
+        for ans, n in counts.items():
+            lab = ans2label.get(ans)
+            if lab is None:
+                stats["unknown_answers"] += 1
+                continue
+            best[int(lab)] = vqa_soft_score(n)
+    return list(best), list(best.values())
+
+
 def convert_texts(
     task: str,
     jsonl: str | Path,
@@ -174,14 +214,7 @@ def convert_texts(
                 elif "answers" in ex:
                     if ans2label is None:
                         raise ValueError("task vqa with 'answers' needs --ans2label")
-                    labels, scores = [], []
-                    for a in ex["answers"]:
-                        lab = ans2label.get(a["answer"])
-                        if lab is None:
-                            stats["unknown_answers"] += 1
-                            continue
-                        labels.append(int(lab))
-                        scores.append(float(a.get("score", 1.0)))
+                    labels, scores = _vqa_target(ex["answers"], ans2label, stats, where)
                     rec["target"] = {"labels": labels, "scores": scores}
             elif task == "ve":
                 lab = ex["label"]
