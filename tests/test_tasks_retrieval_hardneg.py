@@ -75,7 +75,7 @@ def test_unset_batch_size_takes_each_scripts_default():
     hard = resolve_config(None, {"task": "retrieval", "hard_neg_size": 2, "negative_size": 4})
     assert hard["train_batch_size"] == 32 and build_task(hard).accumulation() == Accumulation(64, 1.0 / 32)
     assert resolve_config(None, {"task": "retrieval", "negative_size": 4})["train_batch_size"] == 128
-    given = resolve_config(None, {"task": "retrieval", "hard_neg_size": 2, "train_batch_size": 128})
+    given = resolve_config(None, {"task": "retrieval", "hard_neg_size": 2, "negative_size": 4, "train_batch_size": 128})
     assert given["train_batch_size"] == 128
 
 

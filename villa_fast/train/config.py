@@ -177,7 +177,7 @@ SCHEMA: dict[str, Key] = {
     "log_steps": _k("int", 10, "log every N optimizer steps", official=False),
     "tensorboard": _k("bool", True, "write TensorBoard logs", official=False),
     "progress": _k("bool", True, "show a progress bar", official=False),
-    "max_val_examples": _k("int", 0, "cap on validation examples (0: all)", official=False),
+    "max_val_examples": _k("int", 0, "cap on validation examples over all processes (0: all)", official=False),
     "attack_steps": _k("int", 3, "robust evaluation: attack steps K", official=False),
     "attack_eps": _k("float", 1.0, "robust evaluation: l2 radius of the attack per example", official=False),
     "attack_lr": _k(

@@ -644,6 +644,8 @@ class Trainer:
         attack = self.attack() if robust else None
         clean, adv = task.eval_init(), task.eval_init()
         limit = self.cfg["max_val_examples"]
+        if limit:  # a cap over all processes: each takes its share (a batch may overshoot it)
+            limit = -(-int(limit) // self.dist.world_size)
         # evaluation draws nothing from the training random stream (loader seeds, the attack's initial
         # perturbation): a run validated at another cadence, or resumed with another valid_steps, trains alike
         rng_devices = [self.device] if self.device.type == "cuda" else []
