@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,43 @@ def test_all_reduce_keeps_no_gradient_where_no_rank_has_one(tmp_path):
     assert torch.equal(g[0], torch.full((3,), 3.0))
     assert torch.equal(g[1], torch.ones(3))
     assert g[2] is None
+
+
+def _failing_save_worker(rank: int, world: int, port: int, base: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    from villa_fast.train import trainer as trainer_mod
+    from villa_fast.train.trainer import Trainer
+
+    trainer = Trainer(_cfg(base, 1) | {"output_dir": base["output_dir"]}, quiet=True)
+    trainer._prepare_output()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    trainer_mod.save_checkpoint = full_disk  # only rank 0 writes, so only rank 0 meets the full disk
+    try:
+        trainer.save()
+        outcome = "saved"
+    except Exception as exc:  # noqa: BLE001 - the outcome is what the test reads
+        outcome = f"{type(exc).__name__}: {exc}"
+    Path(f"{out}.{rank}").write_text(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_failed_write_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 writes the checkpoint; when that fails, the other ranks raise too, instead of waiting in the next
+    collective until the process group's timeout."""
+    out = str(tmp_path / "outcome")
+    base = task_config(tmp_path, "vqa", train_batch_size=200)
+    ctx = mp.spawn(_failing_save_worker, args=(2, _free_port(), base, out), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):  # False until every process has exited
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks did not finish within 120 s")
+    rank0, rank1 = (Path(f"{out}.{r}").read_text() for r in range(2))
+    assert rank0.startswith("OSError") and "No space left" in rank0
+    assert rank1.startswith("RuntimeError: rank 0 failed to write the step 0 checkpoint") and "No space" in rank1

@@ -314,6 +314,26 @@ class Trainer:
         if self.dist.is_main:
             logger.info(msg)
 
+    def _on_main(self, what: str, fn):
+        """``fn()`` on rank 0 (its result there, None elsewhere), called by every rank: a failure there (a full
+        disk, a permission) is raised on every rank, instead of leaving the others waiting in the next
+        collective until the process group's timeout."""
+        out, err, failure = None, None, None
+        if self.dist.is_main:
+            try:
+                out = fn()
+            except Exception as exc:
+                if not self.dist.enabled:
+                    raise
+                failure, err = exc, f"{type(exc).__name__}: {exc}"
+        if self.dist.enabled:
+            err = vdist.broadcast_object(err)
+            if err is not None:
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(f"rank 0 failed to {what}: {err}")
+        return out
+
     def _tensorboard(self):
         if self._tb is None and self.cfg["tensorboard"] and self.output_dir and self.dist.is_main:
             try:
@@ -426,8 +446,9 @@ class Trainer:
         if self._ckpt_dir() is None:
             return None
         rngs = vdist.all_gather_objects(rng_state())
-        if not self.dist.is_main:
-            return None
+        return self._on_main(f"write the step {self.global_step} checkpoint", lambda: self._write_checkpoint(rngs))
+
+    def _write_checkpoint(self, rngs: list) -> Path:
         state = {
             "step": self.global_step,
             "optimizer": self.optimizer.state_dict(),
@@ -524,7 +545,11 @@ class Trainer:
             )
 
     def _prepare_output(self) -> None:
-        if self.output_dir and self.dist.is_main:
+        if self.output_dir:
+            self._on_main(f"prepare output_dir {self.output_dir}", self._write_run_files)
+
+    def _write_run_files(self) -> None:
+        if self.output_dir:
             for sub in ("ckpt", "log", "results"):
                 (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
             (self.output_dir / "log" / "hps.json").write_text(to_json(self.cfg), encoding="utf-8")
@@ -599,8 +624,9 @@ class Trainer:
             )
         if self._tb is not None:
             self._tb.flush()
-        if self.output_dir and self.dist.is_main:
-            atomic_save_weights(self.model, self.output_dir / "ckpt" / "model_final.safetensors")
+        if self.output_dir:
+            final = self.output_dir / "ckpt" / "model_final.safetensors"
+            self._on_main(f"write {final}", lambda: atomic_save_weights(self.model, final))
         return self.history
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -655,10 +681,14 @@ class Trainer:
         out = task.eval_finish(clean)
         if attack is not None:
             out.update({f"robust_{k}": v for k, v in task.eval_finish(self._reduce(adv)).items() if k != "n"})
-        if self.dist.is_main and (predictions_prefix or (write_predictions and self.output_dir)):
+        if predictions_prefix or (write_predictions and self.output_dir):
             prefix = predictions_prefix or str(self.output_dir / "results" / f"results_{self.global_step}")
-            Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-            task.write_predictions(clean["pred"], prefix)
+
+            def write() -> None:
+                Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+                task.write_predictions(clean["pred"], prefix)
+
+            self._on_main(f"write the predictions {prefix}", write)
         return _plain(out)
 
     def _evaluate_loop(self, split, model, attack, clean, adv, limit, was_training) -> None:
