@@ -324,7 +324,9 @@ def test_fp32_embeddings_keep_tiny_image_perturbation_under_autocast():
 # -- layer norm choice, resizing ---------------------------------------------------------------
 
 
-def test_layer_norm_apex_only_when_installed(monkeypatch):
+def test_layer_norm_apex_only_on_request(monkeypatch):
+    """apex's FusedLayerNorm computes and returns half precision under autocast (the residual stream then is
+    half): only when asked for; "auto" keeps torch's float32 LayerNorm even where apex is installed."""
     monkeypatch.delenv("VILLA_FAST_LAYERNORM", raising=False)
     monkeypatch.setattr(layers_mod, "_apex_fused_layer_norm", lambda: None)
     assert type(layers_mod.make_layer_norm(8, 1e-12, "auto")) is nn.LayerNorm
@@ -335,7 +337,8 @@ def test_layer_norm_apex_only_when_installed(monkeypatch):
         pass
 
     monkeypatch.setattr(layers_mod, "_apex_fused_layer_norm", lambda: FakeFused)
-    assert type(layers_mod.make_layer_norm(8, 1e-12, "auto")) is FakeFused
+    assert type(layers_mod.make_layer_norm(8, 1e-12, "apex")) is FakeFused
+    assert type(layers_mod.make_layer_norm(8, 1e-12, "auto")) is nn.LayerNorm
     assert type(layers_mod.make_layer_norm(8, 1e-12, "torch")) is nn.LayerNorm
 
 

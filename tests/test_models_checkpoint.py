@@ -422,3 +422,29 @@ def test_an_empty_or_truncated_safetensors_file_is_named(tmp_path, cut):
         read_state_dict(path)
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         read_state_dict(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("task", ["vcr", "pretrain_vcr"])
+def test_saved_config_rebuilds_the_model_it_came_from(tmp_path, task):
+    """A VCR model grows its vocabulary and types when built: the config stored with its weights is the one it
+    was built from, so a model rebuilt from the file has the same shapes and loads every weight (the trained
+    MLM head of VCR pre-training included) instead of growing a second time."""
+    import json
+
+    from safetensors import safe_open
+
+    from villa_fast.models import build_model, load_pretrained, save_safetensors
+
+    cfg = tiny_config()
+    model = build_model(task, cfg)
+    path = tmp_path / "m.safetensors"
+    save_safetensors(model, path)
+    with safe_open(str(path), "pt") as fh:
+        saved = json.loads(fh.metadata()["uniter_config"])
+    assert saved["vocab_size"] == cfg.vocab_size
+    again = build_model(task, saved)
+    words = again.uniter.embeddings.word_embeddings.weight
+    assert words.shape == model.uniter.embeddings.word_embeddings.weight.shape
+    report = load_pretrained(again, str(path))
+    assert not report.missing and not getattr(report, "reinitialised", ())
+    torch.testing.assert_close(words, model.uniter.embeddings.word_embeddings.weight)

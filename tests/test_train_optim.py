@@ -453,3 +453,21 @@ def test_capturable_step_with_the_protocol_in_a_cuda_graph(monkeypatch, name):
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
         assert float(opt_a.state[pa]["step"]) == 2.0
+
+
+def test_set_dropout_reaches_what_the_authors_set_dropout_reaches():
+    """``nn.Dropout`` modules and the encoder's attention-probability dropout (an ``nn.Dropout`` in the authors'
+    layers) take the config's value; NLVR2 paired-attn's attention blocks keep attention_probs_dropout_prob, as
+    the authors' MultiheadAttention holds it as a float their set_dropout does not reach."""
+    from tests.test_models import tiny_config
+    from villa_fast.models import build_model
+    from villa_fast.train.optim import set_dropout
+
+    model = build_model("nlvr2", tiny_config())
+    set_dropout(model, 0.3)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.p == 0.3 for m in drops)
+    mha = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert mha and all(m.dropout == model.uniter.config.attention_probs_dropout_prob for m in mha)
+    attn = [m for m in model.modules() if isinstance(getattr(m, "dropout_p", None), float)]
+    assert attn and all(m.dropout_p == 0.3 for m in attn)

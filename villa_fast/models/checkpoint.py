@@ -304,5 +304,8 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *, official_name
         sd = model.state_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     uniter, _ = _encoder_of(model)
-    meta = {"format": "pt", "uniter_config": json.dumps(uniter.config.to_dict()), "model": type(model).__name__}
+    # the config the model is built from: a VCR model's grows its vocabulary and types when built, so its
+    # encoder's own config would grow them a second time when rebuilt from the file
+    source = getattr(model, "source_config", None) or uniter.config
+    meta = {"format": "pt", "uniter_config": json.dumps(source.to_dict()), "model": type(model).__name__}
     save_file(tensors, str(path), metadata=meta)

@@ -73,12 +73,13 @@ class UniterConfig:
     Image input: ``img_dim`` region-feature width (2048), ``pos_dim`` box-feature width (7:
     x1, y1, x2, y2, w, h, w*h).
 
-    Implementation (same outputs whichever is chosen):
+    Implementation (same outputs whichever is chosen, up to rounding; apex's under autocast aside):
       ``attn_impl``: ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"plain"`` (matmul-softmax).
-      ``layer_norm_impl``: ``"auto"`` (NVIDIA apex FusedLayerNorm when installed, else torch),
-      ``"torch"``, ``"apex"`` (an error if apex is missing) or ``"fused"`` (the residual add of
-      each encoder layer fused into its LayerNorm, :func:`villa_fast.ops.add_layer_norm`; a
-      Triton kernel on CUDA, plain PyTorch elsewhere; same parameter names).
+      ``layer_norm_impl``: ``"auto"`` / ``"torch"`` (``nn.LayerNorm``), ``"fused"`` (the residual add
+      of each encoder layer fused into its LayerNorm, :func:`villa_fast.ops.add_layer_norm`; a Triton
+      kernel on CUDA, plain PyTorch elsewhere; same parameter names), both float32 under autocast, or
+      ``"apex"`` (NVIDIA apex FusedLayerNorm, an error if apex is missing; under autocast it computes
+      and returns half precision, as the authors' apex O2 runs).
       ``fp32_embeddings``: compute the embedding sums, their LayerNorms and the image linear layer
       outside autocast, in the parameters' dtype, so that tiny adversarial perturbations added to
       the word embeddings or raw region features are not rounded away by a bf16/fp16 cast.

@@ -61,27 +61,28 @@ class FusedAddLayerNorm(nn.LayerNorm):
 
 
 def make_layer_norm(size: int, eps: float, impl: str = "auto") -> nn.Module:
-    """A LayerNorm with ``weight``/``bias`` parameters; apex's fused kernel only where it is installed.
+    """A LayerNorm with ``weight``/``bias`` parameters.
 
-    ``impl="fused"`` gives a :class:`FusedAddLayerNorm` (the residual add fused in where the caller
-    uses ``forward_add``). ``VILLA_FAST_LAYERNORM`` (``torch`` / ``apex`` / ``fused``) overrides
-    ``impl`` when set.
+    ``"auto"`` and ``"torch"`` give ``nn.LayerNorm`` (float32 under autocast, as torch's autocast runs
+    layer_norm); ``impl="fused"`` a :class:`FusedAddLayerNorm` (the residual add fused in where the caller
+    uses ``forward_add``, float32 likewise); ``"apex"`` NVIDIA apex's FusedLayerNorm, which under autocast
+    computes and returns the autocast dtype (half-precision LayerNorm outputs and residual stream, as the
+    authors' apex O2 runs: not the float32 the others keep, hence only on request). ``VILLA_FAST_LAYERNORM``
+    (``torch`` / ``apex`` / ``fused``) overrides ``impl`` when set.
     """
     impl = os.environ.get("VILLA_FAST_LAYERNORM", impl) or "auto"
     if impl not in _LAYER_NORM_IMPLS:
         raise ValueError(f"unknown LayerNorm implementation {impl!r} (VILLA_FAST_LAYERNORM or layer_norm_impl)")
-    if impl == "torch":
+    if impl in ("auto", "torch"):
         return nn.LayerNorm(size, eps=eps)
     if impl == "fused":
         return FusedAddLayerNorm(size, eps=eps)
     apex_ln = _apex_fused_layer_norm()
     if apex_ln is None:
-        if impl == "apex":
-            raise RuntimeError(
-                "layer_norm_impl='apex' needs NVIDIA apex built from source (github.com/NVIDIA/apex); "
-                "apex.normalization.FusedLayerNorm could not be imported"
-            )
-        return nn.LayerNorm(size, eps=eps)
+        raise RuntimeError(
+            "layer_norm_impl='apex' needs NVIDIA apex built from source (github.com/NVIDIA/apex); "
+            "apex.normalization.FusedLayerNorm could not be imported"
+        )
     return apex_ln(size, eps=eps)
 
 

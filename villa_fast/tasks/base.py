@@ -94,6 +94,54 @@ class Task:
     def model_config(self) -> dict[str, Any]:
         return load_model_config(self.cfg["model_config"])
 
+    def model_vocab_size(self, model_config: Mapping[str, Any]) -> int:
+        """Word embeddings of the task's model (VCR's model adds its person tags to the config's vocabulary)."""
+        return int(model_config.get("vocab_size", 28996))
+
+    def check_data_fits_model(self, dataset) -> None:
+        """Refuse, naming the database, data the model cannot embed (on a GPU an out-of-range index is a
+        device-side assert that ends the process): token ids past the model's vocabulary (a txt_db's ``v_range``
+        and special tokens: a txt_db tokenised for another BERT), text rows longer than its position embeddings
+        (evaluation reads every text, whatever ``max_txt_len``), region features of another width than its
+        ``img_dim``. Read from each db's meta, lengths and first record: nothing per example."""
+        mc = self.model_config()
+        vocab = self.model_vocab_size(mc)
+        max_pos = int(mc.get("max_position_embeddings", 512))
+        img_dim = int(mc.get("img_dim", 2048))
+        where = f"model_config {self.cfg.get('model_config') or 'base'}"
+        seen: set[int] = set()
+        for part in _dataset_parts(dataset):
+            tdb = getattr(part, "txt_db", None)
+            if tdb is not None and id(tdb) not in seen and hasattr(tdb, "v_range"):
+                seen.add(id(tdb))
+                top = max(int(tdb.v_range[1]) - 1, int(tdb.cls_), int(tdb.sep), int(tdb.mask))
+                if top >= vocab:
+                    raise ConfigError(
+                        f"{tdb.db_dir}: its token ids reach {top} (meta.json v_range / CLS / SEP / MASK) but the "
+                        f"model embeds {vocab} words ({where}): the text was tokenised with another vocabulary"
+                    )
+            dims = getattr(part, "pad_dims", None)
+            if tdb is not None and dims and getattr(part, "pad_dims_exact", True):
+                longest = max(range(len(dims)), key=lambda i: dims[i][0])
+                if dims[longest][0] > max_pos:
+                    ids = getattr(part, "ids", None)
+                    which = f"text {ids[longest]!r}" if ids is not None and longest < len(ids) else "a text"
+                    raise ConfigError(
+                        f"{tdb.db_dir}: {which} makes a row of {dims[longest][0]} tokens with [CLS] / [SEP], past "
+                        f"the model's {max_pos} position embeddings ({where}): lower max_txt_len (training) or leave "
+                        "such texts out of the database"
+                    )
+            for attr in ("img_db", "img_db_gt", "img_db_det"):
+                idb = getattr(part, attr, None)
+                if idb is None or id(idb) in seen or not getattr(idb, "name2nbb", None):
+                    continue
+                seen.add(id(idb))
+                if int(idb.img_dim) != img_dim:
+                    raise ConfigError(
+                        f"{idb.img_dir}: region features are {idb.img_dim} wide but the model takes img_dim "
+                        f"{img_dim} ({where})"
+                    )
+
     # -- data --------------------------------------------------------------------------------------
     def img_db(self, path: str, *, conf_th: float | None = None, num_bb: int | None = None):
         """An image database, opened once per (path, selection) as the authors' ImageLmdbGroup does."""
@@ -132,6 +180,7 @@ class Task:
         :meth:`token_loader` for :data:`TOKENS`, :meth:`example_loader` for :data:`EXAMPLES`.
         ``groups`` (example-counted training only): index lists kept together when shuffling. ``graphs``: the
         CUDA graphs this loader's shapes may take under ``adv_graphed`` (:meth:`pad_buckets`)."""
+        self.check_data_fits_model(dataset)
         unit = self.batch_unit("train" if train else "val")
         key = "train_batch_size" if train else "val_batch_size"
         if unit == TOKENS:
@@ -287,6 +336,20 @@ class Task:
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(preds, fh)
         return path
+
+
+def _dataset_parts(dataset) -> list:
+    """The datasets under concatenations and thin wrappers (``datasets`` / ``dataset`` attributes)."""
+    out, todo = [], [dataset]
+    while todo:
+        d = todo.pop()
+        if hasattr(d, "datasets"):
+            todo.extend(d.datasets)
+        elif hasattr(d, "dataset") and not hasattr(d, "txt_db"):
+            todo.append(d.dataset)
+        else:
+            out.append(d)
+    return out
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -117,6 +117,11 @@ class PretrainTask(Task):
 
         return UniterForPretraining(self.model_config(), ot_weight=self.cfg["itm_ot_lambda"], vcr=self.is_vcr())
 
+    def model_vocab_size(self, model_config) -> int:
+        from villa_fast.models.heads import VCR_SPECIAL_TOKENS
+
+        return super().model_vocab_size(model_config) + (VCR_SPECIAL_TOKENS if self.is_vcr() else 0)
+
     def is_vcr(self) -> bool:
         """Whether any dataset entry is VCR's (the model then has VCR's types and tokens)."""
         entries = [*(self.cfg.get("train_datasets") or []), *(self.cfg.get("val_datasets") or [])]

@@ -31,6 +31,11 @@ class VcrTask(Task):
 
         return UniterForVcr(self.model_config())
 
+    def model_vocab_size(self, model_config) -> int:
+        from villa_fast.models.heads import VCR_SPECIAL_TOKENS
+
+        return super().model_vocab_size(model_config) + VCR_SPECIAL_TOKENS
+
     def train_loader(self, ctx: DataContext):
         from villa_fast.data import ConcatDatasetWithLens, VcrDataset, VcrTxtTokLmdb, vcr_collate
 

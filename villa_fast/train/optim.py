@@ -386,12 +386,14 @@ class WarmupLinear:
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Every dropout layer's probability to ``p`` (the config's ``dropout``)."""
+    """Every dropout layer's probability to ``p`` (the config's ``dropout``), as the authors' ``set_dropout``:
+    their ``nn.Dropout`` modules, the encoder's attention-probability dropout among them (an ``nn.Dropout``
+    there, a float of the attention here). NLVR2 paired-attn's ``nn.MultiheadAttention`` blocks keep their own
+    probability (``attention_probs_dropout_prob``): theirs hold it as a float, which their ``set_dropout``
+    does not reach."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = p
-        elif isinstance(m, nn.MultiheadAttention):
-            m.dropout = p
         # attention that calls scaled_dot_product_attention keeps its probability as a float
         if isinstance(getattr(m, "dropout_p", None), float):
             m.dropout_p = p

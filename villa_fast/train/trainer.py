@@ -509,7 +509,8 @@ class Trainer:
             )
         model = _saved_model_config(path)
         if model is not None:
-            now = json.loads(json.dumps(self.model.uniter.config.to_dict()))
+            built_from = getattr(self.model, "source_config", None) or self.model.uniter.config
+            now = json.loads(json.dumps(built_from.to_dict()))
             # the architecture; the *_impl fields choose kernels, not the model
             keys = sorted(k for k in set(model) | set(now) if not k.endswith("_impl") and model.get(k) != now.get(k))
             if keys:

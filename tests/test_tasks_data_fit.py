@@ -1,0 +1,56 @@
+"""A task refuses, naming the database, data its model cannot embed (before a GPU meets an out-of-range index)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_train_fixtures import task_config
+from villa_fast.tasks import DataContext, build_task
+from villa_fast.train.config import ConfigError, resolve_config
+
+
+def _task(tmp_path, task="vqa", **model_changes):
+    cfg = task_config(tmp_path, task)
+    mc = json.loads(open(cfg["model_config"]).read())
+    mc.update(model_changes)
+    path = tmp_path / "model_changed.json"
+    path.write_text(json.dumps(mc))
+    cfg["model_config"] = str(path)
+    return build_task(resolve_config(None, cfg)), mc
+
+
+def test_data_that_fits_loads(tmp_path):
+    task, _ = _task(tmp_path)
+    task.train_loader(DataContext(seed=0))
+    task.eval_loader(DataContext(seed=0))
+
+
+def test_token_ids_past_the_vocabulary_are_refused(tmp_path):
+    task, mc = _task(tmp_path / "a")
+    ds_meta = json.loads(open(task.cfg["train_txt_db"] + "/meta.json").read())
+    small = ds_meta["v_range"][1] - 1
+    task, _ = _task(tmp_path / "b", vocab_size=small)
+    with pytest.raises(ConfigError, match=rf"token ids reach .* the model embeds {small} words"):
+        task.train_loader(DataContext(seed=0))
+
+
+def test_vcr_counts_its_person_tags_in_the_vocabulary(tmp_path):
+    task, _ = _task(tmp_path, "vcr")
+    assert task.model_vocab_size(task.model_config()) == task.model_config()["vocab_size"] + 81
+    task.train_loader(DataContext(seed=0))
+
+
+def test_rows_past_the_position_embeddings_are_refused(tmp_path):
+    # evaluation reads every text (max_txt_len -1): a row longer than the positions is named with its db
+    task, _ = _task(tmp_path, max_position_embeddings=6)
+    with pytest.raises(ConfigError, match=r"makes a row of \d+ tokens .* past the model's 6 position embeddings"):
+        task.eval_loader(DataContext(seed=0))
+
+
+def test_region_features_of_another_width_are_refused(tmp_path):
+    task, mc = _task(tmp_path / "a")
+    task, _ = _task(tmp_path / "b", img_dim=mc["img_dim"] + 1)
+    with pytest.raises(ConfigError, match=rf"region features are {mc['img_dim']} wide .* img_dim {mc['img_dim'] + 1}"):
+        task.train_loader(DataContext(seed=0))
