@@ -113,6 +113,9 @@ def _task(dbs, txt: str | None = None) -> ReTask:
     txt = txt or dbs["txt"]
     cfg = {"task": "re", "max_txt_len": MAX, "compressed_db": False, "train_batch_size": 2, "val_batch_size": 3}
     cfg.update(train_txt_db=txt, train_img_db=dbs["img"], val_txt_db=txt, val_img_db=dbs["img"])
+    model_config = dbs["root"] / "model.json"  # the region width of these databases (the loaders check it)
+    model_config.write_text(json.dumps({"img_dim": IMG_DIM}))
+    cfg["model_config"] = str(model_config)
     return ReTask(resolve_config(None, cfg))
 
 

@@ -16,10 +16,12 @@ reads one JSON object per line:
   annotators' raw answers ``[{"answer": str}, ...]`` (no ``score``: each distinct answer scored by
   how many gave it, 0.3 / 0.6 / 0.9 / 1, as the official txt_dbs), or
   ``target``: ``{"labels": [...], "scores": [...]}``;
-* ``ve``: ``label``: ``contradiction`` / ``entailment`` / ``neutral`` (or 0/1/2, in that order: the official
-  SNLI-VE txt_dbs' and checkpoints' class order);
-* ``nlvr2``: ``label``: true/false (or 1/0);
-* ``vcr``: ``answers`` (4 texts), ``rationales`` (4 texts), ``answer_label``, ``rationale_label``;
+* ``ve``: ``label``: ``contradiction`` / ``entailment`` / ``neutral`` in any case (or 0/1/2, in that order:
+  the official SNLI-VE txt_dbs' and checkpoints' class order);
+* ``nlvr2``: ``label``: true/false (or 1/0, or the strings ``"true"`` / ``"false"`` / ``"1"`` / ``"0"`` in
+  any case);
+* ``vcr``: ``answers`` (4 texts), ``rationales`` (4 texts), ``answer_label``, ``rationale_label`` (indices
+  into them; absent or -1 on test records);
 * ``caption`` (retrieval and pre-training): nothing more;
 * ``re``: ``image_id``, ``ann_id`` and ``ann_ids`` (the image's box ids in region order), and
   optionally the image size in pixels as ``width`` / ``height`` (COCO's names) or ``image_w`` /
@@ -44,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from villa_fast.data.codec import DataFormatError
-from villa_fast.data.db import ImgDbWriter, TxtDbWriter
+from villa_fast.data.db import ImgDbWriter, TxtDbWriter, check_txt_record
 
 __all__ = ["convert_images", "convert_texts", "main"]
 
@@ -53,6 +55,10 @@ logger = logging.getLogger(__name__)
 TASKS = ("vqa", "ve", "nlvr2", "vcr", "caption", "re")
 _TEXT_FIELDS = ("question", "sentence", "caption", "hypothesis", "text")
 _VE_LABELS = {"contradiction": 0, "entailment": 1, "neutral": 2}  # the official class order
+#: NLVR2 labels given as strings (compared lower-cased)
+_NLVR2_STR_LABELS = {"true": 1, "false": 0, "1": 1, "0": 0}
+#: tasks whose img_fname is a list of two image names (the others: one name)
+_PAIR_TASKS = {"nlvr2": "the statement's two images", "vcr": "[ground-truth boxes image, detections image]"}
 _IMG_ARRAYS = frozenset({"features", "norm_bb", "conf", "soft_labels"})
 #: (width, height) key pairs an ``re`` example may give the image size under; the first is images.json's
 _RE_SIZE_KEYS = (("width", "height"), ("image_w", "image_h"))
@@ -128,6 +134,68 @@ def _ids_of(texts, tok, where: str) -> list[list[int]]:
     return out
 
 
+def _field(ex: dict, key: str, task: str, where: str):
+    if key not in ex:
+        raise DataFormatError(f"{where}: missing key {key!r} (a {task} example needs it)")
+    return ex[key]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ve_label(lab, where: str) -> int:
+    """An SNLI-VE label: one of the three class names (any case) or its index 0 / 1 / 2."""
+    if isinstance(lab, str) and lab.lower() in _VE_LABELS:
+        return _VE_LABELS[lab.lower()]
+    if _is_int(lab) and 0 <= lab < len(_VE_LABELS):
+        return lab
+    raise DataFormatError(
+        f"{where}: ve 'label' {lab!r} is not one of {sorted(_VE_LABELS)} (any case) or their indices "
+        f"{sorted(_VE_LABELS.values())}"
+    )
+
+
+def _nlvr2_label(lab, where: str) -> int:
+    """An NLVR2 label: true / false as a JSON boolean, 1 / 0, or the strings "true" / "false" / "1" / "0" (any
+    case)."""
+    if isinstance(lab, bool):
+        return int(lab)
+    if _is_int(lab) and lab in (0, 1):
+        return lab
+    if isinstance(lab, str) and lab.lower() in _NLVR2_STR_LABELS:
+        return _NLVR2_STR_LABELS[lab.lower()]
+    raise DataFormatError(
+        f'{where}: nlvr2 \'label\' {lab!r} is not true / false, 1 / 0 or one of the strings "true", "false", '
+        '"1", "0" (any case)'
+    )
+
+
+def _vcr_label(ex: dict, key: str, n: int, where: str) -> int:
+    """A VCR answer / rationale label: an index into the ``n`` candidates, or -1 (absent: a test record)."""
+    lab = ex.get(key, -1)
+    if not _is_int(lab) or not -1 <= lab < n:
+        raise DataFormatError(f"{where}: vcr {key!r} {lab!r} is not a candidate index in [0, {n}) (or -1: none)")
+    return lab
+
+
+def _candidates(ex: dict, key: str, tok, where: str) -> list[list[int]]:
+    texts = _field(ex, key, "vcr", where)
+    if not isinstance(texts, list) or not texts:
+        raise DataFormatError(f"{where}: vcr {key!r} must be a non-empty list of texts, got {texts!r:.80}")
+    return _ids_of(texts, tok, where)
+
+
+def _check_img_fname(img, task: str, where: str) -> None:
+    """``img_fname`` as the task's readers take it: a name, or for NLVR2 and VCR a list of two names."""
+    pair = _PAIR_TASKS.get(task)
+    if pair is None:
+        if not isinstance(img, str):
+            raise DataFormatError(f"{where}: {task} needs 'img_fname' as an image name, got {img!r:.80}")
+    elif not (isinstance(img, list) and len(img) == 2 and all(isinstance(x, str) for x in img)):
+        raise DataFormatError(f"{where}: {task} needs 'img_fname' as a list of two names ({pair}), got {img!r:.80}")
+
+
 def vqa_soft_score(count: int) -> float:
     """The soft score of an answer ``count`` of the (ten) annotators gave, as in the preprocessing behind the
     official VQA txt_dbs (bottom-up attention's ``get_score``): 0.3 per annotator, 1 from four on."""
@@ -201,35 +269,39 @@ def convert_texts(
                 ex = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataFormatError(f"{where}: not valid JSON ({exc})") from exc
+            if not isinstance(ex, dict):
+                raise DataFormatError(f"{where}: an example must be a JSON object, got {type(ex).__name__}")
             for key in ("id", "img_fname"):
                 if key not in ex:
                     raise DataFormatError(f"{where}: missing key {key!r}")
+            _check_img_fname(ex["img_fname"], task, where)
             id_ = str(ex["id"])
             rec = dict(ex)
             rec["input_ids"] = _text_ids(ex, tok, where)
             txt_len = None
             if task == "vqa":
                 if "target" in ex:
-                    rec["target"] = {"labels": list(ex["target"]["labels"]), "scores": list(ex["target"]["scores"])}
+                    tgt = ex["target"]
+                    if not isinstance(tgt, dict) or not all(isinstance(tgt.get(k), list) for k in ("labels", "scores")):
+                        raise DataFormatError(
+                            f"{where}: vqa 'target' must be {{'labels': [...], 'scores': [...]}}, got {tgt!r:.80}"
+                        )
+                    rec["target"] = {"labels": list(tgt["labels"]), "scores": list(tgt["scores"])}
                 elif "answers" in ex:
                     if ans2label is None:
                         raise ValueError("task vqa with 'answers' needs --ans2label")
                     labels, scores = _vqa_target(ex["answers"], ans2label, stats, where)
                     rec["target"] = {"labels": labels, "scores": scores}
             elif task == "ve":
-                lab = ex["label"]
-                lab = _VE_LABELS[lab] if isinstance(lab, str) else int(lab)
+                lab = _ve_label(_field(ex, "label", task, where), where)
                 rec["target"] = {"labels": [lab], "scores": [1.0]}
             elif task == "nlvr2":
-                lab = ex["label"]
-                rec["target"] = int(lab in (True, 1, "True", "true")) if not isinstance(lab, int) else int(lab)
-                if not isinstance(ex["img_fname"], list) or len(ex["img_fname"]) != 2:
-                    raise DataFormatError(f"{where}: nlvr2 needs img_fname as a list of two names")
+                rec["target"] = _nlvr2_label(_field(ex, "label", task, where), where)
             elif task == "vcr":
-                rec["input_ids_as"] = _ids_of(ex["answers"], tok, where)
-                rec["input_ids_rs"] = _ids_of(ex["rationales"], tok, where)
-                rec["qa_target"] = int(ex.get("answer_label", -1))
-                rec["qar_target"] = int(ex.get("rationale_label", -1))
+                rec["input_ids_as"] = _candidates(ex, "answers", tok, where)
+                rec["input_ids_rs"] = _candidates(ex, "rationales", tok, where)
+                rec["qa_target"] = _vcr_label(ex, "answer_label", len(rec["input_ids_as"]), where)
+                rec["qar_target"] = _vcr_label(ex, "rationale_label", len(rec["input_ids_rs"]), where)
                 q = len(rec["input_ids"])
                 ma = max(len(a) for a in rec["input_ids_as"])
                 mr = max(len(r) for r in rec["input_ids_rs"])
@@ -258,6 +330,7 @@ def convert_texts(
                             f"{known[0]!r} x {known[1]!r} in an earlier example"
                         )
                     entry["width"], entry["height"] = size
+            check_txt_record(rec, where)  # what every reader checks (finite scores, ...), refused here already
             w.add(id_, rec, txt_len)
             stats["written"] += 1
         if task == "vcr":

@@ -89,10 +89,19 @@ class DetectFeatTxtTokDataset(Dataset):
     computed up front.  Texts whose image is not in ``img_db`` raise ``KeyError`` naming
     them, or with ``skip_missing_images=True`` are skipped, counted in ``num_missing_img``
     and logged.
+
+    Each text's ``txt2img`` entry must have the form the class reads (``images_per_text``: 1, an
+    image name; 2, a list of two names), else a :class:`DataFormatError` names ``txt2img.json``
+    and the text.  Items load the images of that entry (:meth:`_img_ref`), the ones ``lens`` and
+    ``pad_dims`` were computed from; a record whose own ``img_fname`` names others is an error.
     """
 
     #: CLS + SEP(s) a row adds to the stored ``input_ids``
     n_special = 2
+    #: images a text's ``txt2img`` entry names: 1 (a name) or 2 (a list of two names)
+    images_per_text = 1
+    #: what the two names of a 2-image entry are, for error messages
+    img_pair_doc = ""
 
     def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, skip_missing_images: bool = False):
         if not isinstance(txt_db, TxtTokLmdb):
@@ -104,11 +113,16 @@ class DetectFeatTxtTokDataset(Dataset):
         self.seed = 0
         self.epoch = 0
         txt2img = txt_db.txt2img
+        if not isinstance(txt2img, dict):
+            raise DataFormatError(
+                f"{txt_db.db_dir}/txt2img.json: must map text ids to images, found a {type(txt2img).__name__}"
+            )
         ids, txt_lens, self.num_missing_img = [], [], 0
         missing: list[tuple[str, str]] = []
         for id_, tl in self._texts():
             if id_ not in txt2img:
                 raise DataFormatError(f"{txt_db.db_dir}/txt2img.json: no entry for text id {id_!r}")
+            self._check_img_ref(id_, txt2img[id_])
             absent = self._missing_image(txt2img[id_])
             if absent is not None:
                 missing.append((id_, absent))
@@ -132,6 +146,39 @@ class DetectFeatTxtTokDataset(Dataset):
     def _texts(self) -> Sequence[tuple[str, int]]:
         """``(text id, token length)`` of the candidate examples, in dataset order."""
         return list(self.txt_db.id2len.items())
+
+    def _check_img_ref(self, id_: str, ref) -> None:
+        """A :class:`DataFormatError` unless text ``id_``'s ``txt2img`` entry ``ref`` has the form this class reads."""
+        n = self.images_per_text
+        if n == 1:
+            if isinstance(ref, str):
+                return
+            want = "an image name (a string)"
+        else:
+            if isinstance(ref, list | tuple) and len(ref) == n and all(isinstance(x, str) for x in ref):
+                return
+            want = f"a list of {n} image names{self.img_pair_doc}"
+        raise DataFormatError(
+            f"{self.txt_db.db_dir}/txt2img.json: text {id_!r} refers to {ref!r:.120}, but "
+            f"{type(self).__name__} expects {want}"
+        )
+
+    def _img_ref(self, i: int, example: dict | None = None):
+        """The image(s) of example ``i``: its checked ``txt2img`` entry, from which ``lens`` and ``pad_dims`` were
+        computed. ``example`` (its record): a record ``img_fname`` naming other images is a DataFormatError
+        (the official databases write the same names to both; features from elsewhere would not fit the shapes
+        computed for the example)."""
+        ref = self._txt2img[self.ids[i]]
+        if example is not None and "img_fname" in example:
+            own = example["img_fname"]
+            if isinstance(own, str):
+                own = [own]
+            if not isinstance(own, list | tuple) or list(own) != _names(ref):
+                raise DataFormatError(
+                    f"{self._where(i)}: the record's img_fname {example['img_fname']!r:.120} disagrees with "
+                    f"{self.txt_db.db_dir}/txt2img.json, which gives {ref!r:.120}"
+                )
+        return ref
 
     def _missing_image(self, img_ref) -> str | None:
         for name in _names(img_ref):
@@ -231,7 +278,7 @@ class VqaDataset(DetectFeatTxtTokDataset):
 
     def __getitem__(self, i: int):
         example = super().__getitem__(i)
-        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self._img_ref(i, example))
         input_ids = self.txt_db.combine_inputs(example["input_ids"])
         target = _vqa_target(example, self.num_answers, self._where(i))
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
@@ -250,7 +297,7 @@ class VqaEvalDataset(VqaDataset):
 
     def __getitem__(self, i: int):
         example = DetectFeatTxtTokDataset.__getitem__(self, i)
-        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self._img_ref(i, example))
         input_ids = self.txt_db.combine_inputs(example["input_ids"])
         target = _vqa_target(example, self.num_answers, self._where(i)) if "target" in example else None
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
@@ -286,12 +333,12 @@ ve_eval_collate = vqa_eval_collate
 
 
 class _Nlvr2Base(DetectFeatTxtTokDataset):
+    images_per_text = 2
+    img_pair_doc = " (the statement's two images)"
+
     def __init__(self, txt_db, img_db, use_img_type: bool = True, **kwargs):
         super().__init__(txt_db, img_db, **kwargs)
         self.use_img_type = use_img_type
-        for id_ in self.ids:
-            if len(_names(self._txt2img[id_])) != 2:
-                raise DataFormatError(f"{txt_db.db_dir}: NLVR2 text {id_!r} must refer to 2 images")
 
     def _label(self, example: dict, i: int) -> int:
         target = example.get("target")
@@ -318,7 +365,7 @@ class Nlvr2PairedDataset(_Nlvr2Base):
     def __getitem__(self, i: int):
         example = super().__getitem__(i)
         outs = []
-        for k, img in enumerate(example["img_fname"]):
+        for k, img in enumerate(self._img_ref(i, example)):
             img_feat, img_pos_feat, num_bb = self._get_img_feat(img)
             input_ids = self.txt_db.combine_inputs(example["input_ids"])
             attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
@@ -363,7 +410,7 @@ class Nlvr2TripletDataset(_Nlvr2Base):
     def __getitem__(self, i: int):
         example = super().__getitem__(i)
         feats, poss, types = [], [], []
-        for k, img in enumerate(example["img_fname"]):
+        for k, img in enumerate(self._img_ref(i, example)):
             f, p, n = self._get_img_feat(img)
             feats.append(f)
             poss.append(p)
@@ -427,6 +474,9 @@ class VcrDataset(DetectFeatTxtTokDataset):
     Targets are [4B, 1] with 1 on the correct candidate.
     """
 
+    images_per_text = 2
+    img_pair_doc = " ([ground-truth boxes image, detections image])"
+
     def __init__(
         self,
         txt_db: VcrTxtTokLmdb,
@@ -469,6 +519,9 @@ class VcrDataset(DetectFeatTxtTokDataset):
         # (regions: name2nbb, the authors' price, in lens; with exact_region_counts the records' own counts bound
         # the padded regions, which for the ground-truth-box db are far fewer than the num_bb it lists)
         qa_base = self._official_qa_base()
+        #: the text bound is a row's exact width only for Q->A rows under the official lengths (QA->R's allows for
+        #: the longest answer, not the gold one; other conventions bound by the priced length)
+        self.pad_dims_exact = qa_base is not None and self.task == "qa"
         counts = {}
         if self.exact_region_counts:
             counts = {id(db): db.region_counts() for db in (self.img_db_gt, self.img_db_det) if db is not None}
@@ -545,7 +598,7 @@ class VcrDataset(DetectFeatTxtTokDataset):
 
     def __getitem__(self, i: int):
         example = self.txt_db[self.ids[i]]
-        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self._img_ref(i, example))
         ids, types = self._rows(example, self.task)
         label = int(example[f"{self.task}_target"])
         outs = []
@@ -582,7 +635,7 @@ class VcrEvalDataset(VcrDataset):
 
     def __getitem__(self, i: int):
         example = self.txt_db[self.ids[i]]
-        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self._img_ref(i, example))
         ids, types = self._rows(example, "qa")
         answers = range(len(example["input_ids_as"]))
         if self.split == "val":

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -215,14 +216,23 @@ def _token_ids_problem(value: Any) -> str | None:
 
 
 def _number_list_problem(value: Any, kind: str) -> str | None:
+    """Why ``value`` is not a 1-d list (or array) of numbers of ``kind`` (numpy kind letters), all finite."""
     if isinstance(value, np.ndarray):
-        return None if value.ndim == 1 and value.dtype.kind in kind else f"an array of shape {value.shape}"
+        if value.ndim != 1 or value.dtype.kind not in kind:
+            return f"an array of dtype {value.dtype} and shape {value.shape}"
+        if value.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(value))
+            if bad.size:
+                return f"an array whose entry {int(bad[0])} is {value[bad[0]].item()!r} (not a finite number)"
+        return None
     if not isinstance(value, list | tuple):
         return f"a {type(value).__name__}, not a list"
     allowed = (int,) if kind == "iu" else (int, float)
     for k, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, allowed):
             return f"a list whose entry {k} is {v!r} ({type(v).__name__})"
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"a list whose entry {k} is {v!r} (not a finite number)"
     return None
 
 
@@ -231,8 +241,8 @@ def check_txt_record(record: dict, where: str) -> dict:
     :class:`DataFormatError` that names what is wrong.
 
     ``input_ids`` must be a list of token ids; ``target``, when present, a map of parallel ``labels`` and
-    ``scores`` lists (VQA / SNLI-VE soft targets), an integer (NLVR2's 0 / 1) or nil (NLVR2's unlabelled test
-    records); VCR's ``input_ids_as`` /
+    ``scores`` lists (VQA / SNLI-VE soft targets; the scores finite numbers), an integer (NLVR2's 0 / 1) or
+    nil (NLVR2's unlabelled test records); VCR's ``input_ids_as`` /
     ``input_ids_rs``, when present, lists of token-id lists. Cost: one pass over the record's ids.
     """
     if "input_ids" not in record:
@@ -396,11 +406,61 @@ class DetectFeatLmdb:
         return [k.decode("utf-8") for k in self._env.keys() if k != _KEYS_KEY]
 
     def _compute_nbb(self) -> dict[str, int]:
-        out = {}
-        for name in self._all_names():
-            conf = self._load(name)["conf"]
-            out[name] = min(compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb), len(conf))
-        return out
+        """Box counts from the records' confidences (no ``nbb_*.json``): only ``conf`` is decoded where the
+        encoding allows (``.npz`` records; a msgpack record is decoded whole), and the counts are cached as
+        :meth:`region_counts`' are, keyed by the database and the selection settings."""
+        names = self._all_names()
+
+        def count() -> dict[str, int]:
+            out = {}
+            for name in names:
+                conf = self._load_conf(name)
+                out[name] = min(compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb), len(conf))
+            return out
+
+        ident = f"{self._db_ident()}|nbb|{self.conf_th}|{self.max_bb}|{self.min_bb}"
+        return self._cached_counts("box_counts", ident, names, count, what="counting the boxes of")
+
+    def _db_ident(self) -> str:
+        """The database's path, size and modification time: what a cache of values read from it is keyed by."""
+        st = os.stat(os.path.join(self.db_path, "data.mdb"))
+        return f"{os.path.realpath(self.db_path)}|{st.st_size}|{st.st_mtime_ns}"
+
+    def _cached_counts(
+        self,
+        folder: str,
+        ident: str,
+        names: Iterable[str],
+        count: Callable[[], dict[str, int]],
+        cache_dir: str | Path | None = None,
+        what: str = "counting the regions of",
+    ) -> dict[str, int]:
+        """Per-image counts read from ``<cache>/<folder>/<hash of ident>.json`` when that file was written for
+        ``ident`` and lists exactly ``names``; else ``count()`` (logged), saved there for the next run. The
+        cache root is ``cache_dir``, else ``$VILLA_FAST_CACHE``, else ``~/.cache/villa_fast``; a cache that
+        cannot be read is recounted, one that cannot be written is logged."""
+        names = set(names)
+        root = Path(cache_dir or os.environ.get("VILLA_FAST_CACHE") or Path.home() / ".cache" / "villa_fast")
+        cache = root / folder / (hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32] + ".json")
+        counts = None
+        if cache.is_file():
+            try:
+                saved = json.loads(cache.read_text(encoding="utf-8"))
+                if saved.get("db") == ident and isinstance(saved.get("counts"), dict):
+                    counts = {str(k): int(v) for k, v in saved["counts"].items()}
+            except (OSError, ValueError, TypeError, AttributeError):
+                counts = None
+        if counts is None or set(counts) != names:
+            logger.info("%s: %s %d records (once; cached in %s)", self.img_dir, what, len(names), cache)
+            counts = count()
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"db": ident, "counts": counts}), encoding="utf-8")
+                os.replace(tmp, cache)
+            except OSError as exc:
+                logger.warning("%s: could not cache the counts in %s (%s)", self.img_dir, cache, exc)
+        return counts
 
     def region_counts(self, cache_dir: str | Path | None = None) -> dict[str, int]:
         """The regions each image's record gives (``db[name]``'s row count), where ``name2nbb`` only bounds them.
@@ -414,35 +474,19 @@ class DetectFeatLmdb:
             return dict(self.name2nbb)
         if getattr(self, "_region_counts", None) is not None:
             return self._region_counts
-        mdb = os.path.join(self.db_path, "data.mdb")
-        st = os.stat(mdb)
-        ident = f"{os.path.realpath(self.db_path)}|{st.st_size}|{st.st_mtime_ns}|{self.num_bb}"
-        root = Path(cache_dir or os.environ.get("VILLA_FAST_CACHE") or Path.home() / ".cache" / "villa_fast")
-        cache = root / "region_counts" / (hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32] + ".json")
-        counts = None
-        if cache.is_file():
-            try:
-                saved = json.loads(cache.read_text(encoding="utf-8"))
-                if saved.get("db") == ident and isinstance(saved.get("counts"), dict):
-                    counts = {str(k): int(v) for k, v in saved["counts"].items()}
-            except (OSError, ValueError, TypeError, AttributeError):
-                counts = None
-        if counts is None or set(counts) != set(self.name2nbb):
-            logger.info("%s: counting the regions of %d records (once; cached in %s)", self.img_dir, len(self), cache)
-            counts = {}
-            for name, bound in self.name2nbb.items():
-                counts[name] = min(int(self._load(name, keys=("features", "norm_bb"))["norm_bb"].shape[0]), bound)
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"db": ident, "counts": counts}), encoding="utf-8")
-                os.replace(tmp, cache)
-            except OSError as exc:
-                logger.warning("%s: could not cache the region counts in %s (%s)", self.img_dir, cache, exc)
-        self._region_counts = counts
-        return counts
 
-    def _load(self, file_name: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        def count() -> dict[str, int]:
+            return {
+                name: min(int(self._load(name, keys=("features", "norm_bb"))["norm_bb"].shape[0]), bound)
+                for name, bound in self.name2nbb.items()
+            }
+
+        ident = f"{self._db_ident()}|{self.num_bb}"
+        self._region_counts = self._cached_counts("region_counts", ident, self.name2nbb, count, cache_dir)
+        return self._region_counts
+
+    def _decode(self, file_name: str, keys: tuple[str, ...] | None = None) -> tuple[dict[str, np.ndarray], str]:
+        """The record of ``file_name`` (only ``keys`` parsed where the encoding allows) and where it is."""
         raw = self._env.get(file_name.encode("utf-8"))
         where = f"{self.db_path} key {file_name!r}"
         if raw is None:
@@ -452,6 +496,23 @@ class DetectFeatLmdb:
             unknown = set(dump) - IMG_KEYS
             if unknown:
                 raise DataFormatError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(IMG_KEYS)})")
+        return dump, where
+
+    def _load_conf(self, file_name: str) -> np.ndarray:
+        """The detection confidences ``[n]`` of a record (to count its boxes), nothing else decoded."""
+        dump, where = self._decode(file_name, keys=("conf",))
+        conf = dump.get("conf")
+        if conf is None:
+            raise DataFormatError(
+                f"{where}: missing key 'conf' (the box counts are computed from it when "
+                f"{nbb_file_name(self.conf_th, self.max_bb, self.min_bb)} is absent)"
+            )
+        if conf.ndim != 1:
+            raise DataFormatError(f"{where}: 'conf' has shape {conf.shape} (want [n])")
+        return conf
+
+    def _load(self, file_name: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        dump, where = self._decode(file_name, keys)
         for key in ("features", "norm_bb"):
             if key not in dump:
                 raise DataFormatError(f"{where}: missing key {key!r}")
@@ -549,12 +610,33 @@ class TxtDbWriter:
             self._db.close()
 
 
+def _check_finite(fname: str, key: str, source: np.ndarray, stored: np.ndarray) -> None:
+    """Refuse an image array whose stored values (``source`` after the float16 cast) are not all finite."""
+    if stored.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(stored)
+    if finite.all():
+        return
+    idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+    value = source[idx]
+    if stored.dtype == np.float16 and np.isfinite(value):
+        limit = float(np.finfo(np.float16).max)
+        raise DataFormatError(
+            f"image {fname!r}: {key!r} value {float(value)!r} at {list(idx)} is outside the float16 range "
+            f"(|x| <= {limit:g}): the img_db stores float32 arrays as float16 (as the authors' conversion does), "
+            "where it would become inf; rescale the values"
+        )
+    raise DataFormatError(f"image {fname!r}: {key!r} value at {list(idx)} is {value.item()!r}, not a finite number")
+
+
 class ImgDbWriter:
     """Writes an ``img_db``: one LMDB of regions chosen by conf_th/max_bb/min_bb, plus ``nbb_*.json``.
 
     ``add(fname, features=[n, D], norm_bb=[n, 6], conf=[n], soft_labels=[n, C] | None)``
     sorts detections by confidence (descending, stable), keeps the selected regions, and
-    stores float32 arrays as float16, as the authors' conversion script does.
+    stores float32 arrays as float16, as the authors' conversion script does. Non-finite values (a
+    confidence, or a kept region's value, float32 values beyond float16's range included) are a
+    :class:`DataFormatError` naming the image and the array.
     """
 
     def __init__(
@@ -606,6 +688,9 @@ class ImgDbWriter:
             if soft_labels.ndim != 2 or soft_labels.shape[0] != n:
                 raise ValueError(f"{fname}: soft_labels must be [n, C], got {soft_labels.shape}")
             arrays["soft_labels"] = soft_labels
+        if conf.dtype.kind in "fc" and not np.isfinite(conf).all():
+            k = int(np.flatnonzero(~np.isfinite(conf))[0])
+            raise DataFormatError(f"image {fname!r}: 'conf' region {k} is {conf[k].item()!r}, not a finite confidence")
         order = np.argsort(-conf.astype(np.float64), kind="stable")
         if self.keep_all:
             nbb = n
@@ -616,7 +701,12 @@ class ImgDbWriter:
         dump = {}
         for key, arr in arrays.items():
             arr = arr[order[:nbb]]
-            dump[key] = arr.astype(np.float16) if arr.dtype == np.float32 else arr
+            if arr.dtype == np.float32:
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, naming the image
+                    dump[key] = arr.astype(np.float16)
+            else:
+                dump[key] = arr
+            _check_finite(fname, key, arr, dump[key])
         self._txn.put(fname.encode("utf-8"), encode_img_record(dump, self.compress))
         self.name2nbb[fname] = int(nbb)
         if len(self.name2nbb) % 1000 == 0:

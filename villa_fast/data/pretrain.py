@@ -77,7 +77,7 @@ class MlmDataset(DetectFeatTxtTokDataset):
         )
         input_ids = torch.tensor([self.txt_db.cls_] + tokens + [self.txt_db.sep], dtype=torch.long)
         txt_labels = torch.tensor([-1] + labels + [-1], dtype=torch.long)
-        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self._img_ref(i, example))
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
         return input_ids, img_feat, img_pos_feat, attn_masks, txt_labels
 
@@ -109,7 +109,7 @@ class MrfrDataset(DetectFeatTxtTokDataset):
     def __getitem__(self, i: int):
         example = super().__getitem__(i)
         input_ids = self.txt_db.combine_inputs(example["input_ids"])
-        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self._img_ref(i, example))
         img_mask = _img_mask(self.rng(i), self.mask_prob, num_bb)
         img_mask_tgt = torch.cat([torch.zeros(len(input_ids), dtype=torch.bool), img_mask])
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
@@ -139,7 +139,7 @@ class MrcDataset(MrfrDataset):
 
     def __getitem__(self, i: int):
         example = DetectFeatTxtTokDataset.__getitem__(self, i)
-        fname = example["img_fname"]
+        fname = self._img_ref(i, example)
         dump = self.img_db.get_dump(fname)
         if "soft_labels" not in dump:
             raise KeyError(f"{self.img_db.img_dir}: image {fname!r} has no soft_labels (needed for MRC)")
@@ -209,6 +209,7 @@ class ItmDataset(DetectFeatTxtTokDataset):
 
     def __getitem__(self, i: int):
         example = super().__getitem__(i)
+        self._img_ref(i, example)  # the record's own image must be the one txt2img gives (the positive)
         img_feat, img_pos_feat, num_bb = self._get_img_feat(self.train_imgs[i])
         input_ids = self.txt_db.combine_inputs(example["input_ids"])
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
@@ -323,7 +324,7 @@ class MlmDatasetForVcr(VcrPretrainDataset):
     def __getitem__(self, i: int):
         example = self.txt_db[self.ids[i]]
         input_ids, types, labels = self._text(example, self.rng(i), self.mask_prob)
-        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self._img_ref(i, example))
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
         return input_ids, img_feat, img_pos_feat, attn_masks, labels, types
 
@@ -338,7 +339,7 @@ class MrfrDatasetForVcr(VcrPretrainDataset):
     def __getitem__(self, i: int):
         example = self.txt_db[self.ids[i]]
         input_ids, types, _ = self._text(example, None)
-        img_feat, img_pos_feat, num_bb = self._get_img_feat(example["img_fname"])
+        img_feat, img_pos_feat, num_bb = self._get_img_feat(self._img_ref(i, example))
         img_mask = _img_mask(self.rng(i), self.mask_prob, num_bb)
         img_mask_tgt = torch.cat([torch.zeros(len(input_ids), dtype=torch.bool), img_mask])
         attn_masks = torch.ones(len(input_ids) + num_bb, dtype=torch.long)
@@ -352,7 +353,7 @@ class MrcDatasetForVcr(MrfrDatasetForVcr):
     def __getitem__(self, i: int):
         example = self.txt_db[self.ids[i]]
         input_ids, types, _ = self._text(example, None)
-        img_feat, img_pos_feat, soft = self._img_dump(example["img_fname"])
+        img_feat, img_pos_feat, soft = self._img_dump(self._img_ref(i, example))
         num_bb = img_feat.size(0)
         img_mask = _img_mask(self.rng(i), self.mask_prob, num_bb)
         img_mask_tgt = torch.cat([torch.zeros(len(input_ids), dtype=torch.bool), img_mask])
