@@ -100,7 +100,7 @@ def bench_update(device, b, reps, use_compile, rows):
 
     variants = [("eager", eager)]
     if use_compile:
-        cu = torch.compile(eager_update)
+        cu = torch.compile(eager_update, dynamic=False)
         variants.append(("torch.compile", lambda: (cu(dt, gt, 1e-3, 1.0), cu(di, gi, 1e-2, 1.0))))
     for name in _fused_backends(device):
         fn = _with_backend(
@@ -118,11 +118,11 @@ def bench_update(device, b, reps, use_compile, rows):
 def bench_init(device, b, reps, use_compile, rows):
     like = torch.empty(b, 36, 2048, device=device)
     mask = (torch.rand(b, 36, device=device) > 0.2).float()
-    nbytes = like.numel() * 4 * 2  # write the draws, then read and write them once more when scaled apart
+    nbytes = like.numel() * 4 * 3  # write the draws, then read and write them once more when scaled apart
     case = f"perturb_init {b}x36x2048 (l2, masked)"
     variants = [("eager", lambda: eager_init(like, mask, 0.1))]
     if use_compile:
-        ci = torch.compile(eager_init)
+        ci = torch.compile(eager_init, dynamic=False)
         variants.append(("torch.compile", lambda: ci(like, mask, 0.1)))
     for name in _fused_backends(device):
         variants.append((name, _with_backend(name, lambda: ops.perturb_init(like, mask, init_mag=0.1, norm_type="l2"))))
@@ -141,7 +141,7 @@ def bench_sym_kl(device, n, c, reps, use_compile, rows):
 
     variants = [("eager", eager)]
     if use_compile:
-        ck = torch.compile(eager_sym_kl)
+        ck = torch.compile(eager_sym_kl, dynamic=False)
         variants.append(("torch.compile", lambda: torch.autograd.grad(ck(a, bb), (a, bb))))
     for name in _fused_backends(device):
         variants.append((name, _with_backend(name, lambda: torch.autograd.grad(ops.sym_kl(a, bb, "mean"), (a, bb)))))
@@ -166,7 +166,7 @@ def bench_add_layer_norm(device, m, h, reps, use_compile, rows):
 
     variants = [("eager", eager)]
     if use_compile:
-        cl = torch.compile(eager_add_layer_norm)
+        cl = torch.compile(eager_add_layer_norm, dynamic=False)
         variants.append(("torch.compile", lambda: torch.autograd.grad(cl(x, r, w, b), leaves, dy)))
     if device.type == "cuda":
         fused = [n for n in ("triton",) if n in ops.available_backends(device)]
@@ -304,6 +304,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lambda: bench_adamw(device, args.quick, reps, rows),
     ]
     for i, case in enumerate(cases):
+        if use_compile:
+            # compiled code is cached per function: a shape met after another would be compiled for dynamic
+            # shapes, which a fixed-shape user never runs; each case starts from an empty cache (static shapes)
+            torch._dynamo.reset()
         case()
         # the tables so far, after every case: a run stopped part-way keeps what it measured
         path = write_csv("bench_ops.csv", rows, info, args.out)

@@ -201,6 +201,15 @@ class Setup:
         return describe(self.kind, self.cfg)
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
 def describe(kind: str, c: ModelCfg) -> str:
     if kind == "uniter":
         u = uniter_config(c)
@@ -413,7 +422,20 @@ def build_variants(
             return torch.optim.AdamW(m.parameters(), lr=torch.tensor(5e-5, device=device), fused=True, capturable=True)
         return torch.optim.AdamW(m.parameters(), lr=5e-5, fused=cuda)
 
-    m = copy.deepcopy(setup.model)
+    def released_copy() -> nn.Module:
+        # the 2020 model the yardstick's faithful row runs: hand-written attention, embeddings under autocast
+        # (this library's defaults, SDPA and float32 embeddings, would change the baseline's launch count)
+        base = setup.model
+        if not isinstance(base, UniterForVqa):
+            return copy.deepcopy(base)
+        with torch.device(device):
+            m = UniterForVqa(
+                base.uniter.config.replace(attn_impl="plain", fp32_embeddings=False), num_answer=setup.cfg.n_ans
+            )
+        m.load_state_dict(base.state_dict())
+        return m.to(dtype=next(base.parameters()).dtype).train(base.training)
+
+    m = released_copy()
     opt = torch.optim.AdamW(m.parameters(), lr=5e-5)
     scaler = torch.amp.GradScaler("cuda") if cuda else None
     inj = ReleasedInjection(setup.text_module(m), setup.image_module(m))
@@ -651,7 +673,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--only", default=None, help="time only the variants whose names start with these (released, standard kept)"
     )
-    ap.add_argument("--out", default=None, help="folder for bench_step_<model>.{md,csv} (default bench/out)")
+    ap.add_argument("--out", default=None, help="folder for bench_step_<model><tag>.{md,csv} (default bench/out)")
+    ap.add_argument("--tag", default="", help="suffix of the result files' names (a second run beside the first)")
     a = ap.parse_args(argv)
     extra = None if a.extra is None else tuple(x for x in a.extra.split(",") if x)
     if a.threads:
@@ -671,9 +694,10 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", "GraphedVillaStep runs eagerly: CUDA is not available", RuntimeWarning)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (
-        f"device: {dev_name}; torch {torch.__version__}; {stamp}; {describe(a.model, c)}; "
-        f"{TXT_LEN} text + {N_REGIONS} regions, K={K}, text+image, clip {CLIP}; "
+        f"device: {dev_name}; torch {torch.__version__}; triton {_triton_version()}; {stamp}; "
+        f"{describe(a.model, c)}; {TXT_LEN} text + {N_REGIONS} regions, K={K}, text+image, clip {CLIP}; "
         + ("released: fp16 + GradScaler, villa_fast and standard: bf16" if cuda else "fp32")
+        + "; released: plain attention, embeddings under autocast (the yardstick's model)"
     )
     print(header, flush=True)
     rows = []
@@ -715,7 +739,7 @@ def main(argv: list[str] | None = None) -> None:
         if cuda:
             torch.cuda.empty_cache()
         # written after every batch size, so a run stopped part-way keeps what it measured
-        text = write_results(rows, header, a.model, dev_name, stamp, a.out)
+        text = write_results(rows, header, a.model + a.tag, dev_name, stamp, a.out)
         print(f"B={b} done", flush=True)
     print("\n" + text, flush=True)
 

@@ -37,7 +37,9 @@ PY="${PYTHON:-python3}"
 BUDGET="${BUDGET:-470}"
 # benchmark arguments (override for a quick dry run on a CPU)
 # B = 128 first: the main target's row is written before B = 32 starts
-STEP_ARGS="${STEP_ARGS:---batches 128,32 --rounds 10 --warmup 3}"
+# (torch.compile's variant compiles cold at each batch size: it runs in a phase of its own after the op benchmark)
+STEP_ARGS="${STEP_ARGS:---batches 128,32 --rounds 10 --warmup 3 --extra fused-ln,recompute}"
+COMPILE_ARGS="${COMPILE_ARGS:---batches 128,32 --rounds 10 --warmup 3 --extra compile --only graphed+compile}"
 PROFILE_ARGS="${PROFILE_ARGS:---batches 128 --extra= --trace}"
 OPS_ARGS="${OPS_ARGS:-}"
 start=$SECONDS
@@ -47,17 +49,18 @@ allow() {
   local left=$((BUDGET - (SECONDS - start) - $2))
   if ((left < 20)); then echo 0; elif ((left < $1)); then echo "$left"; else echo "$1"; fi
 }
-# run a phase under its allowance: run_phase MAX RESERVE LOG CMD...
+# run a phase under its allowance: run_phase MAX RESERVE MIN LOG CMD... (skipped when less than MIN seconds,
+# what it needs to write anything, are left; a process that ignores the stop is killed 10 s later)
 run_phase() {
   local t
   t=$(allow "$1" "$2")
-  local log=$3
-  shift 3
-  if ((t == 0)); then
-    echo "skipped: no time left in the ${BUDGET} s budget" | tee "$log"
+  local need=$3 log=$4
+  shift 4
+  if ((t < need)); then
+    echo "skipped: ${t} s left of the ${BUDGET} s budget, ${need} s needed" | tee "$log"
     return 124
   fi
-  timeout "$t" "$@" >"$log" 2>&1
+  timeout -k 10 "$t" "$@" >"$log" 2>&1
   local rc=$?
   ((rc == 124)) && echo "stopped after its ${t} s allowance" | tee -a "$log"
   return $rc
@@ -79,13 +82,13 @@ stamp "environment"
 } | tee "$OUT/env.txt"
 
 stamp "build (FORCE_CUDA=$FORCE_CUDA, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
-run_phase 200 300 "$OUT/build.log" "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .
+run_phase 200 300 60 "$OUT/build.log" "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .
 rc=$?
 if ((rc != 0)); then
   # a compile error would fail the same way again; anything else (old setuptools, pip) gets an in-place build
   if ((rc != 124)) && ! grep -qE '^FAILED: |\): error|: error:' "$OUT/build.log"; then
     echo "pip install failed (exit $rc); trying an in-place build" | tee -a "$OUT/build.log"
-    run_phase 200 300 "$OUT/build_inplace.log" "$PY" setup.py build_ext --inplace
+    run_phase 200 300 60 "$OUT/build_inplace.log" "$PY" setup.py build_ext --inplace
     tail -n 5 "$OUT/build_inplace.log"
   else
     echo "build failed (exit $rc):"
@@ -107,22 +110,26 @@ fi
 stamp "GPU smoke tests (CUDA kernels vs reference, graphed vs eager)"
 SMOKE=(tests/test_perturb_update.py tests/test_sym_kl.py tests/test_perturb_init.py tests/test_add_if.py tests/test_adamw_step.py
   tests/test_train_optim.py tests/test_graphed.py)
-run_phase 90 300 "$OUT/tests_smoke.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs -x \
+run_phase 90 300 30 "$OUT/tests_smoke.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs -x \
   -k "cuda or gpu or graph" "${SMOKE[@]}"
 echo "pytest exit code $?"
 grep -E "(passed|failed|error)" "$OUT/tests_smoke.log" | tail -n 1
 grep -E "^(FAILED|ERROR)" "$OUT/tests_smoke.log" | head -n 10
 
 stamp "whole-step benchmark, UniterForVqa (UNITER-base, B=128 then 32)"
-run_phase 200 $([ -z "${QUICK:-}" ] && echo 120 || echo 0) "$OUT/bench_step_uniter.log" \
+run_phase 180 $([ -z "${QUICK:-}" ] && echo 140 || echo 0) 60 "$OUT/bench_step_uniter.log" \
   "$PY" -m bench.bench_step --model uniter $STEP_ARGS --out "$OUT" || tail -n 20 "$OUT/bench_step_uniter.log"
 
 if [ -z "${QUICK:-}" ]; then
   stamp "profile of the step (B=128)"
-  run_phase 60 90 "$OUT/profile_step.log" "$PY" -m bench.profile_step $PROFILE_ARGS --out "$OUT" \
+  run_phase 60 80 40 "$OUT/profile_step.log" "$PY" -m bench.profile_step $PROFILE_ARGS --out "$OUT" \
     || tail -n 20 "$OUT/profile_step.log"
   stamp "op benchmark"
-  run_phase 80 30 "$OUT/bench_ops.log" "$PY" -m bench.bench_ops $OPS_ARGS --out "$OUT" || tail -n 20 "$OUT/bench_ops.log"
+  run_phase 80 50 30 "$OUT/bench_ops.log" "$PY" -m bench.bench_ops $OPS_ARGS --out "$OUT" || tail -n 20 "$OUT/bench_ops.log"
+  stamp "whole-step benchmark, the torch.compile variant (compiles at each batch size)"
+  run_phase 120 30 60 "$OUT/bench_step_compile.log" \
+    "$PY" -m bench.bench_step --model uniter $COMPILE_ARGS --tag _compile --out "$OUT" \
+    || tail -n 20 "$OUT/bench_step_compile.log"
   stamp "all GPU tests, with the time left"
   # the GPU cases only (a marker name matches -k too), cheapest and most telling first: the kernels against the
   # reference, opcheck and the fused LayerNorm, then the smoke files' Triton cases (their CUDA and graph cases ran
@@ -130,7 +137,7 @@ if [ -z "${QUICK:-}" ]; then
   KERNELS=(tests/test_ext_kernels.py tests/test_opcheck.py tests/test_add_layer_norm.py tests/test_backend.py)
   PIPELINE=(tests/test_train_tf32.py tests/test_gpu_pipeline.py)
   export PYTEST_QUIET="-q -p no:cacheprovider -o addopts= -rs --durations=10"
-  run_phase 400 0 "$OUT/tests.log" bash -c "rc=0; $PY -m pytest \$PYTEST_QUIET -k '(gpu or cuda or triton) and not fullgraph' \
+  run_phase 400 0 30 "$OUT/tests.log" bash -c "rc=0; $PY -m pytest \$PYTEST_QUIET -k '(gpu or cuda or triton) and not fullgraph' \
     ${KERNELS[*]} || rc=1; $PY -m pytest \$PYTEST_QUIET -k triton ${SMOKE[*]} || rc=1; \
     $PY -m pytest \$PYTEST_QUIET ${PIPELINE[*]} || rc=1; exit \$rc"
   echo "pytest exit code $?"
@@ -143,6 +150,8 @@ cp -n bench/out/*.csv bench/out/*.md "$OUT"/ 2>/dev/null || true
 stamp "tables"
 [ -f "$OUT/bench_ops.md" ] && cat "$OUT/bench_ops.md"
 [ -f "$OUT/profile_step.md" ] && echo && grep -vE '^\| `' "$OUT/profile_step.md"
+[ -f "$OUT/bench_step_uniter_compile.md" ] && [ "$OUT/bench_step_uniter_compile.md" -nt "$OUT/env.txt" ] && echo \
+  && cat "$OUT/bench_step_uniter_compile.md"
 [ -f "$OUT/bench_step_uniter.md" ] && [ "$OUT/bench_step_uniter.md" -nt "$OUT/env.txt" ] && echo \
   && cat "$OUT/bench_step_uniter.md"
 # a device machine returns at most 8 files from $OUT: past that, everything but the traces goes into one archive
