@@ -210,7 +210,8 @@ def load_pretrained(
     ``expand_rules`` fill the added rows. When the word embeddings grow, the keys under the model's
     ``fresh_on_word_growth`` prefixes are not loaded (VCR pre-training's new MLM head; listed in
     ``reinitialised``). A retrieval model whose checkpoint has ``itm_output`` but no ``rank_output`` gets
-    rank_output from itm_output's "match" row.
+    rank_output from itm_output's "match" row; one that has both keeps its trained ``rank_output`` (the
+    authors' ``train_itm.py`` resets it from the match row after every load, a fine-tuned one included).
 
     Raises:
         CheckpointShapeError: a tensor's shape does not fit (the message names the key and both shapes).
