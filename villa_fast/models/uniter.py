@@ -4,8 +4,10 @@ Where VILLA's perturbations enter (the adversarial step attaches hooks to these 
 
 - ``embeddings.word_embeddings`` (``nn.Embedding``): a forward hook adds the text perturbation
   ``[B, L_txt, H]`` to its output, before position/type embeddings and the LayerNorm;
-- ``img_embeddings.img_linear`` (``nn.Linear(img_dim, H)``): a forward pre-hook adds the image
-  perturbation ``[B, N, img_dim]`` to its input, after the MRM mask embedding.
+- ``img_embeddings.img_linear`` (``nn.Linear(img_dim, H)``): the image perturbation ``[B, N, img_dim]``
+  perturbs its input, after the MRM mask embedding; as the module is a Linear the product is split, ``W delta``
+  added to its output (``villa_fast.adversarial.hooks``: the same function, the perturbation kept from being
+  rounded against the features).
 
 Both modules are always *called* (never bypassed through their weights) so the hooks fire.
 """
