@@ -60,7 +60,9 @@ def check_layout(batch: dict, rows: int) -> None:
     tl, nb = batch["txt_lens"], batch["num_bbs"]
     assert ids.shape[0] == rows == len(tl) == len(nb) and ids.dtype == torch.long
     assert batch["position_ids"].tolist() == [list(range(ids.size(1)))]
-    assert feat.dtype == torch.float32 and batch["img_pos_feat"].shape == (*feat.shape[:2], 7)
+    # region features stay in the img_db's float16 (the model widens them); boxes float32
+    assert feat.dtype == torch.float16 and batch["img_pos_feat"].dtype == torch.float32
+    assert batch["img_pos_feat"].shape == (*feat.shape[:2], 7)
     total = batch["attn_masks"].size(1)
     assert batch["gather_index"].shape == batch["attn_masks"].shape
     for i in range(rows):

@@ -31,11 +31,18 @@ __all__ = [
 
 
 def pad_tensors(tensors: Sequence[Tensor], lens: Sequence[int] | None = None, pad: float = 0, max_len=None) -> Tensor:
-    """B x [T_i, D] -> [B, max T, D] (or ``max_len``), filled with ``pad``."""
+    """B x [T_i, D] -> [B, max T, D] (or ``max_len``), filled with ``pad``.
+
+    The dtype is the tensors' own (float16 region features stay float16: the model widens them), their promoted
+    dtype when they differ (features of a float16 and a float32 db), so no value is rounded here."""
     if lens is None:
         lens = [t.size(0) for t in tensors]
     max_len = max(lens) if max_len is None else max_len
-    out = tensors[0].new_full((len(tensors), max_len, *tensors[0].shape[1:]), pad)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    out = tensors[0].new_full((len(tensors), max_len, *tensors[0].shape[1:]), pad, dtype=dtype)
     for i, (t, n) in enumerate(zip(tensors, lens, strict=True)):
         out[i, :n] = t[:n]
     return out
@@ -80,7 +87,10 @@ def base_batch(
     img_feats: Sequence[Tensor],
     img_pos_feats: Sequence[Tensor],
 ) -> dict:
-    """The keys every task shares, from per-row text ids, region features and 7-d boxes."""
+    """The keys every task shares, from per-row text ids, region features and 7-d boxes.
+
+    ``img_feat`` keeps the features' dtype (float16 from an official img_db; the model widens it before its image
+    projection); ``img_pos_feat`` the boxes' (float32 from the db: 7 values a region, not worth narrowing)."""
     txt_lens = [int(t.size(0)) for t in input_ids]
     num_bbs = [int(f.size(0)) for f in img_feats]
     ids = pad_sequence(list(input_ids), batch_first=True, padding_value=0)

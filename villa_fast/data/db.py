@@ -347,14 +347,26 @@ class TxtTokLmdb:
         return self._img2txts
 
 
+def _stored_features(feat: np.ndarray) -> np.ndarray:
+    """A writable native-order copy of region features: float16 and float32 kept, any other dtype as float32.
+
+    Region features are not widened here: a float16 db's features stay float16 through the collate, the fixed-
+    shape padding and the copy to the device, and the model widens them, once, before its image projection."""
+    dtype = np.float16 if feat.dtype.kind == "f" and feat.dtype.itemsize == 2 else np.float32
+    return np.array(feat, dtype=dtype)  # a copy: a msgpack record's arrays are read-only views of its bytes
+
+
 class DetectFeatLmdb:
     """Region features of an ``img_db`` directory; ``db[fname] -> (features [n, D], norm_bb [n, 6])``.
 
     The LMDB used is ``feat_th{conf_th}_max{max_bb}_min{min_bb}[_compressed]`` (or
     ``feat_numbb{num_bb}`` when ``conf_th == -1``) with its ``nbb_*.json`` box counts; when the
     counts file is absent, the ``all[_compressed]`` database is read and counts are computed
-    from the confidences (logged).  Stored float16 arrays come back as float32.  Records with
-    keys other than :data:`IMG_KEYS` are an error unless ``strict=False``.
+    from the confidences (logged).  Region features keep their stored dtype, float16 in the official
+    databases (float32 for a db storing float32, any other dtype is widened to float32): the model widens
+    them on the device (:class:`~villa_fast.models.UniterImageEmbeddings`), so the loader pads, pins and copies
+    half the bytes. Boxes come back as float32.  Records with keys other than :data:`IMG_KEYS` are an error
+    unless ``strict=False``.
     """
 
     def __init__(
@@ -536,16 +548,27 @@ class DetectFeatLmdb:
         return nbb
 
     def get_dump(self, file_name: str) -> dict[str, np.ndarray]:
-        """All arrays of a record, float16 widened to float32, cut to the selected regions."""
+        """All arrays of a record (copies), cut to the selected regions: ``features`` as :meth:`__getitem__` gives
+        them (their stored float16 kept), float16 ``soft_labels`` kept too (the collate widens the masked rows
+        only), other float16 arrays widened to float32."""
         nbb = self._nbb(file_name)
         dump = self._load(file_name)
-        return {k: (v.astype(np.float32) if v.dtype == np.float16 else np.array(v))[:nbb] for k, v in dump.items()}
+        out = {}
+        for k, v in dump.items():
+            if k == "features":
+                out[k] = _stored_features(v[:nbb])
+            elif v.dtype == np.float16 and k != "soft_labels":
+                out[k] = v[:nbb].astype(np.float32)
+            else:
+                out[k] = np.array(v[:nbb])
+        return out
 
     def __getitem__(self, file_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features [n, D], norm_bb [n, 6])``: features in their stored dtype (see the class), boxes float32."""
         nbb = self._nbb(file_name)
         dump = self._load(file_name, keys=("features", "norm_bb"))
-        feat = torch.from_numpy(np.asarray(dump["features"][:nbb], dtype=np.float32))
-        bb = torch.from_numpy(np.asarray(dump["norm_bb"][:nbb], dtype=np.float32))
+        feat = torch.from_numpy(_stored_features(dump["features"][:nbb]))
+        bb = torch.from_numpy(np.array(dump["norm_bb"][:nbb], dtype=np.float32))  # a copy, as the features
         return feat, bb
 
     @property

@@ -126,7 +126,8 @@ def _mrm_common(batch: dict, img_masks: list[Tensor], img_mask_tgts: list[Tensor
 
 def mrfr_collate(inputs) -> dict:
     """Adds ``img_masks`` [B, N] bool, ``img_mask_tgt`` [B, L_total] bool and ``feat_targets`` [S, D]
-    (the clean features of the masked regions); the masked regions of ``img_feat`` are zeroed."""
+    (the clean features of the masked regions, in ``img_feat``'s dtype: float16 from an official img_db; the
+    regression loss widens them to float32); the masked regions of ``img_feat`` are zeroed."""
     batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
     masks = _mrm_common(batch, [x[4] for x in inputs], [x[5] for x in inputs])
     batch["feat_targets"] = batch["img_feat"][masks].contiguous()
@@ -146,7 +147,7 @@ class MrcDataset(MrfrDataset):
         img_feat = torch.from_numpy(dump["features"])
         bb = torch.from_numpy(dump["norm_bb"])
         img_pos_feat = torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], dim=-1)
-        soft = torch.from_numpy(dump["soft_labels"]).float()
+        soft = torch.from_numpy(dump["soft_labels"])  # stored dtype: mrc_collate widens the masked rows
         num_bb = img_feat.size(0)
         input_ids = self.txt_db.combine_inputs(example["input_ids"])
         img_mask = _img_mask(self.rng(i), self.mask_prob, num_bb)
@@ -156,11 +157,15 @@ class MrcDataset(MrfrDataset):
 
 
 def mrc_collate(inputs) -> dict:
-    """Adds ``img_masks``, ``img_mask_tgt`` and ``label_targets`` [S, C] (soft detector labels)."""
+    """Adds ``img_masks``, ``img_mask_tgt`` and ``label_targets`` [S, C] float32 (the soft detector labels of the
+    masked regions, batch row by batch row)."""
     batch = base_batch([x[0] for x in inputs], [x[1] for x in inputs], [x[2] for x in inputs])
     masks = _mrm_common(batch, [x[5] for x in inputs], [x[6] for x in inputs])
-    soft = pad_tensors([x[3] for x in inputs], max_len=masks.size(1))
-    batch["label_targets"] = soft[masks].contiguous()
+    # each example's masked rows, then widened: the rows of the padded [B, N, C] block masked by img_masks, in
+    # the same order, without padding (and widening) the ~85% of rows that are not targets
+    batch["label_targets"] = torch.cat(
+        [s[m] for s, m in zip((x[3] for x in inputs), (x[5] for x in inputs), strict=True)]
+    ).float()
     batch["img_feat"] = batch["img_feat"].masked_fill(masks.unsqueeze(-1), 0)
     return batch
 
@@ -308,9 +313,9 @@ class VcrPretrainDataset(VcrDataset):
             if "soft_labels" not in dump:
                 raise KeyError(f"{db.img_dir}: image {name!r} has no soft_labels (needed for MRC)")
             bb = torch.from_numpy(dump["norm_bb"]).float()
-            feats.append(torch.from_numpy(dump["features"]).float())
+            feats.append(torch.from_numpy(dump["features"]))  # stored dtype (float16): the model widens them
             poss.append(torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], dim=-1))
-            softs.append(torch.from_numpy(dump["soft_labels"]).float())
+            softs.append(torch.from_numpy(dump["soft_labels"]))  # stored dtype: mrc_collate widens the masked rows
         return torch.cat(feats), torch.cat(poss), torch.cat(softs)
 
 

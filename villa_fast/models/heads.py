@@ -555,7 +555,7 @@ class UniterForPretraining(_TaskModel):
             labels = batch["txt_labels"]
             return F.cross_entropy(z, labels[labels != -1])
         if task == "mrfr":
-            return F.mse_loss(z, batch["feat_targets"].float())
+            return F.mse_loss(z, batch["feat_targets"].float())  # the db's dtype (float16): widened here
         if task == "mrc":
             target = batch["label_targets"][:, 1:].argmax(dim=-1) + 1
             return F.cross_entropy(z, target, ignore_index=0)

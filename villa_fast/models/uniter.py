@@ -76,7 +76,12 @@ class UniterImageEmbeddings(nn.Module):
         self, img_feat: Tensor, img_pos_feat: Tensor, type_embeddings: Tensor, img_masks: Tensor | None = None
     ) -> Tensor:
         """img_feat [B, N, img_dim]; img_pos_feat [B, N, pos_dim]; type_embeddings [B, N, H] or [H];
-        img_masks [B, N] (1/True = masked region) or None."""
+        img_masks [B, N] (1/True = masked region) or None.
+
+        ``img_feat`` may come in any floating dtype, float16 as the img_db stores it (the loader does not widen
+        it): it is widened here, once, to the projection weight's dtype, before the mask embedding is added and
+        before ``img_linear``, whose input (where the adversarial image perturbation enters) is therefore in the
+        weight's dtype (float32), as if the loader had widened it."""
         w = self.img_linear.weight
         if img_feat.dtype != w.dtype:
             img_feat = img_feat.to(w.dtype)
@@ -227,7 +232,8 @@ class UniterModel(nn.Module):
         Args:
             input_ids: [B, L_txt] long word-piece ids (with CLS/SEP), or None for image only.
             position_ids: [1, L_txt] or [B, L_txt] long.
-            img_feat: [B, N, img_dim] region features, or None for text only.
+            img_feat: [B, N, img_dim] region features (float16 as stored is fine: widened before the image
+                projection), or None for text only.
             img_pos_feat: [B, N, pos_dim] box features.
             attn_masks: [B, L] (1 = valid, 0 = padding), L = gather_index.size(1) when packed,
                 else L_txt + N.
