@@ -43,14 +43,13 @@ def _worker(rank: int, world: int, port: int, base: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
-    from villa_fast.train import distributed as vdist
     from villa_fast.train.trainer import Trainer
 
     trainer = Trainer(_cfg(base, 1), quiet=True)
     batches = _batches(trainer, 2 * world)
     # rank r takes micro-batch r of the global batch; the all-reduced gradients, before the optimizer reads them
     trainer.micro_step(batches[rank])
-    vdist.all_reduce_grads(trainer.params, world, average=False)
+    trainer.reduce_gradients()
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     metrics = trainer.evaluate("val")
     if rank == 0:
@@ -67,12 +66,13 @@ def test_two_gloo_processes_match_one(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), base, out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
 
-    # one process, the same two micro-batches per optimizer step (gradients summed, as across ranks)
+    # one process, the same two micro-batches per optimizer step (their gradients summed): the two processes'
+    # gradients are averaged, as the authors' horovod all-reduce averages them
     trainer = Trainer(_cfg(base, 2), quiet=True)
     batches = _batches(trainer, 2)
     for b in batches[:2]:
         trainer.micro_step(b)
-    single = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    single = {n: p.grad / 2 for n, p in trainer.model.named_parameters() if p.grad is not None}
     # a parameter without a gradient (the image mask embedding, unused in fine-tuning) keeps none: no step moves it
     assert ddp["grads"].keys() == single.keys()
     assert "uniter.img_embeddings.mask_embedding.weight" not in single

@@ -18,7 +18,7 @@ and steps the optimizer (and the learning-rate schedule) after every ``train_bat
 step is ``2 * train_batch_size`` micro-batches per process, image side and text side alternating
 (:class:`AlternatingSidesSampler`), their summed gradients multiplied by ``1 / train_batch_size``
 (the VILLA step's objective, hinge and KL term, alike); ``gradient_accumulation_steps`` must stay 1.
-Across processes the gradients are summed, as theirs are; each process takes its own share of each
+Across processes the gradients are averaged, as theirs are; each process takes its own share of each
 side's permutation (their per-process loaders are not sharded). An image-side item's rows (one image, many
 texts) are packed with each row's own text length; the authors' ``ItmRankDatasetHardNegFromImage`` passes
 the last sampled text's length as the padded text width to ``get_gather_index``, which whenever that text

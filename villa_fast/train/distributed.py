@@ -3,8 +3,9 @@
 Gradients are all-reduced explicitly once per optimizer step (after all accumulation micro-batches
 and all backward passes of the adversarial step), in flat buckets, instead of through DDP's
 autograd hooks: a VILLA step runs several backward passes per micro-batch, and hooks would
-all-reduce on each unless every one of them sat under ``no_sync``. The trainer sums them over the
-processes (``average=False``), as the authors' scripts do, where DDP would average them.
+all-reduce on each unless every one of them sat under ``no_sync``. The trainer averages them over the
+processes, as the authors' scripts do (UNITER's ``all_reduce_and_rescale_tensors`` calls horovod's
+``allreduce_``, which averages by default, then divides by 1).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 @torch.no_grad()
 def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, average: bool = True) -> None:
-    """Sum (``average=False``, as the authors' scripts do) or average ``p.grad`` over the process group.
+    """Average (the authors' horovod all-reduce) or, with ``average=False``, sum ``p.grad`` over the process group.
 
     A parameter without a gradient on some ranks counts as zero there; one without a gradient on every rank
     keeps ``grad = None``, so the optimizer leaves it alone as in a single process (the authors reduce only

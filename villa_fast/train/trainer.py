@@ -3,8 +3,9 @@
 One optimizer step = the task's micro-batches per process (``Task.accumulation``:
 ``gradient_accumulation_steps`` unless the authors' script for the task accumulates otherwise, as
 retrieval with hard negatives does). As in the authors' scripts, micro-batch gradients are summed
-(not averaged) and so are the processes' gradients (one all-reduce per optimizer step); the sum is
-multiplied by the task's loss scale (1 unless the task says otherwise), then the schedule sets the
+(not averaged) and the processes' sums are averaged (one all-reduce per optimizer step: their
+horovod ``allreduce_`` averages by default); the result is multiplied by the task's loss scale (1
+unless the task says otherwise), then the schedule sets the
 learning rates, gradients are clipped to ``grad_norm`` and AdamW steps. A VILLA micro-batch runs the
 adversarial step (``villa_fast.VillaStep``), which does its own backward passes.
 """
@@ -398,13 +399,18 @@ class Trainer:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss.detach().float()
 
+    def reduce_gradients(self) -> None:
+        """Average the processes' gradients (each the sum of its micro-batches'), as the authors' horovod
+        all-reduce does; nothing with one process."""
+        vdist.all_reduce_grads(self.params, self.dist.world_size, average=True)
+
     def optimizer_step(self) -> dict[str, float | Tensor]:
         """All-reduce, loss scale, schedule, clip, step, zero: once per ``accumulation.micro_batches`` micro-batches.
 
         The loss scale multiplies the summed gradients once: the same, up to rounding (exactly for a power of
         two), as multiplying every micro-batch's loss by it, the VILLA step's whole objective (task loss and KL
         term) included, since the factor is one for the whole step."""
-        vdist.all_reduce_grads(self.params, self.dist.world_size, average=False)
+        self.reduce_gradients()
         if self.accumulation.loss_scale != 1.0:
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
