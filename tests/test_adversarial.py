@@ -538,6 +538,35 @@ def test_update_scaler_backs_off_after_a_skipped_step():
     assert scaler.get_scale() == 512.0
 
 
+@pytest.mark.parametrize("unscaled_first", [False, True])
+@pytest.mark.parametrize("skipped", [torch.tensor(2), 1])
+def test_skip_if_left_out_skips_the_optimizer_step(unscaled_first, skipped):
+    """Before scaler.step: a left-out step makes the scaler skip the optimizer step and back off, as an overflow
+    in .grad does (whether or not the caller unscaled first; a tensor or a Python count)."""
+    step, scaler, sgd = _scaled_step(1000)
+    model_params = [p for g in sgd.param_groups for p in g["params"]]
+    opt = torch.optim.SGD(model_params, lr=1.0)
+    for p in model_params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model_params]
+    scaler.scale(torch.ones(()))  # the scale exists once a loss was scaled
+    if unscaled_first:
+        scaler.unscale_(opt)
+    step.skip_if_left_out(opt, skipped)
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(model_params, before, strict=True))
+    assert scaler.get_scale() == 512.0
+    # nothing left out: the step is applied and the scale kept
+    for p in model_params:
+        p.grad = torch.ones_like(p)
+    step.skip_if_left_out(opt, torch.tensor(0))
+    scaler.step(opt)
+    scaler.update()
+    assert all(not torch.equal(p, q) for p, q in zip(model_params, before, strict=True))
+    assert scaler.get_scale() == 512.0
+
+
 def test_a_skipped_step_is_an_overflow_for_the_scalers_growth():
     """As for an overflow in .grad: the scale halves and the growth count restarts, even on the iteration that
     would otherwise have doubled the scale."""

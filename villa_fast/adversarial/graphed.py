@@ -224,6 +224,10 @@ class GraphedVillaStep:
         """:meth:`VillaStep.update_scaler`, for a caller that steps the optimizer outside the graph."""
         self.eager.update_scaler(skipped_steps)
 
+    def skip_if_left_out(self, optimizer: torch.optim.Optimizer, skipped_steps: Tensor | int | None) -> None:
+        """:meth:`VillaStep.skip_if_left_out`, for a caller that steps the optimizer outside the graph."""
+        self.eager.skip_if_left_out(optimizer, skipped_steps)
+
     # ------------------------------------------------------------------------------------------- step
     def step(
         self,
@@ -338,8 +342,10 @@ class GraphedVillaStep:
                 scaler.unscale_(opt)
             clip_grad_norm_capturable_(params, self.max_grad_norm)
         if scaler is not None:
+            # a step left out as non-finite skips this optimizer step, as an overflow in .grad would
+            self.eager.skip_if_left_out(opt, pending)
             scaler.step(opt)
-            self.eager.update_scaler(pending.clone())
+            scaler.update()
             pending.zero_()
         else:
             opt.step()

@@ -310,13 +310,49 @@ class VillaStep:
         self._check_call("VillaStep.step", txt_mask, img_mask)
         return self._step(batch, txt_mask, img_mask)
 
+    def skip_if_left_out(self, optimizer: torch.optim.Optimizer, skipped_steps: Tensor | int | None) -> None:
+        """Before ``scaler.step(optimizer)``: a step left out as non-finite since the last optimizer step makes the
+        scaler skip this optimizer step and back the scale off in ``scaler.update()``, exactly as an overflow in
+        ``.grad`` would (the released loop's overflow reached its accumulated gradients, and apex skipped the
+        step). The left-out steps never reach ``.grad``, so the scaler cannot see them itself.
+
+        ``skipped_steps``: the sum of ``result.skipped_steps`` over the micro-batches (over the processes too);
+        a device tensor (no host sync) or a Python int. Unscales the gradients first if the caller has not
+        (``scaler.unscale_(optimizer)``), which records the inf flags this adds to. Then call ``scaler.step``
+        and the plain ``scaler.update()``. Nothing to do without an enabled scaler."""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled() or skipped_steps is None:
+            return
+        bad = self._count_tensor(skipped_steps)
+        state = scaler._per_optimizer_states[id(optimizer)]
+        if not state.get("found_inf_per_device"):
+            scaler.unscale_(optimizer)
+        bad = (bad > 0).to(torch.float32)
+        for f in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            f.add_(bad.to(f.device, non_blocking=True))
+
+    def _count_tensor(self, skipped_steps: Tensor | int) -> Tensor:
+        if isinstance(skipped_steps, numbers.Integral) and not isinstance(skipped_steps, bool):
+            scale = getattr(self.scaler, "_scale", None)
+            return torch.as_tensor(int(skipped_steps), device=scale.device if scale is not None else None)
+        if not isinstance(skipped_steps, Tensor):
+            raise TypeError(
+                "skipped_steps must be the summed result.skipped_steps (an integer tensor, or a Python int), "
+                f"got {type(skipped_steps).__name__}"
+            )
+        if skipped_steps.numel() != 1:
+            got = tuple(skipped_steps.shape)
+            raise ValueError(f"skipped_steps must be one count (the sum of result.skipped_steps), got shape {got}")
+        return skipped_steps.reshape(())
+
     def update_scaler(self, skipped_steps: Tensor | None = None) -> None:
         """``scaler.update()``, then back the scale off when a step was left out as non-finite.
 
         Call it instead of ``scaler.update()`` after ``scaler.step(optimizer)``, with the sum of
         ``result.skipped_steps`` over the micro-batches: the left-out steps never reach ``.grad``, so the
         scaler would not see their overflow. Runs on the device (no host sync); a Python integer (a count
-        already read back) is taken as well.
+        already read back) is taken as well. The optimizer step has been applied by then (the finite steps'
+        gradients); :meth:`skip_if_left_out`, before ``scaler.step``, skips it instead, as the released loop.
         """
         if self.scaler is None:
             raise RuntimeError("update_scaler needs a scaler")

@@ -429,12 +429,12 @@ class Trainer:
                 skipped = torch.zeros((), dtype=torch.int64, device=self.device)
             vdist.all_reduce_tensor_(skipped)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
             if skipped is not None:
-                # scaler.update(), then the back-off a left-out overflowing step calls for (device-side)
-                self.adv_step.update_scaler(skipped)
-            else:
-                self.scaler.update()
+                # a left-out (overflowing) adversarial step skips the optimizer step and backs the scale off, as
+                # the released loop's overflow in its accumulated gradients did (device-side, no sync)
+                self.adv_step.skip_if_left_out(self.optimizer, skipped)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
             self.optimizer.step()
         if skipped is not None:
