@@ -234,3 +234,35 @@ def test_itm_fixed_sizes_hold_every_epochs_negatives(tmp_path):
         assert ds.lens == [t + n - 2 for t, n in ds.pad_dims]
         assert all(pb.shape_of(t, n) in pb.shapes() for t, n in ds.pad_dims)
     assert ds.pad_dims != before  # the negatives did change
+
+
+def test_itm_losses_read_the_ot_of_their_own_forward_under_half_precision():
+    """``alter`` runs both perturbed forwards before either loss; under autocast the step hands each loss its
+    logits cast to float32. Each loss must read the OT distance of its own forward, not the newest one."""
+    import torch
+
+    from villa_fast.adversarial.step import _loss_dtype
+    from villa_fast.tasks.pretrain import PretrainTask
+
+    task = PretrainTask.__new__(PretrainTask)
+    task._ot = None
+
+    class Model:
+        calls = 0
+        seen = None
+
+        def __call__(self, batch):
+            Model.calls += 1
+            return {"logits": torch.randn(2, 2, dtype=torch.bfloat16), "ot_dist": torch.full((2,), float(Model.calls))}
+
+        def loss(self, out, batch):
+            Model.seen = out["ot_dist"]
+            return torch.zeros(())
+
+    m = Model()
+    z1 = _loss_dtype(task.forward(m, {}))
+    z2 = _loss_dtype(task.forward(m, {}))
+    task.loss(m, z1, {"task": "itm"})
+    assert Model.seen[0].item() == 1.0
+    task.loss(m, z2, {"task": "itm"})
+    assert Model.seen[0].item() == 2.0

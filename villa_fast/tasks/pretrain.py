@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -248,12 +249,17 @@ class PretrainTask(Task):
     # -- step ----------------------------------------------------------------------------------
     def forward(self, model, batch):
         out = model(batch)
-        # the ITM loss needs the OT distance of the same forward: kept by the logits' identity
-        # (the newest one when the caller hands the loss a cast copy of the logits)
+        # the ITM loss needs the OT distance of the same forward: kept by the logits' identity. The logits are
+        # returned in float32 (the adversarial step computes its losses in float32: casting a float32 tensor
+        # returns it as is), so the loss receives this very tensor even when two forwards ran before either loss
+        # (``alter``); the newest forward's is the fallback for a caller that hands the loss a copy
+        logits = out["logits"]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         if self._ot is None or len(self._ot) > 8:
             self._ot = {}
-        self._ot[id(out["logits"])] = self._ot[None] = out.get("ot_dist")
-        return out["logits"]
+        self._ot[id(logits)] = self._ot[None] = out.get("ot_dist")
+        return logits
 
     def loss(self, model, logits, batch):
         m = getattr(model, "module", model)
