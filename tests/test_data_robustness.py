@@ -370,3 +370,18 @@ def test_box_counts_need_conf(tmp_path, monkeypatch):
     env.close()
     with pytest.raises(DataFormatError, match=r"all_compressed key 'im0\.npz': missing key 'conf'.*nbb_th0\.2"):
         DetectFeatLmdb(tmp_path / "img", **IMG_ARGS)
+
+
+def test_lmdb_readahead_is_off_with_several_processes(tmp_path, monkeypatch):
+    """As the authors' readers open their databases: read-ahead in one process, none when WORLD_SIZE > 1."""
+    import lmdb
+
+    from villa_fast.data.db import _LazyEnv
+
+    path = tmp_path / "db"
+    lmdb.open(str(path), map_size=1 << 20).close()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _LazyEnv(str(path)).readahead is True
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert _LazyEnv(str(path)).readahead is False
+    assert _LazyEnv(str(path), readahead=True).readahead is True

@@ -89,9 +89,15 @@ _OPEN_ENVS: dict[tuple, tuple] = {}
 
 
 class _LazyEnv:
-    """A read-only LMDB environment opened on first use in each process."""
+    """A read-only LMDB environment opened on first use in each process.
 
-    def __init__(self, path: str, readahead: bool = True):
+    ``readahead`` (default: on in a single process, off when ``WORLD_SIZE`` > 1, as the authors' readers
+    open their databases): with several processes reading random records of one database, the OS's
+    read-ahead fills the page cache with pages no one asked for."""
+
+    def __init__(self, path: str, readahead: bool | None = None):
+        if readahead is None:
+            readahead = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
         if not os.path.isdir(path):
             raise FileNotFoundError(f"missing LMDB directory: {path}")
         if not os.path.isfile(os.path.join(path, "data.mdb")):
