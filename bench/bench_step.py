@@ -13,7 +13,8 @@ and gradients, kept clear of the features' TF32 rounding) when the layer is an `
 
   released    the released loop transcribed (VILLA_SPEC section 2): zero init, clean logits kept in the
               graph, backward with retain_graph at every step; on a GPU fp16 autocast + GradScaler with
-              the loss scale read back from the host as the released code does
+              the loss scale read back from the host as the released code does; on the yardstick's model
+              (hand-written attention, the embeddings under autocast) rather than this library's defaults
   villa-once  VillaStep, clean_backward="once" (the default)
   villa-per   VillaStep, clean_backward="per_step" (same gradients, released cost)
   graphed     GraphedVillaStep with clipping and the fused capturable AdamW inside the graph (eager on CPU)
@@ -38,10 +39,10 @@ and gradients, kept clear of the features' TF32 rounding) when the layer is an `
 Runs alternate between variants (one timed step each per round) and the median over rounds is reported,
 with the ratio of the released loop's time to each variant (speed-up) and of each variant's time to the
 standard step (cost). GPU: UNITER-base size at B = 32 and 128, bf16 for villa_fast and the standard step;
-CPU: a 4 x 256 model at B = 16 in fp32. Results go to bench/out/bench_step_<model>.{csv,md}.
+CPU: a 4 x 256 model at B = 16 in fp32. Results go to bench/out/bench_step_<model><tag>.{csv,md}.
 
     python -m bench.bench_step [--model uniter|local] [--rounds N] [--batches 32,128] [--tiny] [--threads N]
-                               [--extra compile,fused-ln,recompute] [--only graphed,standard]
+                               [--extra compile,fused-ln,recompute] [--only graphed,standard] [--tag _x]
 """
 
 from __future__ import annotations

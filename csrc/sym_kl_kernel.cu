@@ -1,5 +1,5 @@
 // CUDA kernels of sym_kl_fwd: symmetric KL between softmax(a) and softmax(b) per row of
-// [N, C], its value and both gradients in one pass over the inputs.
+// [N, C], its value and both gradients (one read of each row on chip, three for longer rows).
 //
 // With p = softmax(a), q = softmax(b), d = log p - log q, Ep = sum p d, Eq = sum q d:
 //   L_row = Ep - Eq,  dL/da = p (d - Ep) + p - q,  dL/db = q (Eq - d) + q - p.

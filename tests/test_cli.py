@@ -319,3 +319,14 @@ def test_convert_txt_without_vocab_says_it_is_required(tmp_path, capsys):
     assert exc.value.code == 2
     assert "--vocab is required" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_a_config_without_task_or_output_dir_is_a_one_line_error(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text("{}")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "the task is not known" in capsys.readouterr().err
+    assert main(["evaluate", "--config", str(cfg)]) == 2
+    assert "the task is not known" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--task", "vqa"]) == 2
+    assert "'output_dir' is required" in capsys.readouterr().err

@@ -54,3 +54,14 @@ def test_region_features_of_another_width_are_refused(tmp_path):
     task, _ = _task(tmp_path / "b", img_dim=mc["img_dim"] + 1)
     with pytest.raises(ConfigError, match=rf"region features are {mc['img_dim']} wide .* img_dim {mc['img_dim'] + 1}"):
         task.train_loader(DataContext(seed=0))
+
+
+def test_retrieval_loaders_are_checked_too(tmp_path):
+    """Retrieval's evaluation (its own item loader) and hard-negative training (its own sampler) check as well."""
+    task, mc = _task(tmp_path / "a", "retrieval")
+    task, _ = _task(tmp_path / "b", "retrieval", img_dim=mc["img_dim"] + 1)
+    with pytest.raises(ConfigError, match="region features are"):
+        task.eval_loader(DataContext(seed=0))
+    task.cfg = {**task.cfg, "hard_neg_size": 1, "negative_size": 2}
+    with pytest.raises(ConfigError, match="region features are"):
+        task.train_loader(DataContext(seed=0))

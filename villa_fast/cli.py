@@ -158,16 +158,16 @@ def _print_metrics(title: str, metrics: dict) -> None:
 
 
 def _cmd_train(args, force_task: str | None = None) -> int:
-    from villa_fast.train.config import to_json
+    from villa_fast.train.config import ConfigError, to_json
 
     cfg = _resolve(args, force_task)
     if args.print_config:
         sys.stdout.write(to_json(cfg))
         return 0
     if cfg["task"] is None:
-        raise SystemExit("error: the task is not known: pass --task (or use an official config file name)")
+        raise ConfigError("the task is not known: pass --task (or use an official config file name)")
     if not cfg.get("output_dir"):
-        raise SystemExit("error: config key 'output_dir' is required for training")
+        raise ConfigError("key 'output_dir' is required for training")
     check_device(cfg["device"], "key 'device'")
     from villa_fast.train.trainer import Trainer
 
@@ -227,14 +227,14 @@ def _load_evaluation_weights(trainer, w, source: str) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from villa_fast.train.config import to_json
+    from villa_fast.train.config import ConfigError, to_json
 
     cfg = _resolve(args)
     if args.print_config:
         sys.stdout.write(to_json(cfg))
         return 0
     if cfg["task"] is None:
-        raise SystemExit("error: the task is not known: pass --task (or use an official config file name)")
+        raise ConfigError("the task is not known: pass --task (or use an official config file name)")
     w, source = _evaluation_weights(args, cfg)
     check_device(cfg["device"], "key 'device'")
     # the weights are loaded below, all of them and checked; the Trainer does not load 'checkpoint' as an init

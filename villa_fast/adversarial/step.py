@@ -64,7 +64,8 @@ class StepResult:
             non-finite clean backward leaves the whole micro-batch's gradient out (K + 1: the K steps and the
             clean backward), as "per_step" does (there every step is non-finite); the deltas have already moved
             by then, and under GraphedVillaStep, whose steps add to ``.grad`` as they come, the K steps' own
-            gradients stay in ``.grad`` (a replay cannot take them back: the count backs the loss scale off).
+            gradients stay in ``.grad`` (a replay cannot take them back). With a loss scaler a count above 0 makes
+            the optimizer step be skipped and the scale backed off (:meth:`VillaStep.skip_if_left_out`).
         perturbation_survival: by modality, the fraction of non-zero delta elements that survive in the dtype
             the perturbed tensor leaves the injection point with, measured in the last adversarial forward (a
             later matrix product under autocast rounds again: bench/perturbation_survival.py measures that).

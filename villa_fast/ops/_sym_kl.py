@@ -70,7 +70,8 @@ def sym_kl(
         reduction: "batchmean" sums over classes and averages over rows; "mean" averages over all elements;
             "sum" sums over both (the kernels' batchmean times the rows).
         row_mask: optional bool [N]: only the rows where it is true count, as if the others were not there
-            (the average is over the true rows; the other rows get zero gradient, whatever their values).
+            (averaged over, or with "sum" summed over, the true rows; the other rows get zero gradient, whatever
+            their values).
             For logits padded to a fixed row count (a CUDA graph needs fixed shapes): no host sync; with no
             true row the loss is 0.
     Returns:

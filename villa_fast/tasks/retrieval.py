@@ -338,6 +338,7 @@ class RetrievalTask(Task):
             if n_txt != n_img:
                 raise ValueError(f"hard-negative training: {n_txt} text-side items but {n_img} image-side items")
             ds = ConcatDatasetWithLens(txt_side + img_side)
+            self.check_data_fits_model(ds)
             sampler = AlternatingSidesSampler(n_txt, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world_size)
             return TokenBucketLoader(
                 ds,
@@ -364,6 +365,7 @@ class RetrievalTask(Task):
         val = ItmValDataset(tdb, idb, mini_batch_size=min(size, n_img) if mini else n_img)
         if not mini:
             self._img_ids = list(val.all_img_ids)
+        self.check_data_fits_model(val)
         ds = _Named(val, size, mini)
         limit = self.cfg["max_val_examples"]
         return ItemLoader(

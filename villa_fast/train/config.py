@@ -63,7 +63,11 @@ SCHEMA: dict[str, Key] = {
     # -- what to train, where the data and weights are -------------------------------------------
     "task": _k("str", None, "vqa, ve, nlvr2, vcr, retrieval (itm), re, pretrain", official=False),
     "model_config": _k("str", None, "UNITER model config JSON, or 'base' / 'large'"),
-    "checkpoint": _k("str", None, "initial weights (official .pt, safetensors or HF BERT)"),
+    "checkpoint": _k(
+        "str",
+        None,
+        "initial weights (official .pt, safetensors or HF BERT); evaluate's weights when --weights is absent",
+    ),
     "checkpoint_from": _k(
         "str",
         None,
@@ -117,7 +121,9 @@ SCHEMA: dict[str, Key] = {
         "str", "adamw", "optimizer (adamw: the authors' update rule)", ("adamw", "adamw_torch", "adam", "adamax")
     ),
     "betas": _k("float_list", [0.9, 0.98], "Adam betas"),
-    "dropout": _k("float", 0.1, "dropout probability of every dropout layer"),
+    "dropout": _k(
+        "float", 0.1, "dropout probability of every dropout layer (not paired-attn's attention blocks, as the authors')"
+    ),
     "weight_decay": _k("float", 0.01, "weight decay (none on bias and LayerNorm)"),
     "grad_norm": _k("float", 2.0, "gradient clipping norm (-1: off)"),
     "seed": _k("int", 42, "random seed"),
@@ -147,7 +153,12 @@ SCHEMA: dict[str, Key] = {
     "rank": _k("int", 0, "written by the authors' scripts; ignored"),
     # -- this library's keys ---------------------------------------------------------------------
     "bf16": _k("bool", False, "bfloat16 autocast (no scaler)", official=False),
-    "device": _k("str", "auto", "auto, cpu or cuda[:N]", official=False),
+    "device": _k(
+        "str",
+        "auto",
+        "auto, cpu or cuda[:N] (several processes: auto or cuda, each its local rank's GPU)",
+        official=False,
+    ),
     "adv_clean_backward": _k("str", "once", "clean-pass backward", ("once", "per_step", "recompute"), official=False),
     "adv_graphed": _k("bool", False, "capture the VILLA step in a CUDA graph", official=False),
     "adv_max_graphs": _k("int", 16, "adv_graphed: most batch shapes captured (more run eagerly)", official=False),
@@ -177,7 +188,12 @@ SCHEMA: dict[str, Key] = {
     "log_steps": _k("int", 10, "log every N optimizer steps", official=False),
     "tensorboard": _k("bool", True, "write TensorBoard logs", official=False),
     "progress": _k("bool", True, "show a progress bar", official=False),
-    "max_val_examples": _k("int", 0, "cap on validation examples over all processes (0: all)", official=False),
+    "max_val_examples": _k(
+        "int",
+        0,
+        "cap on validation examples over all processes, each stopping after the batch that reaches its share (0: all)",
+        official=False,
+    ),
     "attack_steps": _k("int", 3, "robust evaluation: attack steps K", official=False),
     "attack_eps": _k("float", 1.0, "robust evaluation: l2 radius of the attack per example", official=False),
     "attack_lr": _k(
