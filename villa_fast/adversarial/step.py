@@ -358,21 +358,11 @@ class VillaStep:
         if self.scaler is None:
             raise RuntimeError("update_scaler needs a scaler")
         scaler = self.scaler
-        if isinstance(skipped_steps, numbers.Integral) and not isinstance(skipped_steps, bool):
-            scale = getattr(scaler, "_scale", None)
-            skipped_steps = torch.as_tensor(int(skipped_steps), device=scale.device if scale is not None else None)
-        elif skipped_steps is not None and not isinstance(skipped_steps, Tensor):
-            raise TypeError(
-                "skipped_steps must be the summed result.skipped_steps (an integer tensor, or a Python int), "
-                f"got {type(skipped_steps).__name__}"
-            )
-        if skipped_steps is not None and skipped_steps.numel() != 1:
-            got = tuple(skipped_steps.shape)
-            raise ValueError(f"skipped_steps must be one count (the sum of result.skipped_steps), got shape {got}")
+        if skipped_steps is not None:
+            skipped_steps = self._count_tensor(skipped_steps)
         if skipped_steps is None or not scaler.is_enabled():
             scaler.update()
             return
-        skipped_steps = skipped_steps.reshape(())
         bad = (skipped_steps > 0).to(torch.float32)
         # a left-out step counts as an overflow of this iteration: added to the inf flags scaler.step recorded,
         # so update() backs the scale off and restarts its growth count exactly as for an overflow in .grad
