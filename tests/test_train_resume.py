@@ -97,7 +97,7 @@ def test_checkpoint_state_loads_with_weights_only(tmp_path):
     assert set(state) >= {"step", "optimizer", "schedule", "scaler", "rng", "data", "history"}
     assert state["step"] == 2 and state["data"]["batch_index"] >= 2
     # no stray temporary files from the atomic writes
-    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "train_state.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["checksums.json", "model.safetensors", "train_state.pt"]
     assert not [p for p in (tmp_path / "out" / "ckpt").iterdir() if p.name.startswith(".")]
 
 
@@ -203,6 +203,45 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
     assert latest_checkpoint(ckpt) == ckpt / "step_1"
 
 
+def _flip_a_byte(f: Path, value: float) -> None:
+    """Change one bit inside the stored float32 ``value`` (a bit flip on the disk: every length stays)."""
+    import struct
+
+    data = bytearray(f.read_bytes())
+    at = bytes(data).find(struct.pack("<f", value))
+    assert at > 0
+    data[at + 2] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["with_checksums", "without_checksums"])
+def test_a_changed_byte_in_a_checkpoint_is_caught_not_loaded(tmp_path, caplog, legacy):
+    import logging
+
+    from villa_fast.train.checkpoint import CheckpointReadError, latest_checkpoint, load_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    model = _tiny_checkpoints(ckpt, steps=(1, 2))
+    if legacy:  # written before checkpoints recorded their checksums: the zip's own CRCs still guard the state
+        for s in (1, 2):
+            (ckpt / f"step_{s}" / "checksums.json").unlink()
+    assert load_checkpoint(ckpt / "step_2", model)["step"] == 2
+    # torch.load reads a changed value without complaint: 50.0 in the saved tensor becomes another number
+    _flip_a_byte(ckpt / "step_2" / "train_state.pt", 50.0)
+    with pytest.raises(CheckpointReadError, match=r"\(step 2\).*train_state\.pt"):
+        load_checkpoint(ckpt / "step_2", model)
+    with caplog.at_level(logging.WARNING, logger="villa_fast.train.checkpoint"):
+        assert latest_checkpoint(ckpt) == ckpt / "step_1"
+    assert "step 2" in caplog.text and ("CRC-32" in caplog.text)
+    assert load_checkpoint(ckpt / "step_1", model)["w"].equal(torch.arange(100.0))
+    if not legacy:  # the weights have no checksum of their own: only the recorded one catches a change there
+        weights = ckpt / "step_1" / "model.safetensors"
+        value = float(model.state_dict()["embeddings.word_embeddings.weight"][3, 5])
+        _flip_a_byte(weights, value)
+        with pytest.raises(CheckpointReadError, match=r"\(step 1\).*model\.safetensors.*changed"):
+            load_checkpoint(ckpt / "step_1", model)
+
+
 def test_leftovers_of_killed_runs_are_removed_on_save_and_resume(tmp_path):
     from villa_fast.train.checkpoint import latest_checkpoint
 
@@ -240,5 +279,6 @@ def test_checkpoint_files_and_directories_are_fsynced(tmp_path, monkeypatch):
     # each file's data before its rename, the directory holding the renamed files, the parent after the final rename
     assert any(n.startswith(".model.safetensors.") for n in names)
     assert any(n.startswith(".train_state.pt.") for n in names)
+    assert any(n.startswith(".checksums.json.") for n in names)
     assert any(n.startswith(".step_5.") for n in names)
     assert synced[-1] == str(ckpt)

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,10 @@ def load_torch_file(path: str | os.PathLike, map_location: str | torch.device = 
         head = fh.read(4)
     if not head:
         raise CheckpointFormatError(f"{path} is empty: not a .safetensors file or a torch state dict")
-    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
-        raise CheckpointFormatError(f"{path}: torch file truncated or corrupt (its zip directory is missing)")
+    if head == b"PK\x03\x04":
+        why = zip_damage(path)
+        if why is not None:
+            raise CheckpointFormatError(f"{path}: torch file truncated or corrupt ({why})")
     try:
         return torch.load(str(path), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile):
@@ -112,6 +115,20 @@ def load_torch_file(path: str | os.PathLike, map_location: str | torch.device = 
         if not (reader or (type(exc) is OSError and exc.errno == errno.EINVAL)):
             raise
         raise CheckpointFormatError(f"{path}: torch file truncated or corrupt ({str(exc).splitlines()[0]})") from None
+
+
+def zip_damage(path: str | os.PathLike) -> str | None:
+    """Why the zip-format torch file ``path`` is damaged (None: intact). Reads the whole file: a truncated one
+    lacks its zip directory, and a changed byte anywhere fails its member's CRC-32, which ``torch.load`` does not
+    check (it would load the changed values)."""
+    if not zipfile.is_zipfile(path):
+        return "its zip directory is missing"
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        return f"its zip archive cannot be read: {exc}"
+    return None if bad is None else f"member {bad} fails its CRC-32 check"
 
 
 def _unwrap(obj: object, where: str) -> dict[str, Tensor]:

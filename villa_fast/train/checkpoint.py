@@ -1,17 +1,18 @@
 """Training checkpoints: weights in safetensors, the rest in a file ``torch.load(weights_only=True)`` reads.
 
 A checkpoint is a directory ``ckpt/step_{N}`` holding ``model.safetensors`` and ``train_state.pt``
-(optimizer, schedule, loss scaler, RNG states, data position, step), each written to a
-temporary file, flushed to disk (fsync) and renamed into place; the directory itself is renamed into
-place last (and its parent fsynced), so neither a crash nor a power loss leaves a half-written
+(optimizer, schedule, loss scaler, RNG states, data position, step) and ``checksums.json`` (the CRC-32 of
+each), each written to a temporary file, flushed to disk (fsync) and renamed into place; the directory itself
+is renamed into place last (and its parent fsynced), so neither a crash nor a power loss leaves a half-written
 checkpoint that ``--resume`` would pick. Temporary directories a killed run left behind
 (``.step_N.*``, ``.stale_step_N.*``) are removed when the next run saves or resumes. A newest checkpoint
-whose files are truncated (a disk that lied about the fsync, a copy cut short) is set aside with a warning
-and the run resumes from the newest complete one.
+whose files are truncated or changed (a disk that lied about the fsync, a copy cut short, a flipped bit) is
+set aside with a warning and the run resumes from the newest intact one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from villa_fast.models.checkpoint import CheckpointFormatError, load_torch_file
+from villa_fast.models.checkpoint import CheckpointFormatError, load_torch_file, zip_damage
 
 __all__ = [
     "CheckpointReadError",
@@ -43,6 +45,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+#: the CRC-32 of each file of a checkpoint (checkpoints written before it existed are checked without it)
+_CHECKSUMS = "checksums.json"
 #: this library's temporary names in a checkpoint directory (save_checkpoint's directory being written, the
 #: previous checkpoint of the same step set aside, atomic_save_weights' final weights being written); a killed
 #: run leaves them behind, each as large as a checkpoint
@@ -163,6 +167,8 @@ def save_checkpoint(
     try:
         atomic_save_weights(model, tmp / "model.safetensors")
         atomic_save(train_state, tmp / "train_state.pt")
+        sums = {name: _crc32(tmp / name) for name in ("model.safetensors", "train_state.pt")}
+        _atomic_write(tmp / _CHECKSUMS, lambda f: Path(f).write_text(json.dumps(sums)))
         if final.exists():
             # set the old one aside rather than deleting it first: an interruption never loses both
             stale = ckpt_dir / f".stale_step_{step}.{os.getpid()}"
@@ -209,9 +215,36 @@ def run_files(output_dir: str | os.PathLike) -> list[str]:
     return found
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _checksum_mismatch(step_dir: Path) -> str | None:
+    """Which file of ``step_dir`` no longer has the CRC-32 recorded when it was saved (None: all match, or a
+    checkpoint written without checksums)."""
+    sums_file = step_dir / _CHECKSUMS
+    if not sums_file.exists():
+        return None
+    try:
+        sums = json.loads(sums_file.read_text())
+        expected = {name: int(sums[name]) for name in ("model.safetensors", "train_state.pt")}
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        return f"{_CHECKSUMS}: unreadable ({exc})"
+    for name, crc in expected.items():
+        got = _crc32(step_dir / name)
+        if got != crc:
+            return f"{name}: contents changed since it was saved (CRC-32 {got:08x}, saved {crc:08x})"
+    return None
+
+
 def _unreadable(step_dir: Path) -> str | None:
-    """Why ``step_dir``'s files cannot be a complete checkpoint (None: they look complete). Reads only the
-    safetensors header and the zip directory of train_state.pt, which a truncated or empty file lacks."""
+    """Why ``step_dir``'s files cannot be a complete, intact checkpoint (None: they are). Checks the safetensors
+    header, the zip directory of train_state.pt (which a truncated or empty file lacks) and every file's CRC-32
+    (a changed byte: recorded in ``checksums.json``, and the zip's own CRCs of train_state.pt)."""
     from safetensors import safe_open
 
     weights, state = step_dir / "model.safetensors", step_dir / "train_state.pt"
@@ -226,14 +259,19 @@ def _unreadable(step_dir: Path) -> str | None:
                 return f"{state.name}: not a torch checkpoint (no data.pkl)"
     except (OSError, zipfile.BadZipFile) as exc:
         return f"{state.name}: {exc}"
-    return None
+    why = _checksum_mismatch(step_dir)
+    if why is None:
+        damage = zip_damage(state)
+        why = None if damage is None else f"{state.name}: {damage}"
+    return why
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     """The newest complete ``step_N`` in ``ckpt_dir`` (None: none there).
 
     Removes temporary leftovers of killed runs first (:func:`remove_leftovers`). A newer checkpoint whose files
-    are truncated or empty is renamed to ``step_N.unreadable`` (kept for inspection, never picked or pruned) with
+    are truncated, empty or changed since they were saved (:func:`_unreadable`; this reads every file once) is
+    renamed to ``step_N.unreadable`` (kept for inspection, never picked or pruned) with
     a warning, and the newest complete one is returned: resuming from an older step is correct, only slower.
     When no checkpoint is complete, the newest is returned as it is, for :func:`load_checkpoint` to report.
     Call it from one process (rank 0)."""
@@ -278,7 +316,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, map_location: str
 
     Raises:
         FileNotFoundError: ``path`` is not a checkpoint directory (or lacks one of its two files).
-        CheckpointReadError: a file is truncated, empty or not in its format (the message names it and the step).
+        CheckpointReadError: a file is truncated, empty, not in its format or changed since it was saved (its
+            CRC-32 differs from the one recorded in ``checksums.json``; the message names it and the step).
         RuntimeError: the weights do not match the model.
     """
     from safetensors import SafetensorError
@@ -298,6 +337,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, map_location: str
         sd = load_file(str(weights), device=str(map_location))
     except SafetensorError as exc:
         raise CheckpointReadError(f"{where}: {weights} cannot be read, it is truncated or corrupt ({exc})") from exc
+    changed = _checksum_mismatch(path)
+    if changed is not None:
+        raise CheckpointReadError(f"{where}: {changed}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # tied weights are stored once: the keys safetensors left out alias a stored tensor
     missing = [k for k in missing if not _is_tied_alias(model, k, sd)]
