@@ -206,6 +206,34 @@ def test_all_zero_mix_ratio_is_refused_naming_the_entry(tmp_path):
     assert cfg["train_datasets"][0]["mix_ratio"] == [0, 3]
 
 
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"db": "/d/txt"}, "'db' must be a non-empty list of strings, got '/d/txt'"),  # list("/d/txt"): one db a char
+        ({"img": []}, "'img' must be a non-empty list of strings"),
+        ({"tasks": "mlm"}, "'tasks' must be a non-empty list of strings"),
+        ({"tasks": ["mlm", 3]}, "'tasks' must be a non-empty list of strings"),
+        ({"tasks": ["mlm", "mrm"]}, "unknown pre-training tasks ['mrm']"),
+    ],
+)
+def test_pretrain_dataset_entries_are_checked_before_any_loader_reads_them(change, words):
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(None, {"task": "pretrain", "val_datasets": [_pretrain_entry(**change)]})
+    assert "'val_datasets'[0]: " + words in str(exc.value)
+    # the authors' spellings of a task are accepted, here and in adv_pretrain_tasks
+    cfg = resolve_config(
+        None,
+        {
+            "task": "pretrain",
+            "train_datasets": [_pretrain_entry(tasks=["mrc-kl", "mlm"])],
+            "adv_pretrain_tasks": ["mlm"],
+        },
+    )
+    assert cfg["train_datasets"][0]["tasks"] == ["mrc-kl", "mlm"]
+    with pytest.raises(ConfigError, match="adv_pretrain_tasks"):
+        resolve_config(None, {"task": "pretrain", "adv_pretrain_tasks": ["mlm", "mrm"]})
+
+
 def test_config_that_is_a_directory_or_not_utf8_gives_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="is a directory"):
         resolve_config(tmp_path)

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from villa_fast.tasks.base import DataContext, Task
-from villa_fast.train.config import ConfigError
+from villa_fast.train.config import PRETRAIN_TASKS, ConfigError
 
 __all__ = ["MixSource", "PretrainTask"]
 
 logger = logging.getLogger(__name__)
 
-_TASK_NAMES = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+_TASK_NAMES = PRETRAIN_TASKS
 
 
 def _norm(task: str) -> str:

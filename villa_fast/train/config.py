@@ -37,6 +37,8 @@ __all__ = [
 
 #: task names the trainer knows (``itm`` is an alias of ``retrieval``)
 TASKS = ("vqa", "ve", "nlvr2", "vcr", "retrieval", "re", "pretrain")
+#: pre-training tasks (a ``train_datasets`` entry's ``tasks``; ``-`` and ``_`` are ignored: ``mrc-kl``)
+PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
 _TASK_ALIASES = {"itm": "retrieval", "refcoco": "re", "refcoco+": "re", "refcocog": "re", "snli-ve": "ve"}
 
 
@@ -444,7 +446,7 @@ def _validate(cfg: dict[str, Any]) -> None:
     texts = cfg["vcr_pretrain_texts"]
     if not texts or set(texts) - {"qa", "qar"} or len(set(texts)) != len(texts):
         raise ConfigError(f"key 'vcr_pretrain_texts' must list 'qa' and/or 'qar' once each, got {texts!r}")
-    bad = set(cfg["adv_pretrain_tasks"]) - {"mlm", "itm", "mrfr", "mrc", "mrckl"}
+    bad = {t for t in cfg["adv_pretrain_tasks"] if t.replace("-", "").replace("_", "") not in PRETRAIN_TASKS}
     if bad:
         raise ConfigError(f"key 'adv_pretrain_tasks' has unknown tasks {sorted(bad)}")
     for name in ("train_datasets", "val_datasets"):
@@ -455,6 +457,17 @@ def _validate(cfg: dict[str, Any]) -> None:
             extra = set(ds) - {"name", "db", "img", "tasks", "mix_ratio"}
             if extra:
                 raise ConfigError(f"key {name!r}[{i}] has unknown keys {sorted(extra)}")
+            for field_ in ("db", "img", "tasks"):
+                value = ds[field_]
+                if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(
+                        f"key {name!r}[{i}]: {field_!r} must be a non-empty list of strings, got {value!r}"
+                    )
+            unknown = [t for t in ds["tasks"] if t.replace("-", "").replace("_", "") not in PRETRAIN_TASKS]
+            if unknown:
+                raise ConfigError(
+                    f"key {name!r}[{i}]: unknown pre-training tasks {unknown}; expected {list(PRETRAIN_TASKS)}"
+                )
             if "mix_ratio" in ds:
                 ratios = ds["mix_ratio"]
                 if not isinstance(ratios, list | tuple) or not all(_is_num(r) for r in ratios):
