@@ -92,3 +92,29 @@ def test_prefetch_loader_delivers_the_same_batches_on_the_device():
     for b, c in zip(got, batches, strict=True):
         assert b["x"].is_cuda and b["ids"].is_cuda and b["n"] == c["n"]
         assert torch.equal(b["x"].cpu(), c["x"]) and torch.equal(b["ids"].cpu(), c["ids"])
+
+
+def test_gradient_all_reduce_on_cuda_reads_the_presence_flags_asynchronously():
+    """The NCCL path of the gradient all-reduce: the flags copied to pinned memory before the gradients are
+    reduced; a parameter no rank has a gradient for keeps none, the others are averaged."""
+    import socket
+
+    import torch.distributed as dist
+
+    from villa_fast.train.distributed import all_reduce_grads
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        used, unused = (torch.nn.Parameter(torch.ones(5, device="cuda")) for _ in range(2))
+        used.grad = torch.full((5,), 4.0, device="cuda")
+        # world_size=2 over a group of one: the all-reduce sums one rank, the average halves it
+        all_reduce_grads([used, unused], world_size=2, average=True)
+        assert unused.grad is None
+        assert torch.equal(used.grad, torch.full((5,), 2.0, device="cuda"))
+    finally:
+        dist.destroy_process_group()

@@ -83,7 +83,8 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, average:
     keeps ``grad = None``, so the optimizer leaves it alone as in a single process (the authors reduce only
     the gradients that exist; a zero-filled one would take weight decay and stale momentum). The all-reduce
     of the presence flags is unconditional, so every rank runs the same collectives; only a rank that lacks a
-    gradient reads the flags back (a wait on its own stream, no extra collective)."""
+    gradient reads the flags back, on a GPU as an asynchronous copy issued before the gradients' all-reduce: the
+    host waits for that copy only, while the device goes on with the gradients (no extra collective)."""
     if world_size <= 1:
         return
     grads, missing = [], []
@@ -99,6 +100,12 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, average:
     if missing:
         present[missing] = 0.0
     dist.all_reduce(present)
+    anywhere, ready = present, None
+    if missing and present.is_cuda:
+        anywhere = torch.empty(present.shape, dtype=present.dtype, pin_memory=True)
+        anywhere.copy_(present, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
     for bucket in _buckets(grads):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat)
@@ -110,7 +117,8 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, average:
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
     if missing:
-        anywhere = present.cpu()
+        if ready is not None:
+            ready.synchronize()
         for i in missing:
             if anywhere[i] == 0:
                 params[i].grad = None
