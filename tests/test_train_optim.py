@@ -471,3 +471,53 @@ def test_set_dropout_reaches_what_the_authors_set_dropout_reaches():
     assert mha and all(m.dropout == model.uniter.config.attention_probs_dropout_prob for m in mha)
     attn = [m for m in model.modules() if isinstance(getattr(m, "dropout_p", None), float)]
     assert attn and all(m.dropout_p == 0.3 for m in attn)
+
+
+def test_a_stepped_parameter_without_a_gradient_steps_with_zeros_as_the_authors_zero_grad_does(step_backend):
+    """The authors zero gradients in place, so a parameter that had a gradient once is stepped with g = 0 on
+    the optimizer steps where its task was not drawn (momentum and weight decay move it); one that never had a
+    gradient keeps none and is left alone."""
+    from villa_fast.train.optim import zero_grads_of_stepped
+
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [t.clone() for t in init]
+    opt = AdamW(ours, lr=3e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    state: dict = {}
+    for step in range(4):
+        drawn = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        # parameter 0: a gradient every step; parameter 1: only at step 0 (its task drawn once); 2: never
+        grads = [drawn, drawn * 0.5 if step == 0 else None, None]
+        for p, gr in zip(ours, grads, strict=True):
+            p.grad = None if gr is None else gr.clone()
+        assert zero_grads_of_stepped(opt) == (1 if step > 0 else 0)
+        opt.step()
+        authors = [grads[0], grads[1] if step == 0 else torch.zeros(4, 3, dtype=torch.float64), None]
+        _transcribed_step(ref, authors, state, 3e-2, (0.9, 0.98), 1e-6, 0.01)
+    for p, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-15)
+    assert opt.state[ours[1]]["step"] == 4 and ours[2].grad is None and not opt.state.get(ours[2])
+    assert not torch.equal(ours[1].detach(), init[1])  # moved after its one gradient, by momentum and decay
+
+
+def test_optimizers_and_schedule_follow_the_authors_settings():
+    from villa_fast.models import UniterModel
+    from villa_fast.train.optim import LR_FLOOR, WarmupLinear, param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    cfg = {"weight_decay": 0.01, "lr_mul": 1.0, "betas": [0.9, 0.98], "learning_rate": 1e-3}
+    # torch's Adam and Adamax with torch's default eps (the authors pass only lr and betas); their AdamW: 1e-6
+    for name, eps in (("adam", 1e-8), ("adamax", 1e-8), ("adamw", 1e-6)):
+        assert build_optimizer(model, {**cfg, "optim": name}).defaults["eps"] == eps
+    # the last step's learning rate is the authors' floor, not 0; the head's is floor * lr_mul
+    opt = build_optimizer(model, {**cfg, "lr_mul": 10.0, "optim": "adamw"})
+    sched = WarmupLinear(opt, 1e-3, warmup=2, total=4)
+    lrs = [sched.step() for _ in range(5)]
+    assert lrs[:3] == [5e-4, 1e-3, 5e-4] and lrs[3:] == [LR_FLOOR, LR_FLOOR]
+    # a model without a task head (no .uniter encoder inside) has no head group to multiply
+    from tests.test_models import tiny_config
+
+    groups = {gr["name"]: gr for gr in param_groups(UniterModel(tiny_config()), 0.01, 10.0)}
+    assert not groups["head"]["params"] and not groups["head_no_decay"]["params"]
+    assert groups["encoder"]["params"] and groups["encoder_no_decay"]["params"]

@@ -12,7 +12,16 @@ from torch import Tensor, nn
 from villa_fast.ops import adamw_step_
 from villa_fast.ops._backend import choose
 
-__all__ = ["NO_DECAY", "AdamW", "WarmupLinear", "build_optimizer", "set_dropout", "warmup_linear"]
+__all__ = [
+    "LR_FLOOR",
+    "NO_DECAY",
+    "AdamW",
+    "WarmupLinear",
+    "build_optimizer",
+    "set_dropout",
+    "warmup_linear",
+    "zero_grads_of_stepped",
+]
 
 #: parameter-name fragments without weight decay, as in the authors' optimizer setup. This follows their
 #: naming rule, not the module types: the weight of a layer norm whose name lacks "LayerNorm"
@@ -20,24 +29,22 @@ __all__ = ["NO_DECAY", "AdamW", "WarmupLinear", "build_optimizer", "set_dropout"
 NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
 
 
-def _is_head(name: str) -> bool:
-    return not name.startswith("uniter.")
-
-
 def param_groups(model: nn.Module, weight_decay: float, lr_mul: float) -> list[dict[str, Any]]:
     """Four groups: head with decay, head without, encoder with decay, encoder without.
 
-    The head (everything outside ``model.uniter``) gets ``lr_mul`` times the scheduled learning
-    rate; names containing one of :data:`NO_DECAY` get no weight decay.
+    The head (everything outside ``model.uniter`` in a task model; nothing in a model without a ``uniter``
+    encoder, such as a bare :class:`~villa_fast.models.UniterModel`) gets ``lr_mul`` times the scheduled
+    learning rate; names containing one of :data:`NO_DECAY` get no weight decay.
     """
     groups = {(h, d): [] for h in (True, False) for d in (True, False)}
+    has_head = isinstance(getattr(model, "uniter", None), nn.Module)
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         decay = not any(nd in name for nd in NO_DECAY)
-        groups[(_is_head(name), decay)].append(p)
+        groups[(has_head and not name.startswith("uniter."), decay)].append(p)
     out = []
     for (head, decay), params in groups.items():
         out.append(
@@ -321,7 +328,8 @@ def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """Over :func:`param_groups`: ``adamw`` is the authors' AdamW rule (:class:`AdamW`, eps 1e-6),
     ``adamw_torch`` PyTorch's AdamW (fused on CUDA; eps and decay placed differently, see :class:`AdamW`),
-    ``adam`` PyTorch's Adam with L2 decay, ``adamax`` PyTorch's Adamax."""
+    ``adam`` PyTorch's Adam with L2 decay, ``adamax`` PyTorch's Adamax (both with torch's eps 1e-8, as the
+    authors build them)."""
     groups = param_groups(model, cfg["weight_decay"], cfg["lr_mul"])
     betas = tuple(cfg["betas"])
     lr = cfg["learning_rate"]
@@ -334,10 +342,25 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-6, **fused)
     if name == "adam":
         # the authors' Adam: L2 weight decay folded into the gradient
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=1e-6, **fused)
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=1e-8, **fused)
     if name == "adamax":
-        return torch.optim.Adamax(groups, lr=lr, betas=betas, eps=1e-6)
+        return torch.optim.Adamax(groups, lr=lr, betas=betas, eps=1e-8)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def zero_grads_of_stepped(optimizer: torch.optim.Optimizer) -> int:
+    """Give a zero ``.grad`` to every parameter that has optimizer state (it was stepped before) but no gradient
+    now; returns how many. The authors' ``optimizer.zero_grad()`` (torch 1.x, and apex's under fp16) zeroes
+    gradients in place, so a parameter keeps being stepped with a zero gradient once it has had one: its
+    moments keep moving it and weight decay applies. This matters in pre-training, where the heads of the tasks
+    not drawn for a step get no gradient; a parameter never used keeps none, in both."""
+    n = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None and optimizer.state.get(p):
+                p.grad = torch.zeros_like(p)
+                n += 1
+    return n
 
 
 def warmup_linear(step: int, warmup: int, total: int) -> float:
@@ -349,8 +372,13 @@ def warmup_linear(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / (total - warmup))
 
 
+#: the learning rate where the schedule reaches 0 (the last step and beyond), as the authors' ``get_lr_sched``
+LR_FLOOR = 1e-8
+
+
 class WarmupLinear:
-    """Sets each group's lr to ``peak * warmup_linear(step) * group['lr_mul']`` before step ``step``.
+    """Sets each group's lr to ``peak * warmup_linear(step) * group['lr_mul']`` before step ``step``; where
+    ``peak * warmup_linear(step)`` is not positive (the last step), :data:`LR_FLOOR` takes its place.
 
     The state is the step count, so a resumed run sets exactly the learning rates of an
     uninterrupted one.
@@ -364,7 +392,8 @@ class WarmupLinear:
         self.step_count = 0
 
     def lr_at(self, step: int) -> float:
-        return self.peak_lr * warmup_linear(step, self.warmup, self.total)
+        lr = self.peak_lr * warmup_linear(step, self.warmup, self.total)
+        return lr if lr > 0 else LR_FLOOR
 
     def step(self) -> float:
         """Advance to the next optimizer step and set its learning rates; returns the base lr."""

@@ -39,7 +39,7 @@ from villa_fast.train.checkpoint import (
     set_rng_state,
 )
 from villa_fast.train.config import ConfigError, resume_data_moves, resume_differences, to_json
-from villa_fast.train.optim import WarmupLinear, build_optimizer, set_dropout
+from villa_fast.train.optim import WarmupLinear, build_optimizer, set_dropout, zero_grads_of_stepped
 from villa_fast.train.robust import EmbeddingAttack
 
 __all__ = ["LoaderSource", "Trainer", "resolve_device", "set_seed"]
@@ -411,6 +411,8 @@ class Trainer:
         two), as multiplying every micro-batch's loss by it, the VILLA step's whole objective (task loss and KL
         term) included, since the factor is one for the whole step."""
         self.reduce_gradients()
+        # after the all-reduce: a parameter no rank has a gradient for, but stepped before, steps with zeros
+        zero_grads_of_stepped(self.optimizer)
         if self.accumulation.loss_scale != 1.0:
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
