@@ -241,3 +241,14 @@ def test_config_that_is_a_directory_or_not_utf8_gives_a_config_error(tmp_path):
     p.write_bytes('{"task": "vqa", "output_dir": "caf\xe9"}'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1\.json: not a UTF-8 text file"):
         load_config(p)
+
+
+def test_lr_mul_defaults_to_the_authors_per_task_value():
+    # train_vqa_adv.py and train_vcr_adv.py default the head's multiplier to 10; the others have none
+    for task, want in (("vqa", 10.0), ("vcr", 10.0), ("nlvr2", 1.0), ("ve", 1.0), ("retrieval", 1.0), ("re", 1.0)):
+        assert resolve_config(None, {"task": task})["lr_mul"] == want, task
+    # a value any source sets wins, the released VCR configs' 1.0 included
+    assert resolve_config(None, {"task": "vcr", "lr_mul": 1.0})["lr_mul"] == 1.0
+    assert resolve_config(None, {"task": "vqa"}, base={"lr_mul": 2.0})["lr_mul"] == 2.0
+    vcr_config = next(p for p in CONFIGS if p.name == "train-vcr-base-4gpu-adv.json")
+    assert resolve_config(vcr_config)["lr_mul"] == 1.0

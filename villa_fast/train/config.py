@@ -21,7 +21,10 @@ from typing import Any
 __all__ = [
     "SCHEMA",
     "TASKS",
+    "NO_LR_MUL_TASKS",
+    "PRETRAIN_TASKS",
     "TASK_BATCH_DEFAULTS",
+    "TASK_LR_MUL_DEFAULTS",
     "RESUME_DATA_KEYS",
     "RESUME_FIXED_KEYS",
     "ConfigError",
@@ -114,7 +117,12 @@ SCHEMA: dict[str, Key] = {
         "int", 1, "micro-batches per optimizer step (retrieval with hard negatives: 1, train_batch_size sets them)"
     ),
     "learning_rate": _k("float", 3e-5, "peak learning rate"),
-    "lr_mul": _k("float", 1.0, "learning-rate multiplier of the task head"),
+    "lr_mul": _k(
+        "float",
+        1.0,
+        "learning-rate multiplier of the task head (default 10 for vqa and vcr, as the authors' scripts; their "
+        "nlvr2, ve, retrieval and pre-training scripts ignore it, this library applies it to those heads too)",
+    ),
     "valid_steps": _k("int", 1000, "validate (and checkpoint) every N optimizer steps"),
     "num_train_steps": _k("int", 100000, "optimizer steps to train"),
     "warmup_steps": _k("int", 4000, "linear warmup steps"),
@@ -211,6 +219,13 @@ SCHEMA: dict[str, Key] = {
 #: (retrieval: train_itm.py).
 #: retrieval with hard negatives: ``train_batch_size`` (positive pairs per optimizer step) when no source sets it
 HARD_NEGATIVE_TRAIN_BATCH = 32
+
+#: the head's learning-rate multiplier where a config does not set one: the argparse default of the authors'
+#: train_vqa_adv.py and train_vcr_adv.py (their RE script takes it from the config only; the other tasks' scripts
+#: have no multiplier)
+TASK_LR_MUL_DEFAULTS: dict[str, float] = {"vqa": 10.0, "vcr": 10.0}
+#: tasks whose authors' scripts give the head no learning-rate multiplier
+NO_LR_MUL_TASKS = ("nlvr2", "ve", "retrieval", "pretrain")
 
 TASK_BATCH_DEFAULTS: dict[str, dict[str, int]] = {
     "re": {"train_batch_size": 128, "val_batch_size": 128},
@@ -357,7 +372,8 @@ def resolve_config(
     """Defaults <- ``base`` <- JSON file ``path`` <- ``overrides``; validated; ``task`` resolved.
 
     A batch size no source sets takes the task's default where its batches count examples
-    (:data:`TASK_BATCH_DEFAULTS`)."""
+    (:data:`TASK_BATCH_DEFAULTS`), an ``lr_mul`` no source sets the authors' default for the task
+    (:data:`TASK_LR_MUL_DEFAULTS`)."""
     cfg = {k: (list(v.default) if isinstance(v.default, list) else v.default) for k, v in SCHEMA.items()}
     given: set[str] = set()
     for src, where in ((base, "config"), (load_config(path) if path else None, None), (overrides, "override")):
@@ -375,6 +391,8 @@ def resolve_config(
     for key, value in TASK_BATCH_DEFAULTS.get(cfg["task"], {}).items():
         if key not in given or cfg[key] is None:
             cfg[key] = value
+    if "lr_mul" not in given and cfg["task"] in TASK_LR_MUL_DEFAULTS:
+        cfg["lr_mul"] = TASK_LR_MUL_DEFAULTS[cfg["task"]]
     if cfg["task"] == "retrieval" and (cfg["hard_neg_size"] or 0) > 0 and "train_batch_size" not in given:
         # positive pairs per optimizer step: train_itm_hard_negatives.py's default, not train_itm.py's
         cfg["train_batch_size"] = HARD_NEGATIVE_TRAIN_BATCH

@@ -38,7 +38,7 @@ from villa_fast.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from villa_fast.train.config import ConfigError, resume_data_moves, resume_differences, to_json
+from villa_fast.train.config import NO_LR_MUL_TASKS, ConfigError, resume_data_moves, resume_differences, to_json
 from villa_fast.train.optim import WarmupLinear, build_optimizer, set_dropout, zero_grads_of_stepped
 from villa_fast.train.robust import EmbeddingAttack
 
@@ -174,6 +174,13 @@ class Trainer:
         self.model = self._build_model()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, self.cfg)
+        if self.cfg["lr_mul"] != 1.0 and self.cfg["task"] in NO_LR_MUL_TASKS:
+            logger.warning(
+                "lr_mul %g multiplies the %s head's learning rate; the authors' %s script has no such multiplier",
+                self.cfg["lr_mul"],
+                self.cfg["task"],
+                self.cfg["task"],
+            )
         self.schedule = WarmupLinear(
             self.optimizer, self.cfg["learning_rate"], self.cfg["warmup_steps"], self.cfg["num_train_steps"]
         )
