@@ -252,3 +252,24 @@ def test_lr_mul_defaults_to_the_authors_per_task_value():
     assert resolve_config(None, {"task": "vqa"}, base={"lr_mul": 2.0})["lr_mul"] == 2.0
     vcr_config = next(p for p in CONFIGS if p.name == "train-vcr-base-4gpu-adv.json")
     assert resolve_config(vcr_config)["lr_mul"] == 1.0
+
+
+def test_pretrain_configs_name_the_authors_text_databases():
+    # the names of UNITER's download scripts and pre-training configs (CC and SBU were never released as dbs)
+    official = {
+        "pretrain_coco_train.db",
+        "pretrain_coco_restval.db",
+        "pretrain_coco_val.db",
+        "pretrain_vg_train.db",
+        "pretrain_vg_val.db",
+        "conceptual_caption_train.db",
+        "sbu_caption_train.db",
+        "vcr_train.db",
+        "vcr_val.db",
+    }
+    for path in CONFIGS:
+        if path.name.startswith("pretrain"):
+            cfg = resolve_config(path)
+            for entry in [*cfg["train_datasets"], *(cfg["val_datasets"] or [])]:
+                for db in entry["db"]:
+                    assert Path(db).name in official, (path.name, db)
