@@ -238,14 +238,16 @@ def test_itm_fixed_sizes_hold_every_epochs_negatives(tmp_path):
 
 def test_itm_losses_read_the_ot_of_their_own_forward_under_half_precision():
     """``alter`` runs both perturbed forwards before either loss; under autocast the step hands each loss its
-    logits cast to float32. Each loss must read the OT distance of its own forward, not the newest one."""
+    logits cast to float32. Each loss must read the OT distance of its own forward, not the newest one, however
+    many forwards ran before (micro-batches and adversarial steps: no bookkeeping limit may drop an entry)."""
+    import gc
+
     import torch
 
     from villa_fast.adversarial.step import _loss_dtype
     from villa_fast.tasks.pretrain import PretrainTask
 
-    task = PretrainTask.__new__(PretrainTask)
-    task._ot = None
+    task = PretrainTask({"itm_ot_lambda": 0.1})
 
     class Model:
         calls = 0
@@ -260,9 +262,14 @@ def test_itm_losses_read_the_ot_of_their_own_forward_under_half_precision():
             return torch.zeros(())
 
     m = Model()
-    z1 = _loss_dtype(task.forward(m, {}))
-    z2 = _loss_dtype(task.forward(m, {}))
-    task.loss(m, z1, {"task": "itm"})
-    assert Model.seen[0].item() == 1.0
-    task.loss(m, z2, {"task": "itm"})
-    assert Model.seen[0].item() == 2.0
+    for _ in range(4):  # earlier micro-batches: their logits die, and so do their entries
+        task.loss(m, _loss_dtype(task.forward(m, {})), {"task": "itm"})
+    gc.collect()
+    assert len(task._ot) == 0
+    zs = [_loss_dtype(task.forward(m, {})) for _ in range(11)]  # forwards 5..15, then their losses
+    for n, z in zip(range(5, 16), zs, strict=True):
+        task.loss(m, z, {"task": "itm"})
+        assert Model.seen[0].item() == float(n)
+    # a copy of the logits (a caller that does not hand the loss the forward's tensor) reads the newest forward's
+    task.loss(m, zs[0].clone(), {"task": "itm"})
+    assert Model.seen[0].item() == 15.0

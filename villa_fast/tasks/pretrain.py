@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from villa_fast.tasks.base import DataContext, Task
 from villa_fast.train.config import PRETRAIN_TASKS, ConfigError
@@ -111,7 +112,8 @@ class PretrainTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self._ot = None
+        self._ot: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._ot_last: Tensor | None = None
 
     def build_model(self):
         from villa_fast.models import UniterForPretraining
@@ -249,21 +251,20 @@ class PretrainTask(Task):
     # -- step ----------------------------------------------------------------------------------
     def forward(self, model, batch):
         out = model(batch)
-        # the ITM loss needs the OT distance of the same forward: kept by the logits' identity. The logits are
-        # returned in float32 (the adversarial step computes its losses in float32: casting a float32 tensor
-        # returns it as is), so the loss receives this very tensor even when two forwards ran before either loss
-        # (``alter``); the newest forward's is the fallback for a caller that hands the loss a copy
+        # the ITM loss needs the OT distance of the same forward: kept under the logits tensor itself (a weak key:
+        # the entry lives as long as the logits, however many forwards run before their losses, as in ``alter``).
+        # The logits are returned in float32 (the adversarial step computes its losses in float32: casting a
+        # float32 tensor returns it as is), so the loss receives this very tensor; the newest forward's is the
+        # fallback for a caller that hands the loss a copy
         logits = out["logits"]
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        if self._ot is None or len(self._ot) > 8:
-            self._ot = {}
-        self._ot[id(logits)] = self._ot[None] = out.get("ot_dist")
+        self._ot[logits] = self._ot_last = out.get("ot_dist")
         return logits
 
     def loss(self, model, logits, batch):
         m = getattr(model, "module", model)
-        ot = self._ot.get(id(logits), self._ot.get(None)) if self._ot else None
+        ot = self._ot.get(logits, self._ot_last)
         return m.loss({"task": batch["task"], "logits": logits, "ot_dist": ot}, batch)
 
     def adversarial_for(self, batch) -> bool:
