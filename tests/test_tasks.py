@@ -215,3 +215,30 @@ def test_re_sums_its_loss_and_consistency_term_over_the_batch(tmp_path):
     torch.testing.assert_close(
         ops.sym_kl(logits.detach(), other, "sum"), ops.sym_kl(logits.detach(), other, "batchmean") * n
     )
+
+
+def test_pretraining_loaders_of_one_dataset_shuffle_and_mask_independently(tmp_path):
+    """Each task's loader over the same db has a seed of its own: MRFR and MRC-kl see other batches and other
+    masked regions (one shared seed made them identical), and a rebuilt source repeats its own."""
+    cfg = resolve_config(None, task_config(tmp_path, "pretrain", train_batch_size=120))
+
+    def first_batches(n=3):
+        loaders = {k: v[1] for k, v in Trainer(cfg, quiet=True).source().loaders.items()}
+        assert {"tiny_mrfr", "tiny_mrckl"} <= set(loaders)
+        out = {}
+        for key in ("tiny_mrfr", "tiny_mrckl"):
+            it = iter(loaders[key])
+            out[key] = [next(it) for _ in range(n)]
+        return out
+
+    a = first_batches()
+
+    def same(x, y, key):
+        return x[key].shape == y[key].shape and bool((x[key] == y[key]).all())
+
+    pairs = list(zip(a["tiny_mrfr"], a["tiny_mrckl"], strict=True))
+    assert not all(same(x, y, "input_ids") and same(x, y, "img_masks") for x, y in pairs)
+    b = first_batches()
+    for key in a:
+        for x, y in zip(a[key], b[key], strict=True):
+            assert same(x, y, "input_ids") and same(x, y, "img_masks")

@@ -15,9 +15,11 @@ VCR's 4 text types and 81 person-tag tokens (:class:`~villa_fast.models.UniterFo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -230,7 +232,10 @@ class PretrainTask(Task):
                 padded = t in adv and bool(self.cfg.get("adv_training") and self.cfg.get("adv_graphed"))
                 ds, collate = self._dataset(t, pairs, self.cfg["max_txt_len"], vcr, padded)
                 key = f"{entry.get('name', i)}_{t}"
-                loader = self.batch_loader(ds, collate, ctx, train=True, graphs=share if t in adv else 0)
+                # a seed of its own per loader: each task shuffles and masks independently (as the authors' loaders
+                # draw from one global stream); one shared seed would give MRFR and MRC the same batches and masks
+                own = dataclasses.replace(ctx, seed=ctx.seed + zlib.crc32(key.encode()))
+                loader = self.batch_loader(ds, collate, own, train=True, graphs=share if t in adv else 0)
                 loaders[key] = (t, loader, float(ratio))
         return MixSource(loaders, self.cfg["gradient_accumulation_steps"], ctx.seed)
 
