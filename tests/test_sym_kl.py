@@ -67,6 +67,23 @@ def test_upstream_gradient_scales(backend):
     torch.testing.assert_close(g1, a.grad * 3.5)
 
 
+def test_create_graph_gives_first_derivatives_and_refuses_a_second(backend):
+    """Backward with create_graph=True: the first derivatives are the usual ones (and differentiable in the
+    upstream scale); differentiating through the logits again raises, where it came out silently zero."""
+    dev = backend_device(backend)
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(3, 6, generator=g, dtype=torch.float64).to(dev).requires_grad_() for _ in range(2))
+    scale = torch.tensor(2.0, dtype=torch.float64, device=dev, requires_grad=True)
+    ga, gb = torch.autograd.grad(ops.sym_kl(a, b) * scale, (a, b), create_graph=True)
+    want_a, want_b = torch.autograd.grad(reference.sym_kl(a, b) * 2.0, (a, b))
+    torch.testing.assert_close(ga, want_a)
+    torch.testing.assert_close(gb, want_b)
+    (d_scale,) = torch.autograd.grad((ga * want_a).sum(), scale, retain_graph=True)
+    torch.testing.assert_close(d_scale, (want_a * want_a).sum() / 2.0)
+    with pytest.raises(RuntimeError, match="no second derivative.*reference.sym_kl"):
+        torch.autograd.grad(ga.sum(), a)
+
+
 def test_neg_inf_classes_on_both_sides_contribute_nothing(backend):
     dev = backend_device(backend)
     a = torch.randn(3, 6)

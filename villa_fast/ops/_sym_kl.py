@@ -46,10 +46,30 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """The saved gradient, as is; differentiating through it raises (its dependence on the logits is not in the
+    graph: a second derivative would silently be zero)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor) -> Tensor:
+        return g.clone()
+
+    @staticmethod
+    def backward(ctx, _grad: Tensor):
+        raise RuntimeError(
+            "villa_fast.ops.sym_kl has no second derivative: its gradients come from the fused forward; "
+            "differentiate villa_fast.reference.sym_kl for higher-order gradients"
+        )
+
+
 def _backward(ctx, grad_loss, _grad_ga, _grad_gb):
     # the fused forward already produced both gradients: backward only scales them, one multiply each (float16
     # never gets here: sym_kl runs it in float32; bfloat16 has float32's range, and the scale is rounded to it)
     ga, gb = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # backward with create_graph=True: first derivatives as usual (also with respect to grad_loss); a second
+        # derivative through the logits raises instead of coming out zero
+        ga, gb = _FirstOrderOnly.apply(ga), _FirstOrderOnly.apply(gb)
     return ga * grad_loss.to(ga.dtype), gb * grad_loss.to(gb.dtype), None, None, None
 
 
