@@ -65,6 +65,9 @@ def test_perturb_init_of_an_empty_like_is_empty(backend, shape, norm_type, with_
     mask = torch.ones(shape[:-1], dtype=torch.bool, device=dev) if with_mask else None
     d = ops.perturb_init(like, mask, init_mag=1.0, norm_type=norm_type)
     assert d.shape == like.shape and d.dtype == torch.float32 and d.device == like.device
+    # the public reference too (the wrapper returns before reaching it)
+    r = reference.perturb_init(like, mask, init_mag=1.0, norm_type=norm_type)
+    assert r.shape == like.shape and r.dtype == torch.float32 and r.device == like.device
 
 
 # ------------------------------------------------------------------------------------ perturb_init: masks

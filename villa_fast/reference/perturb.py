@@ -42,7 +42,7 @@ def perturb_init(
 ) -> Tensor:
     """Initial perturbation shaped like ``like`` ([B, P, D]); zeros when init_mag == 0."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    if init_mag == 0:
+    if init_mag == 0 or like.numel() == 0:
         return torch.zeros(like.shape, dtype=dtype, device=like.device)
     noise = torch.empty(like.shape, dtype=dtype, device=like.device).uniform_(-1, 1, generator=generator)
     return perturb_init_scale_(
