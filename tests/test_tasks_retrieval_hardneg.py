@@ -314,3 +314,29 @@ def test_two_processes_average_their_pairs(tmp_path):
     assert ddp.keys() == want.keys()
     for k, g in want.items():
         torch.testing.assert_close(ddp[k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("adv", [False, True])
+def test_hard_negative_mining_runs_in_the_runs_precision(tmp_path, adv):
+    """The mining forward (the largest of a micro-batch: every sampled negative) runs under the run's autocast,
+    as the authors' under apex, in eval mode and without gradient; the training forwards after it too."""
+    trainer = _trainer(
+        tmp_path,
+        negative_size=7,
+        hard_neg_size=3,
+        train_batch_size=1,
+        bf16=True,
+        num_train_steps=1,
+        valid_steps=100,
+        adv_training=adv,
+    )
+    seen = []
+    trainer.model.rank_output.register_forward_hook(
+        lambda m, i, o: seen.append((i[0].shape[0], o.dtype, m.training, torch.is_grad_enabled()))
+    )
+    trainer.train()
+    mining = [s for s in seen if not s[2]]
+    training = [s for s in seen if s[2]]
+    assert mining and training
+    assert all(rows == 8 and dtype == torch.bfloat16 and not grad for rows, dtype, _, grad in mining)
+    assert all(rows == 4 and dtype == torch.bfloat16 and grad for rows, dtype, _, grad in training)

@@ -390,7 +390,8 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------------
     def micro_step(self, batch: dict) -> Tensor:
         """Forward and backward of one micro-batch (standard or adversarial); returns the detached loss."""
-        batch = self.task.prepare(self.model, batch)
+        with self._autocast():  # a task's own forwards before the step (hard-negative mining) in the run's precision
+            batch = self.task.prepare(self.model, batch)
         use_adv = self.adv_step is not None and self.task.adversarial_for(batch)
         if use_adv:
             txt_mask, img_mask = self.task.adv_masks(batch)
