@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from villa_fast.tasks.retrieval import (
     group_scores,
     rank_attack_loss,
     rank_hinge_loss,
+    read_retrieval_scores,
     score_in_minibatches,
 )
 from villa_fast.train.config import ConfigError, resolve_config
@@ -230,7 +230,8 @@ def test_score_in_minibatches_equals_one_forward_float64(tmp_path):
 
 def _eval_scores(trainer, prefix) -> tuple[dict, dict]:
     metrics = trainer.evaluate("val", predictions_prefix=str(prefix))
-    return metrics, json.loads(Path(f"{prefix}.json").read_text())["scores"]
+    txt_ids, _, scores = read_retrieval_scores(f"{prefix}.safetensors")
+    return metrics, {t: row.tolist() for t, row in zip(txt_ids, scores, strict=True)}
 
 
 def test_evaluation_honours_inf_minibatch_size_with_the_same_scores(tmp_path):
@@ -297,9 +298,9 @@ def test_minibatch_validation_ranks_the_gt_among_the_next_images(tmp_path):
     trainer._to_device = lambda b: _double(orig(b))
     full = trainer.evaluate("val", predictions_prefix=str(tmp_path / "full"))
     mini = trainer.evaluate("minival", predictions_prefix=str(tmp_path / "mini"))
-    scores = json.loads((tmp_path / "full.json").read_text())
+    txt_ids, img_ids, matrix = read_retrieval_scores(tmp_path / "full.safetensors")
+    scores = {"scores": {t: row.tolist() for t, row in zip(txt_ids, matrix, strict=True)}}
     ranks = json.loads((tmp_path / "mini.json").read_text())["minival_gt_rank"]
-    img_ids = scores["img_ids"]
     from villa_fast.data import TxtTokLmdb
 
     tdb = TxtTokLmdb(trainer.cfg["val_txt_db"], -1)
@@ -322,3 +323,34 @@ def test_training_validates_on_minibatches_unless_full_val(tmp_path, full_val):
     history = trainer.train()
     splits = [(e["step"], k.split("/")[0]) for e in history for k in e if k.endswith("/n")]
     assert splits == [(2, "val" if full_val else "minival"), (4, "val")]
+
+
+def test_full_evaluation_items_from_the_image_bank_equal_reading_every_image(tmp_path):
+    """The full evaluation reads and pads the split's images once; each text's item, gathered from that bank,
+    is element for element the batch built by reading and padding every image for it."""
+    from villa_fast.data import ItmValDataset, TxtTokLmdb
+    from villa_fast.data.batch import base_batch
+
+    trainer = _trainer(tmp_path)
+    cfg = trainer.cfg
+    tdb = TxtTokLmdb(cfg["val_txt_db"], -1)
+    ds = ItmValDataset(tdb, trainer.task.img_db(cfg["val_img_db"]), mini_batch_size=len(set(tdb.txt2img.values())))
+    m = len(ds.all_img_ids)
+    reads = []
+    real = ds._get_img_feat
+    ds._get_img_feat = lambda name: (reads.append(name), real(name))[1]
+    for i in range(len(ds)):
+        got = ds[i]
+        k = ds.all_img_ids.index(tdb.txt2img[ds.ids[i]])
+        imgs = [ds.all_img_ids[(k + j) % m] for j in range(m)]
+        feats, poss, _ = zip(*map(real, imgs), strict=True)
+        ids = tdb.combine_inputs(tdb[ds.ids[i]]["input_ids"])
+        want = base_batch([ids] * m, list(feats), list(poss))
+        assert got.keys() == want.keys()
+        for key, v in want.items():
+            if isinstance(v, torch.Tensor):
+                assert got[key].dtype == v.dtype and torch.equal(got[key], v), key
+            else:
+                assert got[key] == v, key
+        assert len(set(got["num_bbs"])) > 1  # images of different region counts, rotated per text
+    assert sorted(reads) == sorted(ds.all_img_ids)  # each image read once, for the bank

@@ -762,7 +762,12 @@ def itm_rank_hn_collate(inputs) -> dict:
 
 
 class ItmValDataset(DetectFeatTxtTokDataset):
-    """Retrieval validation: a text against its image and the next ``mini_batch_size - 1`` images."""
+    """Retrieval validation: a text against its image and the next ``mini_batch_size - 1`` images.
+
+    When ``mini_batch_size`` is every image (the full evaluation), the images are read and padded once, on the
+    first item, and kept (:meth:`_image_bank`; the split's region features, e.g. about 150-400 MB of float16 for
+    Flickr30k's 1000 images): each item is then the bank in the item's order, one gather, instead of reading and
+    padding every image again for every text (the same batch, element for element)."""
 
     def __init__(self, txt_db, img_db, mini_batch_size: int = 400, **kwargs):
         super().__init__(txt_db, img_db, **kwargs)
@@ -771,16 +776,59 @@ class ItmValDataset(DetectFeatTxtTokDataset):
             raise ValueError(f"mini_batch_size must be in [1, {len(self.all_img_ids)}]")
         self.bs = mini_batch_size
         self._img_pos = {n: k for k, n in enumerate(self.all_img_ids)}
+        self._bank: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _image_bank(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every image's padded features [M, N, D], boxes [M, N, 7] and region counts [M], in ``all_img_ids``
+        order."""
+        if self._bank is None:
+            feats, poss, _ = zip(*map(self._get_img_feat, self.all_img_ids), strict=True)
+            nbbs = [int(f.size(0)) for f in feats]
+            n = max(nbbs)
+            self._bank = (
+                pad_tensors(feats, nbbs, max_len=n),
+                pad_tensors(poss, nbbs, max_len=n),
+                torch.tensor(nbbs, dtype=torch.long),
+            )
+        return self._bank
 
     def __getitem__(self, i: int):
         txt_id = self.ids[i]
         gt = self._txt2img[txt_id]
         k = self._img_pos[gt]
         m = len(self.all_img_ids)
-        imgs = [gt] + [self.all_img_ids[(k + j) % m] for j in range(1, self.bs)]
         input_ids = self.txt_db.combine_inputs(self.txt_db[txt_id]["input_ids"])
+        if self.bs == m:
+            return self._from_bank(input_ids, k)
+        imgs = [gt] + [self.all_img_ids[(k + j) % m] for j in range(1, self.bs)]
         feats, poss, _ = zip(*map(self._get_img_feat, imgs), strict=True)
         return _one_text_many_images(input_ids, list(feats), list(poss))
+
+    def _from_bank(self, input_ids: Tensor, k: int) -> dict:
+        """:func:`base_batch` of one text against every image from image ``k`` on (wrapping around), built from
+        the bank: every row has the same text length, so the packed rows need no gather beyond the identity."""
+        feat, pos, nbbs = self._image_bank()
+        m, n = nbbs.numel(), feat.size(1)
+
+        def rotated(t: Tensor) -> Tensor:  # rows k.., then ..k: two slices (a float16 index_select is far slower)
+            return torch.cat([t[k:], t[:k]]) if k else t.clone()
+
+        nbb = rotated(nbbs)
+        tl = int(input_ids.size(0))
+        out_size = tl + n
+        width = torch.arange(out_size).unsqueeze(0)
+        return {
+            "input_ids": input_ids.unsqueeze(0).repeat(m, 1),
+            "position_ids": torch.arange(tl, dtype=torch.long).unsqueeze(0),
+            "img_feat": rotated(feat),
+            "img_pos_feat": rotated(pos),
+            "attn_masks": (width < (tl + nbb).unsqueeze(1)).long(),
+            "gather_index": width.repeat(m, 1),
+            "txt_lens": [tl] * m,
+            "num_bbs": nbb.tolist(),
+            "txt_mask": torch.ones(m, tl, dtype=torch.long),
+            "img_mask": (torch.arange(n).unsqueeze(0) < nbb.unsqueeze(1)).long(),
+        }
 
 
 itm_val_collate = itm_rank_hn_collate

@@ -63,6 +63,7 @@ queries untouched and report them as robust.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +82,7 @@ __all__ = [
     "inf_minibatch_size",
     "rank_attack_loss",
     "rank_hinge_loss",
+    "read_retrieval_scores",
     "recall_at_k",
     "score_in_minibatches",
 ]
@@ -368,6 +370,8 @@ class RetrievalTask(Task):
         self.check_data_fits_model(val)
         ds = _Named(val, size, mini)
         limit = self.cfg["max_val_examples"]
+        # in this process: the full evaluation's items are gathered from the image bank the dataset keeps (one
+        # copy, read once); workers would each read and hold their own
         return ItemLoader(
             ds, _first, shuffle=False, rank=ctx.rank, world_size=ctx.world_size, num_workers=0, limit=limit
         )
@@ -428,9 +432,10 @@ class RetrievalTask(Task):
             state["mini"] += 1
             state["n"] += 1
             return
-        # the dataset scores a text against every image, starting from its gt image: undo the rotation
+        # the dataset scores a text against every image, starting from its gt image: undo the rotation (a float32
+        # tensor per text: the matrix is stacked once at the end, never held as Python numbers)
         row = torch.roll(scores, shifts=int(batch["gt_pos"]))
-        state["pred"].append([batch["txt_id"], row.tolist(), batch["gt_img"]])
+        state["pred"].append([batch["txt_id"], row, batch["gt_img"]])
         state["n"] += 1
 
     def eval_finish(self, state) -> dict[str, Any]:
@@ -441,22 +446,45 @@ class RetrievalTask(Task):
         if not rows:
             return {"r_mean": 0.0, "n": 0}
         txt_ids = [r[0] for r in rows]
-        scores = torch.tensor([r[1] for r in rows])
+        scores = torch.stack([r[1] for r in rows])
         out = recall_at_k(scores, txt_ids, self._img_ids, {r[0]: r[2] for r in rows})
         out["n"] = len(rows)
         return out
 
     def write_predictions(self, preds, path_prefix: str) -> str:
+        """Minibatch validation: ``PREFIX.json``, ``{"minival_gt_rank": {txt_id: rank of the gt image}}``. The
+        full evaluation: ``PREFIX.safetensors``, the score matrix (``scores`` [texts, images], float32) with the
+        text and image ids in its metadata (:func:`read_retrieval_scores`): 20 MB for Flickr30k's 5000 x 1000
+        where JSON took 100 MB and seconds to write at every validation."""
         import json
 
-        path = f"{path_prefix}.json"
         if preds and isinstance(preds[0][1], int):  # minibatch validation: the gt image's rank per text
-            out = {"minival_gt_rank": {r[0]: r[1] for r in preds}}
-        else:
-            out = {"img_ids": self._img_ids, "scores": {r[0]: r[1] for r in preds}}
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(out, fh)
+            path = f"{path_prefix}.json"
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump({"minival_gt_rank": {r[0]: r[1] for r in preds}}, fh)
+            return path
+        from safetensors.torch import save_file
+
+        path = f"{path_prefix}.safetensors"
+        scores = torch.stack([r[1] for r in preds]) if preds else torch.zeros(0, len(self._img_ids))
+        meta = {"txt_ids": json.dumps([r[0] for r in preds]), "img_ids": json.dumps(list(self._img_ids))}
+        save_file({"scores": scores.float().contiguous()}, path, metadata=meta)
         return path
+
+
+def read_retrieval_scores(path: str | os.PathLike) -> tuple[list[str], list[str], Tensor]:
+    """``(txt_ids, img_ids, scores)`` of a full retrieval evaluation's predictions file (``PREFIX.safetensors``):
+    ``scores[i, j]`` is text ``txt_ids[i]`` against image ``img_ids[j]``."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if "txt_ids" not in meta or "img_ids" not in meta or "scores" not in fh.keys():
+            raise ValueError(f"{path}: not a retrieval scores file (no scores tensor or no txt_ids / img_ids)")
+        scores = fh.get_tensor("scores")
+    return json.loads(meta["txt_ids"]), json.loads(meta["img_ids"]), scores
 
 
 class _Named:
