@@ -1,7 +1,8 @@
 // perturb_update: argument checks, the CPU kernel and the dispatch to the CUDA launcher.
 //
 // Per row r (dim 0) of each delta, in the accumulate type (double for float64, else float):
-//   g = grad[r] / grad_scale; a row with any non-finite g is left unchanged and counted;
+//   g = grad[r] / grad_scale; a row with any non-finite g (or a norm past the accumulator's range) is left
+//   unchanged and counted;
 //   delta[r] += lr * g / max(||g||, 1e-8)       (||.||: l2, or max |.| for linf);
 //   then, if max_norm > 0: l2 rescales rows with ||delta[r]||_2 > max_norm onto the ball,
 //   linf clamps delta[r] to [-max_norm, max_norm].
@@ -70,7 +71,8 @@ int64_t update_rows_cpu_impl(D* delta, const G* grad, int64_t rows, int64_t n, d
                     nonfinite += x - x;
                 }
             }
-            if (nonfinite != 0) {
+            // a finite row whose l2 norm overflows counts as non-finite: its step would round to zero
+            if (nonfinite != 0 || !std::isfinite(norm)) {
                 ++local_skipped;
                 continue;
             }

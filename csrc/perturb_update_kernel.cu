@@ -92,6 +92,7 @@ struct RowArgs {
 __device__ __forceinline__ bool finish_stats(const RowArgs& a, float gnorm_part, float bad, float& step) {
     if (bad != 0.f) return false;
     const float gn = a.l2 ? sqrtf(gnorm_part) : gnorm_part;
+    if (!isfinite(gn)) return false;  // a finite row whose l2 norm overflows: its step would round to zero
     step = a.lr / fmaxf(gn, 1e-8f);
     return true;
 }
@@ -165,13 +166,15 @@ __device__ bool update_row_on_chip(const RowArgs& a, float* smem) {
     return true;
 }
 
-// Row streamed in two passes.
+// Row streamed: one pass for the gradient's norm, one for the update; with the l2 projection, the updated row's
+// norm is summed as it is written and a third pass rescales a row that left the ball (the norm of d + s g from
+// partial sums of d and g would cancel when the step nearly undoes d).
 template <typename G, int VEC>
 __device__ bool update_row_streaming(const RowArgs& a, float* smem) {
     const G* g = static_cast<const G*>(a.g);
     const int64_t npacks = a.n / VEC;
-    const bool need_d = a.l2 && a.max_norm > 0.f;
-    float norm_part = 0.f, bad = 0.f, dd = 0.f, dg = 0.f;
+    const bool project_l2 = a.l2 && a.max_norm > 0.f;
+    float norm_part = 0.f, bad = 0.f;
     // Unrolled so that each thread has several independent 16-byte loads in flight: a long row gets one
     // block, often alone on its SM, and one load per thread (8 KB per SM) is far from hiding DRAM latency.
     // The sums keep their sequential order.
@@ -179,35 +182,23 @@ __device__ bool update_row_streaming(const RowArgs& a, float* smem) {
     for (int64_t pk = threadIdx.x; pk < npacks; pk += kThreads) {
         float gv[VEC];
         load_grad<G, VEC>(g + pk * VEC, a.scale, gv);
-        float dv[VEC];
-        if (need_d) {
-            load_delta<VEC>(a.d + pk * VEC, dv);
-        }
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
             if (!isfinite(gv[i])) bad = 1.f;
             norm_part = a.l2 ? fmaf(gv[i], gv[i], norm_part) : fmaxf(norm_part, fabsf(gv[i]));
-            if (need_d) {
-                dd = fmaf(dv[i], dv[i], dd);
-                dg = fmaf(dv[i], gv[i], dg);
-            }
         }
     }
-    float step, factor = 1.f;
+    float step;
     if (a.l2) {
-        float v[4] = {norm_part, bad, dd, dg};
+        float v[2] = {norm_part, bad};
         block_sum(v, smem);
         if (!finish_stats(a, v[0], v[1], step)) return false;
-        if (need_d) {
-            // ||d + s g||^2 = ||d||^2 + 2 s <d, g> + s^2 ||g||^2: the projected norm without a third pass
-            const float nd = sqrtf(fmaxf(v[2] + 2.f * step * v[3] + step * step * v[0], 0.f));
-            if (nd > a.max_norm) factor = a.max_norm / nd;
-        }
     } else {
         float v[1] = {bad != 0.f ? __int_as_float(0x7f800000) : norm_part};
         block_max(v, smem);
         if (!finish_stats(a, v[0], isinf(v[0]) ? 1.f : 0.f, step)) return false;
     }
+    float dd = 0.f;
 #pragma unroll 4
     for (int64_t pk = threadIdx.x; pk < npacks; pk += kThreads) {
         float gv[VEC], dv[VEC];
@@ -216,9 +207,27 @@ __device__ bool update_row_streaming(const RowArgs& a, float* smem) {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
             const float x = fmaf(step, gv[i], dv[i]);
-            dv[i] = a.max_norm > 0.f ? (a.l2 ? x * factor : clamp_linf(x, a.max_norm)) : x;
+            dd = fmaf(x, x, dd);
+            dv[i] = (a.max_norm > 0.f && !a.l2) ? clamp_linf(x, a.max_norm) : x;
         }
         store_delta<VEC>(a.d + pk * VEC, dv);
+    }
+    if (project_l2) {
+        float v[1] = {dd};
+        block_sum(v, smem);
+        const float nd = sqrtf(v[0]);
+        if (nd > a.max_norm) {
+            const float factor = a.max_norm / nd;
+            // each thread rescales the packs it wrote: no other thread's writes are read
+#pragma unroll 4
+            for (int64_t pk = threadIdx.x; pk < npacks; pk += kThreads) {
+                float dv[VEC];
+                load_delta<VEC>(a.d + pk * VEC, dv);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) dv[i] *= factor;
+                store_delta<VEC>(a.d + pk * VEC, dv);
+            }
+        }
     }
     return true;
 }

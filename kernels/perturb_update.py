@@ -16,8 +16,8 @@ _CHUNK = 4096
 
 
 @triton.jit
-def _row_stats(g, d, HAS_D: tl.constexpr, NORM_L2: tl.constexpr):
-    # per-chunk partial sums: norm part of g, non-finite count, and for l2 projection ||d||^2 and <d, g>
+def _row_stats(g, NORM_L2: tl.constexpr):
+    # per-chunk partial results: norm part of g and non-finite count
     finite = (g == g) & (tl.abs(g) != float("inf"))
     bad = tl.sum((~finite).to(tl.int32), axis=0)
     gz = tl.where(finite, g, 0.0)
@@ -25,13 +25,7 @@ def _row_stats(g, d, HAS_D: tl.constexpr, NORM_L2: tl.constexpr):
         gn = tl.sum(gz * gz, axis=0)
     else:
         gn = tl.max(tl.abs(gz), axis=0)
-    if HAS_D:
-        dd = tl.sum(d * d, axis=0)
-        dg = tl.sum(d * gz, axis=0)
-    else:
-        dd = gn * 0.0
-        dg = gn * 0.0
-    return bad, gn, dd, dg
+    return bad, gn
 
 
 @triton.jit
@@ -57,7 +51,8 @@ def _perturb_update_kernel(
     """delta[r] += lr * g[r] / max(||g[r]||, 1e-8), g = grad / scale; then project (l2 rescale or linf clamp).
 
     Programs [0, rows0) update tensor 0, the rest tensor 1, so text and image deltas share one launch.
-    Rows with a non-finite g are left untouched and counted in skip_ptr[segment].
+    Rows with a non-finite g, or whose l2 norm overflows float32 (the step would round to zero), are left
+    untouched and counted in skip_ptr[segment].
     """
     pid = tl.program_id(0).to(tl.int64)
     if pid < rows0:
@@ -82,17 +77,18 @@ def _perturb_update_kernel(
         # an infinite scale would turn every gradient into zeros: make it poison the row instead
         scale = tl.where(tl.abs(scale) == float("inf"), float("nan"), scale)
     offs = tl.arange(0, BLOCK)
-    NEED_D: tl.constexpr = PROJECT and NORM_L2
     if SINGLE:
         m = offs < n
         g = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_SCALE:
             g = tl.div_rn(g, scale)
         d = tl.load(d_row + offs, mask=m, other=0.0).to(tl.float32)
-        bad, gn, dd, dg = _row_stats(g, d, False, NORM_L2)
+        bad, gn = _row_stats(g, NORM_L2)
+        if NORM_L2:
+            gn = tl.sqrt_rn(gn)
+        if gn == float("inf"):
+            bad += 1
         if bad == 0:
-            if NORM_L2:
-                gn = tl.sqrt_rn(gn)
             step = tl.div_rn(lr, tl.maximum(gn, 1e-8))
             new = d + step * g
             if PROJECT:
@@ -108,37 +104,28 @@ def _perturb_update_kernel(
     else:
         bad = 0
         gn = 0.0
-        dd = 0.0
-        dg = 0.0
         for start in range(0, n, BLOCK):
             o = start + offs
             m = o < n
             g = tl.load(g_row + o, mask=m, other=0.0).to(tl.float32)
             if HAS_SCALE:
                 g = tl.div_rn(g, scale)
-            if NEED_D:
-                d = tl.load(d_row + o, mask=m, other=0.0).to(tl.float32)
-            else:
-                d = g
-            b_, gn_, dd_, dg_ = _row_stats(g, d, NEED_D, NORM_L2)
+            b_, gn_ = _row_stats(g, NORM_L2)
             bad += b_
             if NORM_L2:
                 gn += gn_
             else:
                 gn = tl.maximum(gn, gn_)
-            dd += dd_
-            dg += dg_
+        if NORM_L2:
+            gn = tl.sqrt_rn(gn)
+        if gn == float("inf"):
+            bad += 1
         if bad == 0:
-            if NORM_L2:
-                gsq = gn
-                gn = tl.sqrt_rn(gn)
             step = tl.div_rn(lr, tl.maximum(gn, 1e-8))
-            shrink = 1.0
-            if NEED_D:
-                # ||d + s g||^2 from the partial sums of the first pass: no extra pass over the row
-                nd = tl.sqrt_rn(tl.maximum(dd + 2.0 * step * dg + step * step * gsq, 0.0))
-                if nd > max_norm:
-                    shrink = tl.div_rn(max_norm, nd)
+            # the update, with the updated row's squared norm summed as it is written (the norm of d + s g from
+            # partial sums of d and g would cancel when the step nearly undoes d); a row outside the l2 ball is
+            # rescaled in a third pass
+            nsq = 0.0
             for start in range(0, n, BLOCK):
                 o = start + offs
                 m = o < n
@@ -146,10 +133,21 @@ def _perturb_update_kernel(
                 if HAS_SCALE:
                     g = tl.div_rn(g, scale)
                 d = tl.load(d_row + o, mask=m, other=0.0).to(tl.float32)
-                new = (d + step * g) * shrink
+                new = d + step * g
                 if PROJECT and not NORM_L2:
                     new = tl.minimum(tl.maximum(new, -max_norm), max_norm)
+                nsq += tl.sum(tl.where(m, new * new, 0.0), axis=0)
                 tl.store(d_row + o, new, mask=m)
+            if PROJECT and NORM_L2:
+                nd = tl.sqrt_rn(nsq)
+                if nd > max_norm:
+                    shrink = tl.div_rn(max_norm, nd)
+                    tl.debug_barrier()  # the row's stores above are visible to every thread of the program
+                    for start in range(0, n, BLOCK):
+                        o = start + offs
+                        m = o < n
+                        d = tl.load(d_row + o, mask=m, other=0.0)
+                        tl.store(d_row + o, d * shrink, mask=m)
         else:
             tl.atomic_add(skip_ptr + seg, 1)
 

@@ -75,6 +75,45 @@ def test_long_rows_stream_in_chunks(backend):
         torch.testing.assert_close(got.double().cpu(), want.cpu(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n", [300, 20000], ids=["on_chip", "streamed"])
+def test_l2_projection_holds_when_the_step_nearly_undoes_delta(backend, n):
+    """A delta outside the ball and a step that nearly cancels it: the projected norm is that of the written row
+    (a norm of d + s g formed from partial sums of d and g lost its digits: 1% outside the ball)."""
+    dev = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    d = torch.randn(2, n, generator=gen)
+    d = d / d.norm(dim=1, keepdim=True) * 100.0
+    g = -d + 1e-3 * torch.randn(2, n, generator=gen)
+    lr = float(g[0].norm())  # row 0: step 1, d + g is the small noise left
+    want, _ = _oracle(d, g, lr=lr, norm_type="l2", max_norm=0.05)
+    got = d.clone().to(dev)
+    assert int(ops.perturb_update_(got, g.to(dev), lr=lr, norm_type="l2", max_norm=0.05)) == 0
+    got = got.double().cpu()
+    assert float(got[0].norm()) <= 0.05 * (1 + 1e-5)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-3)
+
+
+def test_a_row_whose_l2_norm_overflows_is_counted_not_silently_still(backend):
+    """Finite gradients whose squared sum passes float32's range: the step would round to zero and the row
+    stay where it is unnoticed; it is left unchanged and counted as a non-finite row."""
+    dev = backend_device(backend)
+    for n in (4, 20000):
+        delta = (torch.randn(3, n) * 0.01).to(dev)
+        grad = torch.randn(3, n)
+        grad[1, :2] = torch.tensor([3e19, -4e19])
+        grad = grad.to(dev)
+        got = delta.clone()
+        assert int(ops.perturb_update_(got, grad, lr=0.1, norm_type="l2")) == 1
+        assert torch.equal(got[1], delta[1])
+        want, _ = _oracle(delta, grad, lr=0.1, norm_type="l2")
+        keep = [0, 2]
+        torch.testing.assert_close(got[keep].double().cpu(), want[keep].cpu(), atol=1e-6, rtol=1e-5)
+        # linf has no sum to overflow: the row takes its step
+        got = delta.clone()
+        assert int(ops.perturb_update_(got, grad, lr=0.1, norm_type="linf")) == 0
+        assert not torch.equal(got[1], delta[1])
+
+
 def test_non_finite_rows_are_skipped_and_counted(backend):
     dev = backend_device(backend)
     delta = (torch.randn(6, 4, 9) * 0.01).to(dev)

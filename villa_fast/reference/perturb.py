@@ -67,7 +67,8 @@ def perturb_update_(
     Per example (dim 0), over all other dims: g = grad / grad_scale;
     delta += lr * g / max(||g||, 1e-8) (l2 or linf norm); then, when max_norm > 0,
     l2: rows with ||delta||_2 > max_norm are rescaled to max_norm; linf: clamp to [-max_norm, max_norm].
-    Rows whose g is not finite are left unchanged and counted.
+    Rows whose g is not finite are left unchanged and counted, and so are rows whose norm is not finite (an l2
+    norm past float32's range, elements beyond about 1e19 / sqrt(n): the step would round to zero).
     """
     acc = _acc_dtype(delta)
     b = delta.shape[0]
@@ -88,6 +89,7 @@ def perturb_update_(
         n = g.abs().amax(dim=1)
     else:
         raise ValueError(f"norm_type must be 'l2' or 'linf', got {norm_type!r}")
+    finite = finite & torch.isfinite(n)
     d = delta.reshape(b, -1).to(acc)
     new = d + lr * g / n.clamp(min=_EPS)[:, None]
     if max_norm > 0:
