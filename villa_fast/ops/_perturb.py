@@ -148,7 +148,8 @@ def perturb_update_(
         max_norm: projection radius; 0 disables the projection.
         grad_scale: optional one-element device tensor (e.g. a loss scale) that divides ``grad``
             on the device, without a host sync.
-    Rows whose g is not finite keep their delta unchanged and are counted in the result.
+    Rows whose g is not finite, or whose l2 norm overflows float32 (elements beyond about 1e19 / sqrt(n): the step
+    would round to zero), keep their delta unchanged and are counted in the result.
     """
     return perturb_update_multi_(
         [delta], [grad], lrs=[lr], norm_type=norm_type, max_norm=max_norm, grad_scale=grad_scale
