@@ -32,7 +32,12 @@ def test_finetune_end_to_end(tmp_path, task, adv):
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in steps)
     # warmup 1 step, then linear decay to 0 at step 4
-    assert [round(e["lr"], 8) for e in steps] == [1e-3, round(2e-3 / 3, 8), round(1e-3 / 3, 8), 0.0]
+    assert [round(e["lr"], 8) for e in steps] == [
+        1e-3,
+        round(2e-3 / 3, 8),
+        round(1e-3 / 3, 8),
+        1e-8,
+    ]  # the last step: the authors' floor
     # (retrieval validates on candidate minibatches before the last, full evaluation: "minival/" keys)
     vals = [e for e in history if any(k.startswith(("val/", "minival/")) for k in e)]
     assert [e["step"] for e in vals] == [2, 4]
@@ -242,3 +247,34 @@ def test_pretraining_loaders_of_one_dataset_shuffle_and_mask_independently(tmp_p
     for key in a:
         for x, y in zip(a[key], b[key], strict=True):
             assert same(x, y, "input_ids") and same(x, y, "img_masks")
+
+
+def test_pretraining_validation_reports_each_dataset_and_the_itm_ot_distances(tmp_path):
+    """As the authors' validation reports each (task, dataset) loader: ``mlm_<name>_acc`` beside the task's pooled
+    ``mlm_acc`` (weighted by targets), and ITM's OT figures."""
+    base = task_config(tmp_path, "pretrain")
+    val = base["val_datasets"][0]
+    train = base["train_datasets"][0]
+    other = {"name": "other", "db": train["db"], "img": train["img"], "tasks": ["mlm", "itm"]}
+    cfg = resolve_config(None, {**base, "val_datasets": [val, other]})
+    trainer = Trainer(cfg, quiet=True)
+    state = trainer.task.eval_init()
+    loader = trainer.task.eval_loader(trainer.ctx, "val")
+    trainer.model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            logits = trainer.task.forward(trainer.model, batch)
+            trainer.task.eval_batch(state, trainer.model, logits, batch)
+    m = trainer.task.eval_finish(state)
+    name = val["name"]
+    for t in ("mlm", "itm"):
+        n_a, n_b = state[f"{t}_{name}_n"], state[f"{t}_other_n"]
+        assert n_a > 0 and n_b > 0 and state[f"{t}_n"] == n_a + n_b
+        pooled = (m[f"{t}_{name}_loss"] * n_a + m[f"{t}_other_loss"] * n_b) / (n_a + n_b)
+        assert m[f"{t}_loss"] == pytest.approx(pooled)
+    assert f"mrfr_{name}_loss" in m and "mrfr_other_loss" not in m
+    # the OT term: positives and negatives counted apart; the loss is their summed difference per pair
+    assert state["itm_n_pos"] > 0 and state["itm_n_neg"] > 0
+    assert state["itm_n_pos"] + state["itm_n_neg"] == state["itm_n"]
+    want = (state["itm_ot_pos"] - state["itm_ot_neg"]) / state["itm_n"]
+    assert m["itm_ot_loss"] == pytest.approx(want) and m["itm_ot_pos"] > 0 and m["itm_ot_neg"] > 0

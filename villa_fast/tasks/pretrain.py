@@ -89,20 +89,25 @@ class MixSource:
 
 
 class _Chain:
-    """Evaluation: every (dataset, task) loader in turn, batches tagged with their task."""
+    """Evaluation: every (dataset, task) loader in turn, batches tagged with their task and dataset name."""
 
-    def __init__(self, parts: list[tuple[str, Any]]):
+    def __init__(self, parts: list[tuple[str, str, Any]]):
         self.parts = parts
 
     def __iter__(self):
-        for task, loader in self.parts:
+        for task, dataset, loader in self.parts:
             for batch in loader:
                 batch["task"] = task
+                batch["dataset"] = dataset
                 yield batch
 
     def load_state_dict(self, state: dict) -> None:
-        for _, loader in self.parts:
+        for _, _, loader in self.parts:
             loader.load_state_dict(state)
+
+
+def _entry_name(entry: Mapping[str, Any], i: int) -> str:
+    return str(entry.get("name", i))
 
 
 class PretrainTask(Task):
@@ -244,13 +249,13 @@ class PretrainTask(Task):
 
     def eval_loader(self, ctx: DataContext, split: str = "val"):
         parts = []
-        for entry in self.cfg.get(f"{split}_datasets") or []:
+        for i, entry in enumerate(self.cfg.get(f"{split}_datasets") or []):
             pairs = self._entry_pairs(entry, f"{split}_datasets")
             vcr = self._vcr_entry(entry, f"{split}_datasets")
             for task in entry["tasks"]:
                 t = _norm(task)
                 ds, collate = self._dataset(t, pairs, -1, vcr)
-                parts.append((t, self.batch_loader(ds, collate, ctx, train=False)))
+                parts.append((t, _entry_name(entry, i), self.batch_loader(ds, collate, ctx, train=False)))
         return _Chain(parts)
 
     # -- step ----------------------------------------------------------------------------------
@@ -296,23 +301,45 @@ class PretrainTask(Task):
         return None
 
     # -- evaluation ----------------------------------------------------------------------------
+    def _eval_groups(self) -> list[str]:
+        """The metric groups: each task over every dataset (``mlm``), and each dataset's own (``mlm_coco``), as the
+        authors' validation reports each (task, dataset) loader."""
+        groups = list(_TASK_NAMES)
+        for split in ("val", "test"):
+            for i, entry in enumerate(self.cfg.get(f"{split}_datasets") or []):
+                for task in entry["tasks"]:
+                    g = f"{_norm(task)}_{_entry_name(entry, i)}"
+                    if g not in groups:
+                        groups.append(g)
+        return groups
+
     def eval_init(self):
         # every counter present from the start, so all ranks reduce the same keys; as the authors' validate_*:
-        # a summed loss per target (token, region or pair) for every task, an accuracy for all but MRFR
+        # a summed loss per target (token, region or pair) for every task, an accuracy for all but MRFR, and for
+        # ITM the OT distances of the positive and the negative pairs
         state: dict[str, Any] = {"n": 0.0, "pred": []}
-        for t in _TASK_NAMES:
-            state[f"{t}_n"] = 0.0
-            state[f"{t}_loss"] = 0.0
-            if t != "mrfr":
-                state[f"{t}_correct"] = 0.0
+        for g in self._eval_groups():
+            state[f"{g}_n"] = 0.0
+            state[f"{g}_loss"] = 0.0
+            if not g.startswith("mrfr"):
+                state[f"{g}_correct"] = 0.0
+            if g.startswith("itm"):
+                for k in ("ot_pos", "ot_neg", "n_pos", "n_neg"):
+                    state[f"{g}_{k}"] = 0.0
         return state
 
     def eval_batch(self, state, model, logits, batch) -> None:
         t = batch["task"]
         z = logits.float()
+        own = f"{t}_{batch['dataset']}" if "dataset" in batch else None
 
         def add(key: str, value: float) -> None:
-            state[key] = state.get(key, 0.0) + float(value)
+            # key is "<task>_<counter>": counted for the task and for the batch's dataset
+            value = float(value)
+            state[key] = state.get(key, 0.0) + value
+            if own is not None:
+                k = own + key[len(t) :]
+                state[k] = state.get(k, 0.0) + value
 
         if t == "mlm":
             if "mlm_labels" in batch:  # one row per entry, -1 on the padding rows
@@ -329,6 +356,13 @@ class PretrainTask(Task):
             add("itm_correct", (z.argmax(1) == tgt).sum())
             add("itm_loss", F.cross_entropy(z, tgt.long(), reduction="sum"))
             add("itm_n", tgt.numel())
+            ot = self._ot.get(logits)
+            if ot is not None:
+                ot, pos = ot.float().reshape(-1), tgt == 1
+                add("itm_ot_pos", ot[pos].sum())
+                add("itm_ot_neg", ot[~pos].sum())
+                add("itm_n_pos", pos.sum())
+                add("itm_n_neg", (~pos).sum())
         elif t == "mrfr":
             add("mrfr_loss", F.mse_loss(z, batch["feat_targets"].float(), reduction="sum") / max(z.size(1), 1))
             add("mrfr_n", z.size(0))
@@ -348,13 +382,20 @@ class PretrainTask(Task):
 
     def eval_finish(self, state) -> dict[str, float]:
         out: dict[str, float] = {}
-        for t in _TASK_NAMES:
-            n = state.get(f"{t}_n")
+        for g in self._eval_groups():
+            n = state.get(f"{g}_n")
             if not n:
                 continue
-            if f"{t}_correct" in state:
-                out[f"{t}_acc"] = state[f"{t}_correct"] / n
-            if f"{t}_loss" in state:
-                out[f"{t}_loss"] = state[f"{t}_loss"] / n
+            if f"{g}_correct" in state:
+                out[f"{g}_acc"] = state[f"{g}_correct"] / n
+            if f"{g}_loss" in state:
+                out[f"{g}_loss"] = state[f"{g}_loss"] / n
+            if state.get(f"{g}_n_pos") or state.get(f"{g}_n_neg"):
+                # the authors' OT figures: the summed distance of the positives less the negatives' per pair, and
+                # the mean distance of each
+                pos, neg = state[f"{g}_ot_pos"], state[f"{g}_ot_neg"]
+                out[f"{g}_ot_loss"] = (pos - neg) / n
+                out[f"{g}_ot_pos"] = pos / max(state[f"{g}_n_pos"], 1.0)
+                out[f"{g}_ot_neg"] = neg / max(state[f"{g}_n_neg"], 1.0)
         out["n"] = state["n"]
         return out
