@@ -660,6 +660,89 @@ def test_nonfinite_gradient_is_skipped_and_reported(bad_step, clean, in_place):
     assert_same(res.deltas, want_d, "delta")
 
 
+class ParamPoisonToy(Toy):
+    """Toy with an extra parameter added to the logits whose gradient alone is NaN on the n-th forward: the
+    deltas' gradients stay finite (an overflow away from the embeddings)."""
+
+    def __init__(self, poison_at, **kw):
+        super().__init__(**kw)
+        self.extra = nn.Parameter(torch.zeros(5))
+        self.poison_at, self.calls = poison_at, 0
+
+    def forward(self, *args, **kw):
+        out = super().forward(*args, **kw)
+        poison = self.calls == self.poison_at
+        self.calls += 1
+        return out + _Poison.apply(self.extra, poison)
+
+
+@pytest.mark.parametrize("bad_step", [0, 1])
+def test_a_step_with_only_parameter_gradients_nonfinite_leaves_the_deltas_alone(bad_step):
+    """A step left out is left out of the perturbation update too, even when its delta gradients are finite."""
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward="once")
+    torch.manual_seed(0)
+    model = ParamPoisonToy(poison_at=-1).double().train()
+    batch = make_batch()
+    model.zero_grad(set_to_none=True)
+    want_d = toy_reference(model, batch, cfg, skip={bad_step})
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    model.calls, model.poison_at = 0, 1 + bad_step  # forward 0 is the clean pass
+    res = run_step(model, batch, cfg)
+    assert int(res.skipped_steps) == 1
+    assert_same(res.deltas, want_d, "delta")
+    assert_same(grads_of(model), want, "param grad")
+
+
+class _SharedGradToy(nn.Module):
+    """Logits ``head(...) + p1 + p2``: autograd hands p1 and p2 one and the same gradient buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.word = nn.Embedding(11, 4)
+        self.head = nn.Linear(4, 3)
+        self.p1 = nn.Parameter(torch.randn(2, 3) * 0.1)
+        self.p2 = nn.Parameter(torch.randn(2, 3) * 0.1)
+
+    def forward(self, ids, d=None):
+        e = self.word(ids)
+        if d is not None:
+            e = e + d
+        return self.head(torch.tanh(e).mean(1)) + self.p1 + self.p2
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_parameters_sharing_one_gradient_buffer_accumulate_it_once_each(skip_nonfinite):
+    torch.manual_seed(0)
+    m = _SharedGradToy().double()
+    ids, y = torch.randint(0, 11, (2, 5)), torch.tensor([0, 2])
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, kl_weight=1.0, modality="text", skip_nonfinite=skip_nonfinite)
+
+    def kl(a, b):
+        return F.kl_div(F.log_softmax(a, 1), F.softmax(b, 1), reduction="sum") / a.size(0)
+
+    # the released loop, transcribed: zero init, l2, no projection, clean logits kept in the graph
+    clean = m(ids)
+    d = torch.zeros(2, 5, 4, dtype=torch.float64)
+    losses = []
+    for k in range(3):
+        d.requires_grad_()
+        z = m(ids, d)
+        loss = (F.cross_entropy(z, y) + kl(z, clean) + kl(clean, z)) / 3
+        losses.append(loss.detach())
+        loss.backward(retain_graph=True)
+        if k < 2:
+            g = d.grad
+            d = (d + 0.3 * g / g.flatten(1).norm(dim=1).clamp(min=1e-8)[:, None, None]).detach()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    step = VillaStep(lambda b: m(b), lambda z, b: F.cross_entropy(z, y), cfg, text_embedding=m.word)
+    res = step.step(ids)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-10, atol=1e-12, msg=n)
+    torch.testing.assert_close(res.loss, torch.stack(losses).sum(), rtol=1e-12, atol=0)
+
+
 def test_nonfinite_loss_is_skipped():
     cfg = AdversarialConfig(steps=3, lr_txt=0.3, modality="text")
     model = make_toy()
@@ -798,6 +881,13 @@ def test_from_villa_config():
     assert AdversarialConfig.from_villa_config({"adv_modality": ["image"]}).modality == "image"
     assert AdversarialConfig.from_villa_config({"adv_modality": ["text", "image", "alter"]}).modality == "alter"
     assert AdversarialConfig.from_villa_config({"fp16": True}, amp_dtype=torch.bfloat16).amp_dtype == torch.bfloat16
+    # every key lands in its own field (distinct values: a dropped or swapped key shows)
+    every = {"adv_steps": 4, "adv_lr_txt": 0.011, "adv_lr_img": 0.022, "norm_type": "linf", "adv_max_norm": 0.33}
+    every.update({"adv_init_mag": 0.44, "adv_kl_weight": 0.55, "adv_modality": ["image"]})
+    got = AdversarialConfig.from_villa_config(every)
+    assert (got.steps, got.lr_txt, got.lr_img, got.norm_type) == (4, 0.011, 0.022, "linf")
+    assert (got.max_norm, got.init_mag, got.kl_weight, got.modality) == (0.33, 0.44, 0.55, "image")
+    assert got.amp_dtype is None
     with pytest.raises(ValueError, match="adv_modality"):
         AdversarialConfig.from_villa_config({"adv_modality": ["text", "alter"]})
     with pytest.raises(ValueError, match="steps"):

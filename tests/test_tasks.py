@@ -278,3 +278,71 @@ def test_pretraining_validation_reports_each_dataset_and_the_itm_ot_distances(tm
     assert state["itm_n_pos"] + state["itm_n_neg"] == state["itm_n"]
     want = (state["itm_ot_pos"] - state["itm_ot_neg"]) / state["itm_n"]
     assert m["itm_ot_loss"] == pytest.approx(want) and m["itm_ot_pos"] > 0 and m["itm_ot_neg"] > 0
+
+
+@pytest.mark.parametrize(
+    ("task", "reduction"),
+    [
+        ("vqa", "batchmean"),
+        ("ve", "batchmean"),
+        ("nlvr2", "batchmean"),
+        ("vcr", "mean"),
+        ("re", "sum"),
+        ("retrieval", "batchmean"),
+    ],
+)
+def test_the_trainer_builds_the_villa_step_from_the_config_with_the_tasks_kl_reduction(tmp_path, task, reduction):
+    """VILLA_SPEC section 2's table: each task's KL reduction (VQA's and VE's mean over all elements times the
+    class count is the sum over classes averaged over rows; VCR's is the mean over all elements of its [4B, 2]
+    rows; RE's loss and KL are summed); every adversarial key of the config reaches the step."""
+    changes = {"adv_training": True, "adv_steps": 4, "adv_lr_txt": 0.011, "adv_lr_img": 0.022, "norm_type": "linf"}
+    changes.update({"adv_max_norm": 0.33, "adv_init_mag": 0.44, "adv_kl_weight": 0.55, "adv_modality": ["image"]})
+    trainer = Trainer(resolve_config(None, task_config(tmp_path, task, **changes)), quiet=True)
+    c = trainer.adv_step.config
+    assert c.kl_reduction == reduction == trainer.task.kl_reduction
+    assert (c.steps, c.lr_txt, c.lr_img, c.norm_type) == (4, 0.011, 0.022, "linf")
+    assert (c.max_norm, c.init_mag, c.kl_weight, c.modality) == (0.33, 0.44, 0.55, "image")
+
+
+def test_the_optimizer_groups_the_heads_learning_rate_and_the_warmup_ramp(tmp_path):
+    """VILLA_SPEC section 3: no weight decay on biases and LayerNorm weights, the head at lr_mul times the
+    scheduled rate (VQA's default 10), a linear warmup then a linear decay, set before each optimizer step."""
+    cfg = resolve_config(None, task_config(tmp_path, "vqa", warmup_steps=4, num_train_steps=8, learning_rate=1e-3))
+    trainer = Trainer(cfg, quiet=True)
+    assert cfg["lr_mul"] == 10.0
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for name, g in groups.items():
+        members = [names[id(p)] for p in g["params"]]
+        assert members, name
+        head = not name.startswith("encoder")
+        assert all(n.startswith("uniter.") != head for n in members), name
+        decay = not name.endswith("no_decay")
+        assert g["weight_decay"] == (cfg["weight_decay"] if decay else 0.0)
+        assert all(("bias" in n or "LayerNorm.weight" in n) != decay for n in members), name
+    assert any("LayerNorm.weight" in names[id(p)] for p in groups["encoder_no_decay"]["params"])
+    lrs = []
+    for _ in range(8):
+        base = trainer.schedule.step()
+        lrs.append(base)
+        for g in trainer.optimizer.param_groups:
+            assert g["lr"] == pytest.approx(base * (10.0 if g["name"].startswith("head") else 1.0))
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4:7] == pytest.approx([7.5e-4, 5e-4, 2.5e-4]) and lrs[7] == 1e-8
+
+
+def test_gradients_are_clipped_to_grad_norm_before_the_step(tmp_path):
+    trainer = Trainer(resolve_config(None, task_config(tmp_path, "vqa", grad_norm=1e-4)), quiet=True)
+    seen = []
+    real = trainer.optimizer.step
+
+    def step(*a, **kw):
+        grads = [p.grad for p in trainer.params if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return real(*a, **kw)
+
+    trainer.optimizer.step = step
+    history = trainer.train()
+    norms = [e["grad_norm"] for e in history if "grad_norm" in e]
+    assert seen and all(n == pytest.approx(1e-4, rel=1e-4) for n in seen)
+    assert norms and all(n > 1e-3 for n in norms)  # the logged norm is the one before clipping
