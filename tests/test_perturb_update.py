@@ -114,6 +114,22 @@ def test_a_row_whose_l2_norm_overflows_is_counted_not_silently_still(backend):
         assert not torch.equal(got[1], delta[1])
 
 
+@pytest.mark.parametrize("norm_type", ["l2", "linf"])
+def test_a_gradient_below_the_floor_is_divided_by_the_floor(backend, norm_type):
+    """The normaliser is max(||g||, 1e-8) (the authors' clamp): a row whose gradient norm is 1e-10 moves by
+    lr * g / 1e-8, a hundredth of lr, not by lr; a row above the floor by lr."""
+    dev = backend_device(backend)
+    g = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    norm = (lambda t: t.flatten(1).norm(dim=1)) if norm_type == "l2" else (lambda t: t.flatten(1).abs().amax(1))
+    g = g / norm(g)[:, None, None] * torch.tensor([1e-10, 1.0], dtype=torch.float64)[:, None, None]
+    delta = torch.zeros(2, 3, 50)
+    got = delta.clone().to(dev)
+    ops.perturb_update_(got, g.float().to(dev), lr=0.5, norm_type=norm_type)
+    moved = norm(got.double().cpu())
+    torch.testing.assert_close(moved, torch.tensor([0.5 * 1e-2, 0.5], dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.double().cpu()[0], 0.5 * g[0] / 1e-8, rtol=1e-5, atol=1e-12)
+
+
 def test_non_finite_rows_are_skipped_and_counted(backend):
     dev = backend_device(backend)
     delta = (torch.randn(6, 4, 9) * 0.01).to(dev)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,8 +41,8 @@ CASES = [(5, 2), (7, 3), (3, 3129), (2, 28996), (13, 257)]
 def test_matches_reference(backend, n, c, dtype, reduction):
     if backend == "cuda" and dtype == torch.float64:
         pytest.skip("the cuda backend takes float32, bfloat16 and float16 logits")
-    if backend == "triton" and c > 4000 and dtype != torch.float32:
-        pytest.skip("one dtype is enough for the slow interpreted long-row path")
+    if backend == "triton" and c > 4000 and dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("one dtype is enough for the slow interpreted long-row path (on a GPU every dtype runs)")
     dev = backend_device(backend)
     a = (torch.randn(n, c) * 3).to(dtype).to(dev).requires_grad_()
     b = (torch.randn(n, c) * 3).to(dtype).to(dev).requires_grad_()
