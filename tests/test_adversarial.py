@@ -788,6 +788,28 @@ def test_bf16_autocast_on_cpu_runs_and_stays_finite():
     assert int(res.skipped_steps) == 0
 
 
+def test_survival_is_measured_on_the_last_step_in_the_autocast_dtype_for_an_input_add():
+    """An image module that is not a Linear takes the delta into its input, which autocast casts to bfloat16 for
+    the projection: the step reports the fraction of the last step's delta (the final deltas) that survives that
+    cast, computed here with plain ops. Step 0's delta is zero (survival 1 by definition) and float32 would keep
+    every element: neither would give this fraction."""
+    torch.manual_seed(0)
+    model = Toy(vocab=50, hidden=16, img_dim=32, n_cls=7).train()
+    model.img = nn.Sequential(model.img)
+    batch = make_batch(b=3, lt=6, ni=4, vocab=50, img_dim=32, n_cls=7, dtype=torch.float32)
+    cfg = AdversarialConfig(steps=3, lr_txt=1e-3, lr_img=0.05, modality="image", amp_dtype=torch.bfloat16)
+    step = VillaStep(toy_forward(model), vqa_loss, cfg, image_input=model.img)
+    res = step.step(batch, None, batch["imask"])
+    step.remove_hooks()
+    d = res.deltas["image"]
+    x = batch["feat"]
+    nonzero = d != 0
+    want = (((x + d).bfloat16() != x.bfloat16()) & nonzero).sum() / nonzero.sum()
+    got = res.perturbation_survival["image"]
+    assert 0.05 < float(want) < 0.95  # a partial loss: the check can tell the dtype and the step apart
+    torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-6)
+
+
 def test_linear_image_module_takes_the_split_product_with_the_same_function_and_gradients():
     """A Linear image module: W delta is added to its output instead of delta to its input. Same outputs and the
     same gradients for the delta and the weight (float64); another module keeps the input add."""
