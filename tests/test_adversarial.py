@@ -660,6 +660,16 @@ def test_nonfinite_gradient_is_skipped_and_reported(bad_step, clean, in_place):
     assert_same(res.deltas, want_d, "delta")
 
 
+@pytest.mark.parametrize(("modality", "rows"), [("text", [4, 0]), ("image", [0, 4])])
+def test_skipped_rows_are_counted_in_their_modalitys_slot(modality, rows):
+    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality=modality)
+    torch.manual_seed(0)
+    model = PoisonToy(poison_at=1).double().train()  # the first perturbed step's gradients are NaN
+    res = run_step(model, make_batch(), cfg)
+    assert int(res.skipped_steps) == 1
+    assert res.skipped_rows.tolist() == rows
+
+
 class ParamPoisonToy(Toy):
     """Toy with an extra parameter added to the logits whose gradient alone is NaN on the n-th forward: the
     deltas' gradients stay finite (an overflow away from the embeddings)."""
