@@ -369,10 +369,7 @@ class VillaStep:
         flags = [f for st in scaler._per_optimizer_states.values() for f in st.get("found_inf_per_device", {}).values()]
         for f in flags:
             f.add_(bad.to(f.device, non_blocking=True))
-        scaler.update()
-        if not flags:  # nothing recorded to carry the flag: back off by hand
-            cur = scaler.scale(torch.ones((), dtype=torch.float32, device=skipped_steps.device))
-            scaler.update(new_scale=torch.where(bad > 0, cur * scaler.get_backoff_factor(), cur))
+        scaler.update()  # with no flag recorded (no scaler.step before), torch's own error says so
 
     # --------------------------------------------------------------------------------------- internals
     def _check_call(self, who: str, txt_mask: object = None, img_mask: object = None) -> None:
