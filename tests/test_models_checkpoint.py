@@ -237,6 +237,20 @@ def test_official_pretraining_checkpoint_with_tied_aliases():
         assert torch.equal(a, b), k
 
 
+def test_a_state_dict_saved_from_distributed_data_parallel_loads():
+    """Keys saved from a DistributedDataParallel wrapper carry ``module.``: stripped before the official names are
+    read, so every tensor lands where the unwrapped keys put it."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    src = UniterForPretraining(cfg)
+    sd = {"module." + k: v for k, v in official_state_dict(src).items()}
+    dst = UniterForPretraining(cfg)
+    report = load_pretrained(dst, sd, strict=True)
+    assert report.missing == [] and report.unexpected == []
+    for (k, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_pretrained_checkpoint_expands_into_nlvr2_and_vcr():
     cfg = tiny_config()
     sd = random_official(cfg)

@@ -22,9 +22,13 @@ def _task(tmp_path, task="vqa", **model_changes):
 
 
 def test_data_that_fits_loads(tmp_path):
-    task, _ = _task(tmp_path)
-    task.train_loader(DataContext(seed=0))
-    task.eval_loader(DataContext(seed=0))
+    task, mc = _task(tmp_path)
+    train = next(iter(task.train_loader(DataContext(seed=0))))
+    val = next(iter(task.eval_loader(DataContext(seed=0))))
+    for batch in (train, val):
+        assert int(batch["input_ids"].max()) < mc["vocab_size"]
+        assert batch["img_feat"].shape[-1] == mc["img_dim"]
+        assert batch["input_ids"].shape[1] <= mc["max_position_embeddings"]
 
 
 def test_token_ids_past_the_vocabulary_are_refused(tmp_path):
