@@ -346,3 +346,34 @@ def test_gradients_are_clipped_to_grad_norm_before_the_step(tmp_path):
     norms = [e["grad_norm"] for e in history if "grad_norm" in e]
     assert seen and all(n == pytest.approx(1e-4, rel=1e-4) for n in seen)
     assert norms and all(n > 1e-3 for n in norms)  # the logged norm is the one before clipping
+
+
+def test_vqa_scores_only_labelled_rows_and_an_unlabelled_split_has_no_accuracy(tmp_path):
+    from villa_fast.data import vqa_eval_collate
+    from villa_fast.tasks.vqa import VqaTask
+
+    vocab = tmp_path / "ans2label.json"
+    vocab.write_text(json.dumps({"yes": 0, "no": 1, "two": 2}))
+    task = VqaTask(resolve_config(None, {"task": "vqa", "ans2label": str(vocab)}))
+
+    def item(qid, target):
+        ids = torch.tensor([101, 7, 8, 102])
+        return qid, ids, torch.zeros(2, 4), torch.zeros(2, 7), torch.ones(6, dtype=torch.long), target
+
+    yes = torch.tensor([1.0, 0.0, 0.0])
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])  # predicts yes, no, two
+    # labelled row 0 (right), unlabelled row 1, labelled row 2 (wrong): accuracy over the two labelled rows
+    batch = vqa_eval_collate([item("1", yes), item("2", None), item("3", yes)])
+    assert batch["labelled"].tolist() == [True, False, True]
+    state = task.eval_init()
+    task.eval_batch(state, None, logits, batch)
+    m = task.eval_finish(state)
+    assert m["acc"] == 0.5 and m["n"] == 3
+    assert [p["answer"] for p in state["pred"]] == ["yes", "no", "two"]
+    # no row labelled (the test split): predictions, no score
+    batch = vqa_eval_collate([item("4", None), item("5", None)])
+    assert batch["targets"] is None
+    state = task.eval_init()
+    task.eval_batch(state, None, logits[:2], batch)
+    assert task.eval_finish(state) == {"n": 2}
+    assert len(state["pred"]) == 2

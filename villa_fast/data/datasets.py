@@ -309,7 +309,14 @@ def vqa_eval_collate(inputs) -> dict:
     targets = [x[-1] for x in inputs]
     batch = base_batch([x[1] for x in inputs], [x[2] for x in inputs], [x[3] for x in inputs])
     batch["qids"] = qids
-    batch["targets"] = None if targets[0] is None else torch.stack(targets, dim=0)
+    have = [t is not None for t in targets]
+    if not any(have):  # an unlabelled split (VQA's test2015)
+        batch["targets"] = None
+    else:
+        like = targets[have.index(True)]
+        batch["targets"] = torch.stack([t if t is not None else torch.zeros_like(like) for t in targets], dim=0)
+        if not all(have):  # rows without a target are scored by no metric
+            batch["labelled"] = torch.tensor(have)
     return batch
 
 

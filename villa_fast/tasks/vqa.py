@@ -97,13 +97,23 @@ class VqaTask(Task):
         return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
     # -- metrics ---------------------------------------------------------------------------------
+    def eval_init(self):
+        return {**super().eval_init(), "labelled": 0.0}
+
+    sum_keys = ("n", "correct", "loss", "labelled")
+
     def eval_batch(self, state, model, logits, batch) -> None:
         logits = logits.float()
         targets = batch.get("targets")
         if targets is not None:
             targets = targets.to(logits.device).float()
-            state["loss"] += float(F.binary_cross_entropy_with_logits(logits, targets, reduction="sum"))
-            state["correct"] += float(vqa_score(logits, targets).sum())
+            scored, keep = logits, batch.get("labelled")
+            if keep is not None:
+                keep = keep.to(logits.device)
+                scored, targets = logits[keep], targets[keep]
+            state["loss"] += float(F.binary_cross_entropy_with_logits(scored, targets, reduction="sum"))
+            state["correct"] += float(vqa_score(scored, targets).sum())
+            state["labelled"] += scored.size(0)
         state["n"] += logits.size(0)
         labels = logits.argmax(dim=1).tolist()
         l2a = self.label2ans
@@ -112,9 +122,12 @@ class VqaTask(Task):
         )
 
     def eval_finish(self, state) -> dict[str, float]:
-        n = max(state["n"], 1.0)
-        # the VQA loss is summed over answers, as the authors' validation reports it
-        return {"acc": state["correct"] / n, "loss": state["loss"] / n, "n": state["n"]}
+        # over the labelled rows only; a split without targets (VQA's test) has predictions and no score. The VQA
+        # loss is summed over answers, as the authors' validation reports it
+        labelled = state.get("labelled", state["n"])
+        if not labelled:
+            return {"n": state["n"]}
+        return {"acc": state["correct"] / labelled, "loss": state["loss"] / labelled, "n": state["n"]}
 
 
 class VeTask(VqaTask):
