@@ -102,7 +102,7 @@ def test_demo_end_to_end_short(tmp_path):
     run_demo(tmp_path / "demo", steps=2, quiet=True, out=io.StringIO(), max_val_examples=64)
     for run in ("standard", "villa"):
         ckpt = tmp_path / "demo" / run / "ckpt"
-        assert sorted(p.name for p in ckpt.iterdir()) == ["model_final.safetensors", "step_2"]
+        assert sorted(p.name for p in ckpt.iterdir()) == ["ans2label.json", "model_final.safetensors", "step_2"]
         history = (tmp_path / "demo" / run / "log" / "history.jsonl").read_text().splitlines()
         assert [json.loads(x)["step"] for x in history if "loss" in json.loads(x)] == [2]
 

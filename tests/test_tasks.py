@@ -377,3 +377,27 @@ def test_vqa_scores_only_labelled_rows_and_an_unlabelled_split_has_no_accuracy(t
     task.eval_batch(state, None, logits[:2], batch)
     assert task.eval_finish(state) == {"n": 2}
     assert len(state["pred"]) == 2
+
+
+def test_the_answer_vocabulary_reads_json_and_the_authors_pickle_and_stays_with_the_run(tmp_path):
+    import pickle
+
+    from villa_fast.tasks.vqa import read_answer_vocab
+    from villa_fast.train.config import ConfigError
+
+    vocab = {"yes": 0, "no": 1, "two": 2}
+    (tmp_path / "a.json").write_text(json.dumps(vocab))
+    (tmp_path / "a.pkl").write_bytes(pickle.dumps(vocab))
+    assert read_answer_vocab(str(tmp_path / "a.json")) == read_answer_vocab(str(tmp_path / "a.pkl")) == vocab
+    # a pickle that names any class or function is refused, never run
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"yes": 0, "x": torch.Size([1])}))
+    with pytest.raises(ConfigError, match="refusing to load"):
+        read_answer_vocab(str(tmp_path / "evil.pkl"))
+    (tmp_path / "gap.json").write_text(json.dumps({"yes": 0, "no": 2}))
+    with pytest.raises(ConfigError, match=r"labels must be 0\.\.1"):
+        read_answer_vocab(str(tmp_path / "gap.json"))
+    # a run keeps the vocabulary its labels mean beside its checkpoints
+    trainer = Trainer(resolve_config(None, task_config(tmp_path / "run", "vqa", num_train_steps=1)), quiet=True)
+    trainer.train()
+    kept = json.loads((tmp_path / "run" / "out" / "ckpt" / "ans2label.json").read_text())
+    assert kept == trainer.task.ans2label and len(kept) == trainer.task.num_answers

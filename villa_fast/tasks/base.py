@@ -317,6 +317,10 @@ class Task:
         """The split validated every ``valid_steps`` during training (``final``: at the last step)."""
         return "val"
 
+    def run_files(self) -> dict[str, str]:
+        """Files the task keeps with a training run: ``{path relative to output_dir: text}``, written at its start."""
+        return {}
+
     def eval_init(self) -> dict[str, Any]:
         return {"n": 0.0, "correct": 0.0, "loss": 0.0, "pred": []}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import Tensor
 from villa_fast.tasks.base import DataContext, Task
 from villa_fast.train.config import ConfigError
 
-__all__ = ["VeTask", "VqaTask", "vqa_score"]
+__all__ = ["VeTask", "VqaTask", "read_answer_vocab", "vqa_score"]
 
 #: SNLI-VE class order of the official txt_dbs and fine-tuned checkpoints (the authors' VE_ENT2IDX)
 VE_LABELS = ("contradiction", "entailment", "neutral")
@@ -21,6 +22,36 @@ VE_LABELS = ("contradiction", "entailment", "neutral")
 def _question_id(q):
     """The id as the VQA evaluation files hold it: an integer for the official (numeric) ids, else as is."""
     return int(q) if isinstance(q, str) and q.isdigit() else q
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds dicts, strings and numbers only: any class or function the file names is refused (never run)."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: an answer vocabulary holds strings and ints")
+
+
+def read_answer_vocab(path: str) -> dict[str, int]:
+    """The VQA answer vocabulary ``{answer: label}`` from a JSON file or the authors' pickle (``ans2label.pkl``,
+    read by an unpickler that builds plain values only); the labels must be 0..n-1, each once."""
+    where = f"answer vocabulary {path}"
+    try:
+        if str(path).endswith(".pkl"):
+            with open(path, "rb") as fh:
+                vocab = _PlainUnpickler(fh).load()
+        else:
+            with open(path, encoding="utf-8") as fh:
+                vocab = json.load(fh)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"{where}: cannot be read ({exc})") from None
+    if not isinstance(vocab, dict) or not vocab:
+        raise ConfigError(f"{where}: must map answers to labels, got {type(vocab).__name__}")
+    bad = [k for k, v in vocab.items() if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise ConfigError(f"{where}: answers must be strings and labels integers (e.g. {bad[0]!r})")
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ConfigError(f"{where}: the labels must be 0..{len(vocab) - 1}, each once")
+    return vocab
 
 
 def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,10 +78,16 @@ class VqaTask(Task):
                 first = self.pairs("train")[0][0] if self._has_train() else self.cfg.get("val_txt_db")
                 path = os.path.join(first or "", "ans2label.json")
             if not os.path.isfile(path):
-                raise ConfigError(f"task vqa: answer vocabulary not found at {path} (set config key 'ans2label')")
-            with open(path, encoding="utf-8") as fh:
-                self._ans2label = json.load(fh)
+                raise ConfigError(
+                    f"task vqa: answer vocabulary not found at {path} (set config key 'ans2label' to the authors' "
+                    "utils/ans2label.json, 3129 answers, or their ans2label.pkl)"
+                )
+            self._ans2label = read_answer_vocab(path)
         return self._ans2label
+
+    def run_files(self) -> dict[str, str]:
+        # the vocabulary the run's labels mean, kept beside its checkpoints (as the authors' ckpt/ans2label.json)
+        return {"ckpt/ans2label.json": json.dumps(self.ans2label)}
 
     def _has_train(self) -> bool:
         return bool(self.cfg.get("train_txt_dbs") or self.cfg.get("train_txt_db"))
@@ -138,6 +175,9 @@ class VeTask(VqaTask):
     @property
     def ans2label(self) -> dict[str, int]:
         return {a: i for i, a in enumerate(VE_LABELS)}
+
+    def run_files(self) -> dict[str, str]:
+        return {}  # the fixed three classes
 
     def build_model(self):
         from villa_fast.models import UniterForVqa

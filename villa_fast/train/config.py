@@ -88,7 +88,12 @@ SCHEMA: dict[str, Key] = {
     "val_img_db": _k("str", None, "validation img_db"),
     "test_txt_db": _k("str", None, "test txt_db"),
     "test_img_db": _k("str", None, "test img_db"),
-    "ans2label": _k("str", None, "VQA answer -> label JSON (default: ans2label.json of the first train txt_db)"),
+    "ans2label": _k(
+        "str",
+        None,
+        "VQA answer -> label JSON, or the authors' ans2label.pkl (default: ans2label.json of the first train txt_db; "
+        "a run keeps a copy in output_dir/ckpt/ans2label.json)",
+    ),
     "compressed_db": _k("bool", False, "image records are compressed npz"),
     "train_datasets": _k("dict_list", None, "pre-training: [{name, db, img, tasks, mix_ratio}]"),
     "val_datasets": _k("dict_list", None, "pre-training validation: [{name, db, img, tasks}]"),

@@ -573,6 +573,9 @@ class Trainer:
             # the config the model is built from (VCR's adds its rows to it again when rebuilt)
             mc = getattr(self.model, "source_config", self.model.uniter.config).to_dict()
             (self.output_dir / "log" / "model.json").write_text(json.dumps(mc, indent=2), encoding="utf-8")
+            for rel, text in self.task.run_files().items():
+                (self.output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / rel).write_text(text, encoding="utf-8")
 
     def train(self) -> list[dict[str, Any]]:
         """Train to ``num_train_steps``, validating and checkpointing every ``valid_steps`` /
