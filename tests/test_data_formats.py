@@ -483,3 +483,42 @@ def test_region_counts_of_a_fixed_count_db_are_the_records_own_and_cached(tmp_pa
         n_real = tight[i][0][2].size(0)
         assert tight.pad_dims[i][1] == n_real < loose.pad_dims[i][1]
         assert tight.pad_dims[i][0] == loose.pad_dims[i][0]
+
+
+def test_vcr_texts_in_the_annotation_format_map_person_tags_after_the_vocabulary(tmp_path):
+    """VCR annotations give texts as words and object references: a person becomes the tag person_<index>, whose
+    id is vocab size + index (the 81 rows VCR models add), another object its name; plain texts' person_<n>
+    words are tags too."""
+    from villa_fast.data.convert import convert_texts
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", ".", "why", "is", "smiling", "the", "dog", "happy"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(words))
+    v = len(words)
+    ids = {w: i for i, w in enumerate(words)}
+    ex = {
+        "id": "a-0",
+        "img_fname": ["vcr_gt_val_x.npz", "vcr_val_x.npz"],
+        "objects": ["person", "dog", "person"],
+        "question": ["why", "is", [0, 2], "smiling", "?"],
+        "answers": [["the", [1], "is", "happy", "."], "person_2 is happy .", [7, 8], ["is", [2]]],
+        "rationales": [["why", "?"], ["is", [0]], "dog", "."],
+        "answer_label": 1,
+        "rationale_label": 0,
+    }
+    (tmp_path / "vcr.jsonl").write_text(json.dumps(ex))
+    convert_texts("vcr", tmp_path / "vcr.jsonl", tmp_path / "txt", vocab)
+    rec = TxtTokLmdb(tmp_path / "txt", -1)["a-0"]
+    assert rec["input_ids"] == [ids["why"], ids["is"], v + 0, v + 2, ids["smiling"], ids["?"]]
+    assert rec["input_ids_as"] == [
+        [ids["the"], ids["dog"], ids["is"], ids["happy"], ids["."]],
+        [v + 2, ids["is"], ids["happy"], ids["."]],
+        [7, 8],  # ids given as they are
+        [ids["is"], v + 2],
+    ]
+    assert rec["input_ids_rs"][1] == [ids["is"], v + 0]
+    # a reference past the objects, or a person tag past the 81, is named
+    for k, (bad, match) in enumerate(((["is", [5]], "object reference 5"), ("person_81 is", "81 person tags"))):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({**ex, "question": bad}))
+        with pytest.raises(DataFormatError, match=match):
+            convert_texts("vcr", tmp_path / "bad.jsonl", tmp_path / f"bad_txt{k}", vocab)

@@ -21,7 +21,11 @@ reads one JSON object per line:
 * ``nlvr2``: ``label``: true/false (or 1/0, or the strings ``"true"`` / ``"false"`` / ``"1"`` / ``"0"`` in
   any case);
 * ``vcr``: ``answers`` (4 texts), ``rationales`` (4 texts), ``answer_label``, ``rationale_label`` (indices
-  into them; absent or -1 on test records);
+  into them; absent or -1 on test records). A text may also be given as in the VCR annotations: a list of
+  words and object references (lists of indices into the example's ``objects``); a reference to a
+  ``person`` becomes the person tag ``person_<index>``, any other object its name, as in the preprocessing
+  behind the official VCR txt_dbs. Person tags (also ``person_<n>`` words in a plain text) take the ids
+  after the vocabulary, ``vocab size + n`` for n < 81: the 81 rows VCR models add;
 * ``caption`` (retrieval and pre-training): nothing more;
 * ``re``: ``image_id``, ``ann_id`` and ``ann_ids`` (the image's box ids in region order), and
   optionally the image size in pixels as ``width`` / ``height`` (COCO's names) or ``image_w`` /
@@ -179,11 +183,59 @@ def _vcr_label(ex: dict, key: str, n: int, where: str) -> int:
     return lab
 
 
+#: VCR's person tags: ``person_<n>`` takes the id ``vocab size + n`` (the rows VCR models add after the vocabulary)
+VCR_PERSON_TAGS = 81
+
+
+def _vcr_words(text, objects, where: str) -> list[str]:
+    """The words of a VCR text: a plain string's, or an annotation token list's (words, and object references
+    as lists of indices into ``objects``: ``person_<index>`` for a person, the object's name otherwise)."""
+    if isinstance(text, str):
+        return text.split()
+    words = []
+    for item in text:
+        if isinstance(item, str):
+            words.extend(item.split())
+        elif isinstance(item, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in item):
+            for i in item:
+                if not isinstance(objects, list) or not 0 <= i < len(objects):
+                    raise DataFormatError(f"{where}: vcr object reference {i} is not an index into 'objects'")
+                name = str(objects[i])
+                words.append(f"{name}_{i}" if "person" in name else name)
+        else:
+            raise DataFormatError(
+                f"{where}: a vcr token list holds words and lists of object indices, got {item!r:.60}"
+            )
+    return words
+
+
+def _vcr_ids(text, objects, tok, where: str) -> list[int]:
+    """Token ids of a VCR text: WordPiece for words, ``vocab size + n`` for the person tag ``person_<n>``."""
+    if isinstance(text, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in text):
+        return [int(x) for x in text]  # ids given
+    if tok is None:
+        raise ValueError(f"{where}: text given but no --vocab to tokenise it")
+    base = len(tok.vocab)
+    ids: list[int] = []
+    for word in _vcr_words(text, objects, where):
+        head, _, num = word.rpartition("_")
+        if head == "person" and num.isdigit():
+            if int(num) >= VCR_PERSON_TAGS:
+                raise DataFormatError(
+                    f"{where}: person tag {word!r}: VCR models have {VCR_PERSON_TAGS} person tags (person_0 .. "
+                    f"person_{VCR_PERSON_TAGS - 1})"
+                )
+            ids.append(base + int(num))
+        else:
+            ids.extend(tok(word))
+    return ids
+
+
 def _candidates(ex: dict, key: str, tok, where: str) -> list[list[int]]:
     texts = _field(ex, key, "vcr", where)
     if not isinstance(texts, list) or not texts:
         raise DataFormatError(f"{where}: vcr {key!r} must be a non-empty list of texts, got {texts!r:.80}")
-    return _ids_of(texts, tok, where)
+    return [_vcr_ids(t, ex.get("objects"), tok, where) for t in texts]
 
 
 def _check_img_fname(img, task: str, where: str) -> None:
@@ -277,7 +329,8 @@ def convert_texts(
             _check_img_fname(ex["img_fname"], task, where)
             id_ = str(ex["id"])
             rec = dict(ex)
-            rec["input_ids"] = _text_ids(ex, tok, where)
+            if task != "vcr" or "input_ids" in ex or not isinstance(ex.get("question"), list):
+                rec["input_ids"] = _text_ids(ex, tok, where)
             txt_len = None
             if task == "vqa":
                 if "target" in ex:
@@ -298,6 +351,9 @@ def convert_texts(
             elif task == "nlvr2":
                 rec["target"] = _nlvr2_label(_field(ex, "label", task, where), where)
             elif task == "vcr":
+                if "input_ids" not in ex:
+                    question = next((ex[f] for f in _TEXT_FIELDS if f in ex), None)
+                    rec["input_ids"] = _vcr_ids(question, ex.get("objects"), tok, where)
                 rec["input_ids_as"] = _candidates(ex, "answers", tok, where)
                 rec["input_ids_rs"] = _candidates(ex, "rationales", tok, where)
                 rec["qa_target"] = _vcr_label(ex, "answer_label", len(rec["input_ids_as"]), where)
