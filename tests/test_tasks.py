@@ -401,3 +401,22 @@ def test_the_answer_vocabulary_reads_json_and_the_authors_pickle_and_stays_with_
     trainer.train()
     kept = json.loads((tmp_path / "run" / "out" / "ckpt" / "ans2label.json").read_text())
     assert kept == trainer.task.ans2label and len(kept) == trainer.task.num_answers
+
+
+def test_robust_evaluation_refuses_a_split_without_gold_labels(tmp_path):
+    from villa_fast.tasks.vcr import VcrTask
+    from villa_fast.tasks.vqa import VqaTask
+    from villa_fast.train.config import ConfigError
+
+    vqa = VqaTask.__new__(VqaTask)
+    assert vqa.has_labels({"targets": torch.zeros(2, 3)})
+    assert not vqa.has_labels({"targets": None})
+    assert not vqa.has_labels({"targets": torch.zeros(2, 3), "labelled": torch.tensor([True, False])})
+    vcr = VcrTask.__new__(VcrTask)
+    assert vcr.has_labels({"qa_targets": torch.tensor([1, 0]), "qar_targets": torch.tensor([2, 3])})
+    assert not vcr.has_labels({"qa_targets": torch.tensor([-1, -1]), "qar_targets": torch.tensor([-1, -1])})
+    trainer = Trainer(resolve_config(None, task_config(tmp_path, "vqa")), quiet=True)
+    assert "robust_acc" in trainer.evaluate("val", robust=True)
+    trainer.task.has_labels = lambda batch: False  # as on an unlabelled test split
+    with pytest.raises(ConfigError, match=r"'val' split of task vqa has examples without one"):
+        trainer.evaluate("val", robust=True)

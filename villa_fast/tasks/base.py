@@ -297,6 +297,11 @@ class Task:
         """The loss the robust-evaluation attack ascends, on an evaluation batch."""
         return self.loss(model, logits, batch)
 
+    def has_labels(self, batch: Mapping[str, Any]) -> bool:
+        """Whether every example of an evaluation batch has its gold label (robust evaluation attacks the loss
+        against it; a test split without labels cannot be attacked so)."""
+        return True
+
     def n_examples(self, batch: Mapping[str, Any]) -> int:
         return int(batch["attn_masks"].size(0))
 

@@ -74,6 +74,9 @@ class VcrTask(Task):
             qar_scores = scores[:, 4:8]
         return scores, qa_scores, qar_scores, qa_t, qar_t
 
+    def has_labels(self, batch) -> bool:
+        return bool((batch["qa_targets"] >= 0).all() and (batch["qar_targets"] >= 0).all())
+
     def attack_loss(self, model, logits, batch):
         # the attack ascends the Q->A and QA->R cross-entropies over each question's candidates
         _, qa, qar, qa_t, qar_t = self._split_scores(logits, batch)

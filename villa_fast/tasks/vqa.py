@@ -134,6 +134,9 @@ class VqaTask(Task):
         return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
     # -- metrics ---------------------------------------------------------------------------------
+    def has_labels(self, batch) -> bool:
+        return batch.get("targets") is not None and "labelled" not in batch
+
     def eval_init(self):
         return {**super().eval_init(), "labelled": 0.0}
 

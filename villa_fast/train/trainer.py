@@ -720,6 +720,12 @@ class Trainer:
                     logits = task.forward(model, batch)
                 task.eval_batch(clean, model, logits, batch)
                 if attack is not None:
+                    if not task.has_labels(batch):
+                        raise ConfigError(
+                            f"robust evaluation attacks the loss against the gold labels, and the {split!r} split "
+                            f"of task {task.name} has examples without one (a test split): evaluate it without "
+                            "robust"
+                        )
                     with self._autocast():
                         z = attack(lambda b: task.forward(model, b), lambda z, b: task.attack_loss(model, z, b), batch)
                     task.eval_batch(adv, model, z, batch)
