@@ -420,3 +420,31 @@ def test_robust_evaluation_refuses_a_split_without_gold_labels(tmp_path):
     trainer.task.has_labels = lambda batch: False  # as on an unlabelled test split
     with pytest.raises(ConfigError, match=r"'val' split of task vqa has examples without one"):
         trainer.evaluate("val", robust=True)
+
+
+def test_vcr_metrics_count_labelled_questions_and_report_both_losses():
+    import torch.nn.functional as F
+
+    from villa_fast.tasks.vcr import VcrTask
+
+    task = VcrTask.__new__(VcrTask)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 8, generator=g)  # per question: 4 Q->A then 4 QA->R candidate scores
+    logits = torch.stack([torch.zeros_like(scores), scores], dim=-1).reshape(-1, 2)
+    qa_t, qar_t = torch.tensor([int(scores[0, :4].argmax()), 0, -1]), torch.tensor([1, 2, -1])
+    batch = {"qids": ["val-0", "val-1", "test-0"], "qa_targets": qa_t, "qar_targets": qar_t}
+    state = task.eval_init()
+    task.eval_batch(state, None, logits, batch)
+    m = task.eval_finish(state)
+    assert m["n"] == 3 and state["labelled"] == 2  # the third question has no labels
+    qa_ok = scores[:2, :4].argmax(1) == qa_t[:2]
+    qar_ok = scores[:2, 4:].argmax(1) == qar_t[:2]
+    assert m["acc_qa"] == float(qa_ok.float().mean()) and m["acc_qar"] == float(qar_ok.float().mean())
+    assert m["acc"] == float((qa_ok & qar_ok).float().mean())
+    want_qa = F.cross_entropy(scores[:2, :4], qa_t[:2])
+    want_qar = F.cross_entropy(scores[:2, 4:], qar_t[:2])
+    assert m["loss_qa"] == pytest.approx(float(want_qa)) and m["loss_qar"] == pytest.approx(float(want_qar))
+    assert m["loss"] == pytest.approx(float(want_qa + want_qar))
+    state = task.eval_init()
+    task.eval_batch(state, None, logits[16:], {"qids": ["test-0"], "qa_targets": qa_t[2:], "qar_targets": qar_t[2:]})
+    assert task.eval_finish(state) == {"n": 1}

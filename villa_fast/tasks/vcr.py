@@ -83,30 +83,42 @@ class VcrTask(Task):
         return F.cross_entropy(qa, qa_t) + F.cross_entropy(qar, qar_t)
 
     def eval_init(self):
-        return {"n": 0.0, "correct": 0.0, "correct_qa": 0.0, "correct_qar": 0.0, "loss": 0.0, "pred": []}
+        keys = ("n", "labelled", "correct", "correct_qa", "correct_qar", "loss_qa", "loss_qar")
+        return {**dict.fromkeys(keys, 0.0), "pred": []}
 
-    sum_keys = ("n", "correct", "correct_qa", "correct_qar", "loss")
+    sum_keys = ("n", "labelled", "correct", "correct_qa", "correct_qar", "loss_qa", "loss_qar")
 
     def eval_batch(self, state, model, logits, batch) -> None:
         qids = batch["qids"]
         scores, qa_scores, qar_scores, qa_t, qar_t = self._split_scores(logits, batch)
-        if bool((qa_t >= 0).all()):
-            state["loss"] += float(F.cross_entropy(qa_scores, qa_t, reduction="sum"))
+        keep = (qa_t >= 0) & (qar_t >= 0)  # test questions have no gold answer or rationale
+        if bool(keep.any()):
+            qa_scores, qar_scores, qa_t, qar_t = qa_scores[keep], qar_scores[keep], qa_t[keep], qar_t[keep]
+            state["loss_qa"] += float(F.cross_entropy(qa_scores, qa_t, reduction="sum"))
+            state["loss_qar"] += float(F.cross_entropy(qar_scores, qar_t, reduction="sum"))
             qa_ok = qa_scores.argmax(1) == qa_t
             qar_ok = qar_scores.argmax(1) == qar_t
             state["correct_qa"] += float(qa_ok.sum())
             state["correct_qar"] += float(qar_ok.sum())
             state["correct"] += float((qa_ok & qar_ok).sum())
+            state["labelled"] += float(keep.sum())
         state["n"] += len(qids)
         state["pred"].extend([q, s] for q, s in zip(qids, scores.tolist(), strict=True))
 
     def eval_finish(self, state):
-        n = max(state["n"], 1.0)
+        """Accuracies over the labelled questions: ``acc`` Q->AR (both right), ``acc_qa``, ``acc_qar``; the
+        cross-entropies over each question's four candidates, ``loss_qa`` and ``loss_qar`` (the authors'
+        ``vcr_qa_loss`` / ``vcr_qar_loss``), and ``loss``, their sum. A split without labels: ``n`` only."""
+        m = state["labelled"]
+        if not m:
+            return {"n": state["n"]}
         return {
-            "acc": state["correct"] / n,  # Q->AR
-            "acc_qa": state["correct_qa"] / n,
-            "acc_qar": state["correct_qar"] / n,
-            "loss": state["loss"] / n,
+            "acc": state["correct"] / m,  # Q->AR
+            "acc_qa": state["correct_qa"] / m,
+            "acc_qar": state["correct_qar"] / m,
+            "loss_qa": state["loss_qa"] / m,
+            "loss_qar": state["loss_qar"] / m,
+            "loss": (state["loss_qa"] + state["loss_qar"]) / m,
             "n": state["n"],
         }
 
