@@ -448,3 +448,20 @@ def test_vcr_metrics_count_labelled_questions_and_report_both_losses():
     state = task.eval_init()
     task.eval_batch(state, None, logits[16:], {"qids": ["test-0"], "qa_targets": qa_t[2:], "qar_targets": qar_t[2:]})
     assert task.eval_finish(state) == {"n": 1}
+
+
+@pytest.mark.parametrize("task", ["nlvr2", "ve"])
+def test_nlvr2_and_ve_validate_the_test_split_beside_val_as_the_authors(tmp_path, task):
+    base = task_config(tmp_path, task, num_train_steps=2, valid_steps=1)
+    cfg = resolve_config(None, {**base, "test_txt_db": base["val_txt_db"], "test_img_db": base["val_img_db"]})
+    trainer = Trainer(cfg, quiet=True)
+    history = trainer.train()
+    val = [e for e in history if "val/acc" in e]
+    test = [e for e in history if "test/acc" in e]
+    assert [e["step"] for e in val] == [e["step"] for e in test] == [1, 2]
+    assert all(a["val/acc"] == b["test/acc"] for a, b in zip(val, test, strict=True))  # the same db here
+    names = sorted(p.name for p in (tmp_path / "out" / "results").iterdir())
+    assert any(n.startswith("test_results_2") for n in names) and any(n.startswith("results_2") for n in names)
+    # without test databases, val alone
+    trainer = Trainer(resolve_config(None, {**base, "output_dir": str(tmp_path / "out2")}), quiet=True)
+    assert not [e for e in trainer.train() if "test/acc" in e]

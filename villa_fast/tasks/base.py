@@ -322,6 +322,14 @@ class Task:
         """The split validated every ``valid_steps`` during training (``final``: at the last step)."""
         return "val"
 
+    #: further labelled splits evaluated at each validation when the config names their databases (the authors'
+    #: NLVR2 and SNLI-VE scripts evaluate "test" beside "val")
+    also_validate: tuple[str, ...] = ()
+
+    def validation_splits(self, final: bool) -> list[str]:
+        """Every split evaluated at a validation during training, those the config has databases for."""
+        return [s for s in (self.validation_split(final), *self.also_validate) if self.has_split(s)]
+
     def run_files(self) -> dict[str, str]:
         """Files the task keeps with a training run: ``{path relative to output_dir: text}``, written at its start."""
         return {}

@@ -174,6 +174,7 @@ class VeTask(VqaTask):
     """SNLI-VE: three classes, in the official order (contradiction 0, entailment 1, neutral 2)."""
 
     name = "ve"
+    also_validate = ("test",)  # train_ve_adv.py validates test beside val
 
     @property
     def ans2label(self) -> dict[str, int]:

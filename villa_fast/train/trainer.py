@@ -625,11 +625,11 @@ class Trainer:
             if pbar is not None:
                 pbar.update(1)
             if step % c["valid_steps"] == 0 or step == total:
-                split = self.task.validation_split(final=step == total)
-                if self.task.has_split(split):
+                for split in self.task.validation_splits(final=step == total):
                     metrics = self.evaluate(split, write_predictions=True)
                     self._record({"step": step, **{f"{split}/{k}": v for k, v in metrics.items()}})
-                    self._log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    where = "" if split == self.task.validation_split(final=step == total) else f" {split}"
+                    self._log(f"step {step}{where}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 t0 = time.perf_counter()  # validation time is not training throughput
             if step % save_every == 0 or step == total:
                 self.save()
@@ -702,7 +702,8 @@ class Trainer:
         if attack is not None:
             out.update({f"robust_{k}": v for k, v in task.eval_finish(self._reduce(adv)).items() if k != "n"})
         if predictions_prefix or (write_predictions and self.output_dir):
-            prefix = predictions_prefix or str(self.output_dir / "results" / f"results_{self.global_step}")
+            name = f"results_{self.global_step}" if split != "test" else f"test_results_{self.global_step}"
+            prefix = predictions_prefix or str(self.output_dir / "results" / name)
 
             def write() -> None:
                 Path(prefix).parent.mkdir(parents=True, exist_ok=True)
