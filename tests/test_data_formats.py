@@ -135,7 +135,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     make_txt(tmp_path / "txt", names + ["ghost.npz"], n=8)
     img = DetectFeatLmdb(tmp_path / "img", **IMG_ARGS)
     txt = TxtTokLmdb(tmp_path / "txt", -1)
-    with pytest.raises(KeyError, match="ghost.npz"):
+    with pytest.raises(DataFormatError, match="ghost.npz.*extension included"):
         VqaDataset(10, txt, img)
     ds = VqaDataset(10, txt, img, skip_missing_images=True)
     assert ds.num_missing_img == 2 and len(ds) == 6

@@ -465,3 +465,15 @@ def test_nlvr2_and_ve_validate_the_test_split_beside_val_as_the_authors(tmp_path
     # without test databases, val alone
     trainer = Trainer(resolve_config(None, {**base, "output_dir": str(tmp_path / "out2")}), quiet=True)
     assert not [e for e in trainer.train() if "test/acc" in e]
+
+
+def test_too_little_training_data_is_a_config_error_that_says_why(tmp_path):
+    from villa_fast.train.config import ConfigError
+
+    # a token budget larger than the whole training set: the sampler drops the incomplete last batch
+    trainer = Trainer(resolve_config(None, task_config(tmp_path / "a", "ve", train_batch_size=10**6)), quiet=True)
+    with pytest.raises(ConfigError, match=r"its \d+ examples do not fill one batch of train_batch_size"):
+        trainer.train()
+    cfg = resolve_config(None, task_config(tmp_path / "b", "retrieval", negative_size=10000))
+    with pytest.raises(ValueError, match=r"negative_size 10000 needs as many other images"):
+        Trainer(cfg, quiet=True).train()

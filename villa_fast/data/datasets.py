@@ -132,9 +132,10 @@ class DetectFeatTxtTokDataset(Dataset):
         if missing:
             if not skip_missing_images:
                 id_, name = missing[0]
-                raise KeyError(
+                raise DataFormatError(
                     f"{len(missing)} texts of {txt_db.db_dir} refer to images absent from {img_db.img_dir}; "
-                    f"first: text {id_!r} -> image {name!r} (pass skip_missing_images=True to skip them)"
+                    f"first: text {id_!r} -> image {name!r} (an img_db's keys are the .npz file names, extension "
+                    "included; the data classes skip such texts with skip_missing_images=True)"
                 )
             self.num_missing_img = len(missing)
             logger.warning("%s: skipped %d texts whose image is not in %s", txt_db.db_dir, len(missing), img_db.img_dir)
@@ -704,6 +705,14 @@ class ItmRankDataset(DetectFeatTxtTokDataset):
         for id_, img in self._txt2img.items():
             self.img2txts[img].append(id_)
         self.img_name_list = list(self.img2txts)
+        n_img = len(self.img_name_list)
+        n_txt = len(self.ids) - max((len(v) for v in self.img2txts.values()), default=0)
+        if self.ids and min(n_img - 1, n_txt) < neg_sample_size:
+            raise ValueError(
+                f"{txt_db.db_dir}: negative_size {neg_sample_size} needs as many other images and other texts for "
+                f"every example; the data has {n_img} images and {len(self.ids)} texts (at most {n_img - 1} other "
+                f"images, {n_txt} other texts): lower negative_size"
+            )
 
     def __getitem__(self, i: int):
         rng = self.rng(i)

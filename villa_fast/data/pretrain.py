@@ -143,7 +143,7 @@ class MrcDataset(MrfrDataset):
         fname = self._img_ref(i, example)
         dump = self.img_db.get_dump(fname)
         if "soft_labels" not in dump:
-            raise KeyError(f"{self.img_db.img_dir}: image {fname!r} has no soft_labels (needed for MRC)")
+            raise DataFormatError(f"{self.img_db.img_dir}: image {fname!r} has no soft_labels (needed for MRC)")
         img_feat = torch.from_numpy(dump["features"])
         bb = torch.from_numpy(dump["norm_bb"])
         img_pos_feat = torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], dim=-1)
@@ -311,7 +311,7 @@ class VcrPretrainDataset(VcrDataset):
         for db, name in self._pick(pair):
             dump = db.get_dump(name)
             if "soft_labels" not in dump:
-                raise KeyError(f"{db.img_dir}: image {name!r} has no soft_labels (needed for MRC)")
+                raise DataFormatError(f"{db.img_dir}: image {name!r} has no soft_labels (needed for MRC)")
             bb = torch.from_numpy(dump["norm_bb"]).float()
             feats.append(torch.from_numpy(dump["features"]))  # stored dtype (float16): the model widens them
             poss.append(torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], dim=-1))

@@ -98,7 +98,12 @@ class LoaderSource:
                 empty = 0
                 yield batch
             if empty > 1:
-                raise RuntimeError("the training loader yields no batch: too few examples for train_batch_size?")
+                n = len(getattr(self.loader, "dataset", ()) or ())
+                raise ConfigError(
+                    f"the training data yields no batch: its {n} examples do not fill one batch of train_batch_size "
+                    "(the last incomplete batch is dropped, as the authors' samplers do; a token budget also needs "
+                    "its examples to fit): lower train_batch_size or train on more data"
+                )
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
