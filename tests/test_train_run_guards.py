@@ -240,3 +240,24 @@ def test_a_resumed_run_purges_tensorboard_events_past_its_checkpoint(tmp_path, m
     trainer.global_step = 7
     trainer._tensorboard()
     assert made == [{}, {"purge_step": 8}]
+
+
+def test_a_wrong_validation_path_stops_the_run_before_it_writes_or_trains(tmp_path):
+    cfg = _cfg(tmp_path, val_txt_db=str(tmp_path / "no_such_db"), val_img_db=str(tmp_path / "data" / "img"))
+    trainer = Trainer(cfg, quiet=True)
+    steps = []
+    real = trainer.micro_step
+    trainer.micro_step = lambda batch: (steps.append(1), real(batch))[1]
+    with pytest.raises(FileNotFoundError, match="no_such_db"):
+        trainer.train()
+    assert not steps and not (tmp_path / "out" / "log" / "history.jsonl").exists()
+    # opening the data first leaves every random stream as it was
+    import random
+
+    import numpy as np
+
+    trainer = Trainer(_cfg(tmp_path, output_dir=str(tmp_path / "out2")), quiet=True)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    trainer._open_data()
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all()

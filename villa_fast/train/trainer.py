@@ -566,6 +566,19 @@ class Trainer:
                 "start a new run"
             )
 
+    def _open_data(self) -> None:
+        """Open every database the run will read (training, and each split validation evaluates) before anything
+        is written or trained: a wrong path or a malformed database stops the run at once, not at its first
+        validation. Leaves the random streams as they were."""
+        state = rng_state()
+        try:
+            self.source()
+            for final in (False, True):
+                for split in self.task.validation_splits(final=final):
+                    self.eval_loader(split)
+        finally:
+            set_rng_state(state)
+
     def _prepare_output(self) -> None:
         if self.output_dir:
             self._on_main(f"prepare output_dir {self.output_dir}", self._write_run_files)
@@ -587,6 +600,7 @@ class Trainer:
         ``save_steps``; returns the history (one entry per log / validation)."""
         c = self.cfg
         self._check_output_dir()
+        self._open_data()
         self._prepare_output()
         if self._resume:
             last = self.resume_checkpoint()
