@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -218,9 +219,11 @@ def test_one_named_gpu_for_several_processes_is_refused():
         resolve_device("cuda:0", local_rank=2, world_size=4)
 
 
-def test_a_resumed_run_purges_tensorboard_events_past_its_checkpoint(tmp_path, monkeypatch):
+def test_a_resumed_run_purges_tensorboard_events_past_its_checkpoint(tmp_path, monkeypatch, caplog):
     """The killed run logged steps after its last checkpoint; the resumed run logs them again: its writer drops
-    the old events from the next step on (``purge_step``), a fresh run's purges nothing."""
+    the old events from the step after the checkpoint on (``purge_step``, fixed at the resume even though the
+    writer opens at the first log entry, later), a fresh run's purges nothing, a resume without a checkpoint
+    everything."""
     pytest.importorskip("torch.utils.tensorboard")
     import torch.utils.tensorboard as tbmod
 
@@ -230,16 +233,24 @@ def test_a_resumed_run_purges_tensorboard_events_past_its_checkpoint(tmp_path, m
         def __init__(self, log_dir, **kw):
             made.append(kw)
 
+        def add_scalar(self, *a, **kw):
+            pass
+
+        def flush(self):
+            pass
+
         def close(self):
             pass
 
     monkeypatch.setattr(tbmod, "SummaryWriter", Writer)
-    trainer = Trainer(resolve_config(None, _cfg(tmp_path, tensorboard=True)), quiet=True)
-    trainer._tensorboard()
-    trainer._tb = None
-    trainer.global_step = 7
-    trainer._tensorboard()
-    assert made == [{}, {"purge_step": 8}]
+    cfg = _cfg(tmp_path, tensorboard=True, num_train_steps=4, save_steps=2, valid_steps=4, log_steps=2)
+    Trainer(cfg, quiet=True).train()
+    shutil.rmtree(tmp_path / "out" / "ckpt" / "step_4")  # killed after logging step 4, before its checkpoint
+    Trainer(cfg, resume=True, quiet=True).train()
+    with caplog.at_level(logging.WARNING, logger="villa_fast.train"):
+        Trainer(_cfg(tmp_path, tensorboard=True, output_dir=str(tmp_path / "empty")), resume=True, quiet=True).train()
+    assert made == [{}, {"purge_step": 3}, {"purge_step": 1}]
+    assert "no checkpoint in" in caplog.text
 
 
 def test_a_wrong_validation_path_stops_the_run_before_it_writes_or_trains(tmp_path):

@@ -206,6 +206,7 @@ class Trainer:
         self._source = None
         self._eval_loaders: dict[str, Any] = {}
         self._tb = None
+        self._tb_purge: int | None = None  # set on resume: the step from which the old TensorBoard events go
         self._resume = resume
 
     # -- construction ------------------------------------------------------------------------------
@@ -355,7 +356,8 @@ class Trainer:
                 self.cfg["tensorboard"] = False
                 return None
             # a resumed run rewrites the steps after its checkpoint: the killed run's events past it are dropped
-            purge = {"purge_step": self.global_step + 1} if self.global_step else {}
+            # (the step is fixed when the run resumes: the writer opens at the first entry, steps later)
+            purge = {"purge_step": self._tb_purge} if self._tb_purge is not None else {}
             self._tb = SummaryWriter(str(self.output_dir / "log"), **purge)
         return self._tb
 
@@ -608,6 +610,9 @@ class Trainer:
                 self.load(last)
             else:
                 self._rewrite_history()  # nothing to resume: a history left without a checkpoint starts over
+                if self.dist.is_main:
+                    logger.warning("resume: no checkpoint in %s: training starts from step 0", self._ckpt_dir())
+            self._tb_purge = self.global_step + 1
         total, accum = c["num_train_steps"], self.accumulation.micro_batches
         save_every = c["save_steps"] or c["valid_steps"]
         pbar = None
