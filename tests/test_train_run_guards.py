@@ -272,3 +272,22 @@ def test_a_wrong_validation_path_stops_the_run_before_it_writes_or_trains(tmp_pa
     trainer._open_data()
     assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
     assert (np.random.get_state()[1] == before[2]).all()
+
+
+def test_a_resume_does_not_need_the_initial_weights_file_any_more(tmp_path):
+    """Every weight of a resumed run comes from its training checkpoint: the initial ``checkpoint`` file may have
+    moved; without a training checkpoint it is read as at the start."""
+    from villa_fast.models import save_safetensors
+
+    donor = Trainer(_cfg(tmp_path), quiet=True)
+    init = tmp_path / "init.safetensors"
+    save_safetensors(donor.model, init)
+    cfg = _cfg(tmp_path, checkpoint=str(init), num_train_steps=4, save_steps=2, valid_steps=4)
+    Trainer(cfg, quiet=True).train()
+    shutil.rmtree(tmp_path / "out" / "ckpt" / "step_4")
+    init.rename(tmp_path / "moved.safetensors")
+    resumed = Trainer(cfg, resume=True, quiet=True)
+    resumed.train()
+    assert resumed.global_step == 4
+    with pytest.raises(FileNotFoundError, match="init.safetensors"):
+        Trainer(_cfg(tmp_path, checkpoint=str(init), output_dir=str(tmp_path / "fresh")), resume=True, quiet=True)

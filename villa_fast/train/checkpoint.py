@@ -40,6 +40,7 @@ __all__ = [
     "run_files",
     "save_checkpoint",
     "set_rng_state",
+    "step_checkpoints",
 ]
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,12 @@ def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
             if m and (p / "train_state.pt").is_file() and (p / "model.safetensors").is_file():
                 out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def step_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The ``step_N`` directories of ``ckpt_dir`` that hold both files, oldest first (read only: nothing is
+    checked, renamed or removed; :func:`latest_checkpoint` chooses among them)."""
+    return [p for _, p in _step_dirs(Path(ckpt_dir))]
 
 
 def run_files(output_dir: str | os.PathLike) -> list[str]:

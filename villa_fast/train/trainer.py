@@ -37,6 +37,7 @@ from villa_fast.train.checkpoint import (
     run_files,
     save_checkpoint,
     set_rng_state,
+    step_checkpoints,
 )
 from villa_fast.train.config import NO_LR_MUL_TASKS, ConfigError, resume_data_moves, resume_differences, to_json
 from villa_fast.train.optim import WarmupLinear, build_optimizer, set_dropout, zero_grads_of_stepped
@@ -176,6 +177,8 @@ class Trainer:
             num_workers=self.cfg["n_workers"],
             device=self.device,
         )
+        self.output_dir = Path(self.cfg["output_dir"]) if self.cfg.get("output_dir") else None
+        self._resume = resume
         self.model = self._build_model()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -202,12 +205,10 @@ class Trainer:
         self.accumulation = self._accumulation()
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
-        self.output_dir = Path(self.cfg["output_dir"]) if self.cfg.get("output_dir") else None
         self._source = None
         self._eval_loaders: dict[str, Any] = {}
         self._tb = None
         self._tb_purge: int | None = None  # set on resume: the step from which the old TensorBoard events go
-        self._resume = resume
 
     # -- construction ------------------------------------------------------------------------------
     def _build_model(self) -> nn.Module:
@@ -215,6 +216,11 @@ class Trainer:
 
         model = self.task.build_model()
         ckpt = self.cfg.get("checkpoint")
+        if ckpt and self._resume and self._ckpt_dir() is not None and step_checkpoints(self._ckpt_dir()):
+            # every weight comes from the training checkpoint: the initial weights file is not read (it may have
+            # moved since the run started)
+            self._log(f"resuming: the training checkpoint's weights replace the initial {ckpt}, which is not read")
+            ckpt = None
         if ckpt:
             report = load_pretrained(model, ckpt)
             self._check_pretrained(model, ckpt, report)
