@@ -522,3 +522,12 @@ def test_vcr_texts_in_the_annotation_format_map_person_tags_after_the_vocabulary
         (tmp_path / "bad.jsonl").write_text(json.dumps({**ex, "question": bad}))
         with pytest.raises(DataFormatError, match=match):
             convert_texts("vcr", tmp_path / "bad.jsonl", tmp_path / f"bad_txt{k}", vocab)
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["compressed", "plain"])
+def test_an_img_db_opened_with_the_other_compression_names_the_flag(tmp_path, written):
+    make_images(tmp_path / "img", n=2, compress=written)
+    flag = "--compressed_db" if written else "--no-compressed_db"
+    held = "feat_th0\\.2_max8_min3" + ("_compressed" if written else "")
+    with pytest.raises(FileNotFoundError, match=rf"holds {held}.*{flag}"):
+        DetectFeatLmdb(tmp_path / "img", compress=not written, **IMG_ARGS)

@@ -396,6 +396,13 @@ def test_the_answer_vocabulary_reads_json_and_the_authors_pickle_and_stays_with_
     (tmp_path / "gap.json").write_text(json.dumps({"yes": 0, "no": 2}))
     with pytest.raises(ConfigError, match=r"labels must be 0\.\.1"):
         read_answer_vocab(str(tmp_path / "gap.json"))
+    # without the key, the first training txt_db's ans2label.json; a wrong txt_db path is named as such
+    from villa_fast.tasks.vqa import VqaTask
+
+    typo = {"task": "vqa", "train_txt_dbs": [str(tmp_path / "typo")], "train_img_dbs": [str(tmp_path / "img")]}
+    task = VqaTask(resolve_config(None, typo))
+    with pytest.raises(FileNotFoundError, match="missing txt_db directory: .*typo"):
+        _ = task.num_answers
     # a run keeps the vocabulary its labels mean beside its checkpoints
     trainer = Trainer(resolve_config(None, task_config(tmp_path / "run", "vqa", num_train_steps=1)), quiet=True)
     trainer.train()

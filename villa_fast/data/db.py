@@ -99,7 +99,12 @@ class _LazyEnv:
         if readahead is None:
             readahead = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"missing LMDB directory: {path}")
+            other = path[: -len("_compressed")] if path.endswith("_compressed") else path + "_compressed"
+            hint = ""
+            if os.path.isdir(other):
+                flag = "--no-compressed_db" if path.endswith("_compressed") else "--compressed_db"
+                hint = f" (the img_db holds {os.path.basename(other)}: set compressed_db accordingly, {flag})"
+            raise FileNotFoundError(f"missing LMDB directory: {path}{hint}")
         if not os.path.isfile(os.path.join(path, "data.mdb")):
             raise FileNotFoundError(f"not an LMDB directory (no data.mdb): {path}")
         self.path = os.path.realpath(path)

@@ -76,6 +76,8 @@ class VqaTask(Task):
             path = self.cfg.get("ans2label")
             if not path:
                 first = self.pairs("train")[0][0] if self._has_train() else self.cfg.get("val_txt_db")
+                if first and not os.path.isdir(first):
+                    raise FileNotFoundError(f"missing txt_db directory: {first}")
                 path = os.path.join(first or "", "ans2label.json")
             if not os.path.isfile(path):
                 raise ConfigError(
