@@ -330,3 +330,27 @@ def test_a_config_without_task_or_output_dir_is_a_one_line_error(tmp_path, capsy
     assert "the task is not known" in capsys.readouterr().err
     assert main(["train", "--config", str(cfg), "--task", "vqa"]) == 2
     assert "'output_dir' is required" in capsys.readouterr().err
+
+
+def test_evaluate_reads_the_answer_vocabulary_its_training_run_kept(tmp_path, capsys):
+    import shutil
+
+    cfg = task_config(tmp_path, "vqa", num_train_steps=2, valid_steps=2)
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(p)]) == 0
+    capsys.readouterr()
+    # an evaluation config without training data or 'ans2label', on a copy of the val db without a vocabulary
+    val = tmp_path / "val_copy"
+    shutil.copytree(cfg["val_txt_db"], val)
+    (val / "ans2label.json").unlink(missing_ok=True)
+    ev = {k: v for k, v in cfg.items() if not k.startswith("train_")}
+    ev["val_txt_db"] = str(val)
+    q = tmp_path / "eval.json"
+    q.write_text(json.dumps(ev))
+    assert main(["evaluate", "--config", str(q), "--weights", str(tmp_path / "out" / "ckpt" / "step_2")]) == 0
+    assert "acc" in capsys.readouterr().out
+    assert (
+        main(["evaluate", "--config", str(q), "--weights", str(tmp_path / "out" / "ckpt" / "model_final.safetensors")])
+        == 0
+    )

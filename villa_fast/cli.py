@@ -236,6 +236,15 @@ def _cmd_evaluate(args) -> int:
     if cfg["task"] is None:
         raise ConfigError("the task is not known: pass --task (or use an official config file name)")
     w, source = _evaluation_weights(args, cfg)
+    if cfg["task"] == "vqa" and not cfg.get("ans2label") and w:
+        # weights of a training run: the answer vocabulary the run kept beside its checkpoints
+        from pathlib import Path
+
+        here = Path(w) if Path(w).is_dir() else Path(w).parent
+        for d in (here, here.parent):
+            if (d / "ans2label.json").is_file():
+                cfg["ans2label"] = str(d / "ans2label.json")
+                break
     check_device(cfg["device"], "key 'device'")
     # the weights are loaded below, all of them and checked; the Trainer does not load 'checkpoint' as an init
     cfg["checkpoint"] = None
