@@ -69,3 +69,17 @@ def test_retrieval_loaders_are_checked_too(tmp_path):
     task.cfg = {**task.cfg, "hard_neg_size": 1, "negative_size": 2}
     with pytest.raises(ConfigError, match="region features are"):
         task.train_loader(DataContext(seed=0))
+
+
+def test_a_txt_db_built_for_another_task_is_refused(tmp_path):
+    """The converter records the task in meta.json: a VE db under a VQA config (or the reverse) is named."""
+    task, _ = _task(tmp_path)
+    meta_path = task.pairs("train")[0][0] + "/meta.json"
+    meta = json.loads(open(meta_path).read())
+    with open(meta_path, "w") as fh:
+        json.dump({**meta, "task": "ve"}, fh)
+    with pytest.raises(ConfigError, match=r"built for task 've' \(meta.json\) cannot train or evaluate task vqa"):
+        task.train_loader(DataContext(seed=0))
+    with open(meta_path, "w") as fh:
+        json.dump({**meta, "task": "vqa"}, fh)
+    task.train_loader(DataContext(seed=0))  # its own task's db

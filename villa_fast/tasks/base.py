@@ -98,12 +98,17 @@ class Task:
         """Word embeddings of the task's model (VCR's model adds its person tags to the config's vocabulary)."""
         return int(model_config.get("vocab_size", 28996))
 
+    #: the ``task`` a txt_db's meta.json may name for this task's data (the converter records it; the official
+    #: databases name none, and are not checked); empty: any
+    data_kinds: tuple[str, ...] = ()
+
     def check_data_fits_model(self, dataset) -> None:
         """Refuse, naming the database, data the model cannot embed (on a GPU an out-of-range index is a
         device-side assert that ends the process): token ids past the model's vocabulary (a txt_db's ``v_range``
         and special tokens: a txt_db tokenised for another BERT), text rows longer than its position embeddings
         (evaluation reads every text, whatever ``max_txt_len``), region features of another width than its
-        ``img_dim``. Read from each db's meta, lengths and first record: nothing per example."""
+        ``img_dim``; a txt_db whose meta.json names another task's data (:attr:`data_kinds`). Read from each db's
+        meta, lengths and first record: nothing per example."""
         mc = self.model_config()
         vocab = self.model_vocab_size(mc)
         max_pos = int(mc.get("max_position_embeddings", 512))
@@ -114,6 +119,12 @@ class Task:
             tdb = getattr(part, "txt_db", None)
             if tdb is not None and id(tdb) not in seen and hasattr(tdb, "v_range"):
                 seen.add(id(tdb))
+                made_for = (getattr(tdb, "meta", None) or {}).get("task")
+                if self.data_kinds and isinstance(made_for, str) and made_for not in self.data_kinds:
+                    raise ConfigError(
+                        f"{tdb.db_dir}: a txt_db built for task {made_for!r} (meta.json) cannot train or evaluate "
+                        f"task {self.name}, which reads {' or '.join(repr(k) for k in self.data_kinds)} databases"
+                    )
                 top = max(int(tdb.v_range[1]) - 1, int(tdb.cls_), int(tdb.sep), int(tdb.mask))
                 if top >= vocab:
                     raise ConfigError(

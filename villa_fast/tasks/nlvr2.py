@@ -19,6 +19,7 @@ _MODELS = {"paired-attn": "nlvr2", "paired": "nlvr2_paired", "triplet": "nlvr2_t
 
 class Nlvr2Task(Task):
     name = "nlvr2"
+    data_kinds = ("nlvr2",)
     also_validate = ("test",)  # train_nlvr2_adv.py validates test-P beside dev
     kl_reduction = "batchmean"
     fixed_shape_training = True

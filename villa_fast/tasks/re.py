@@ -99,6 +99,7 @@ def box_iou(box1: Tensor, box2: Tensor) -> Tensor:
 
 class ReTask(Task):
     name = "re"
+    data_kinds = ("re",)
     supports_adversarial = True
     #: the authors' validation accuracy (``valid/acc`` of ``train_re.py``: IoU above 0.5)
     main_metric = "acc_iou"

@@ -268,6 +268,7 @@ MINIVAL = "minival"
 
 class RetrievalTask(Task):
     name = "retrieval"
+    data_kinds = ("caption",)
     main_metric = "r_mean"
     supports_robust = True
     supports_adversarial = True

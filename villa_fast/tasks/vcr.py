@@ -13,6 +13,7 @@ __all__ = ["VcrTask"]
 
 class VcrTask(Task):
     name = "vcr"
+    data_kinds = ("vcr",)
     kl_reduction = "mean"  # the released loop averages the KL over all [4B, 2] elements
     main_metric = "acc"
     #: training batches count tokens (TokenBucketSampler); validation batches count questions: VILLA's

@@ -61,6 +61,7 @@ def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class VqaTask(Task):
     name = "vqa"
+    data_kinds = ("vqa",)
     kl_reduction = "batchmean"  # mean over all elements * num_answers == sum over answers, mean over rows
     main_metric = "acc"
     fixed_shape_training = True
@@ -176,6 +177,7 @@ class VeTask(VqaTask):
     """SNLI-VE: three classes, in the official order (contradiction 0, entailment 1, neutral 2)."""
 
     name = "ve"
+    data_kinds = ("ve",)
     also_validate = ("test",)  # train_ve_adv.py validates test beside val
 
     @property
