@@ -638,20 +638,26 @@ class PoisonToy(Toy):
         return _Poison.apply(out, poison)
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["aside", "in_place"])
-@pytest.mark.parametrize("clean", ["once", "per_step", "recompute"])
-@pytest.mark.parametrize("bad_step", [0, 1, 2])
-def test_nonfinite_gradient_is_skipped_and_reported(bad_step, clean, in_place):
+def _poisoned_against_reference(toy_cls, bad_step, clean="once", in_place=False):
+    """The reference's gradients and deltas with step ``bad_step`` left out, and the step's result when that
+    step's backward is poisoned (by ``toy_cls``: its output's gradient, or one parameter's alone)."""
     cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward=clean)
     torch.manual_seed(0)
-    model = PoisonToy(poison_at=-1).double().train()
+    model = toy_cls(poison_at=-1).double().train()
     batch = make_batch()
     model.zero_grad(set_to_none=True)
     want_d = toy_reference(model, batch, cfg, skip={bad_step})
     want = grads_of(model)
     model.zero_grad(set_to_none=True)
     model.calls, model.poison_at = 0, 1 + bad_step  # forward 0 is the clean pass
-    res = run_step(model, batch, cfg, in_place=in_place)
+    return run_step(model, batch, cfg, in_place=in_place), want, want_d, model
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["aside", "in_place"])
+@pytest.mark.parametrize("clean", ["once", "per_step", "recompute"])
+@pytest.mark.parametrize("bad_step", [0, 1, 2])
+def test_nonfinite_gradient_is_skipped_and_reported(bad_step, clean, in_place):
+    res, want, want_d, model = _poisoned_against_reference(PoisonToy, bad_step, clean, in_place)
     assert int(res.skipped_steps) == 1
     expected_rows = [4, 4] if bad_step < 2 else [0, 0]  # the last step has no update
     assert res.skipped_rows.tolist() == expected_rows
@@ -689,16 +695,7 @@ class ParamPoisonToy(Toy):
 @pytest.mark.parametrize("bad_step", [0, 1])
 def test_a_step_with_only_parameter_gradients_nonfinite_leaves_the_deltas_alone(bad_step):
     """A step left out is left out of the perturbation update too, even when its delta gradients are finite."""
-    cfg = AdversarialConfig(steps=3, lr_txt=0.3, lr_img=0.4, modality="text+image", clean_backward="once")
-    torch.manual_seed(0)
-    model = ParamPoisonToy(poison_at=-1).double().train()
-    batch = make_batch()
-    model.zero_grad(set_to_none=True)
-    want_d = toy_reference(model, batch, cfg, skip={bad_step})
-    want = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    model.calls, model.poison_at = 0, 1 + bad_step  # forward 0 is the clean pass
-    res = run_step(model, batch, cfg)
+    res, want, want_d, model = _poisoned_against_reference(ParamPoisonToy, bad_step)
     assert int(res.skipped_steps) == 1
     assert_same(res.deltas, want_d, "delta")
     assert_same(grads_of(model), want, "param grad")

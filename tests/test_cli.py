@@ -141,8 +141,8 @@ def test_training_curves_are_skipped_with_a_warning_without_matplotlib(tmp_path,
 # -- evaluate: which weights -------------------------------------------------------------------------------------
 
 
-def _trained(tmp_path, capsys, **changes):
-    cfg = task_config(tmp_path, "ve", num_train_steps=2, valid_steps=2, **changes)
+def _trained(tmp_path, capsys, task="ve", **changes):
+    cfg = task_config(tmp_path, task, num_train_steps=2, valid_steps=2, **changes)
     p = tmp_path / "run.json"
     p.write_text(json.dumps(cfg))
     assert main(["train", "--config", str(p)]) == 0
@@ -335,11 +335,8 @@ def test_a_config_without_task_or_output_dir_is_a_one_line_error(tmp_path, capsy
 def test_evaluate_reads_the_answer_vocabulary_its_training_run_kept(tmp_path, capsys):
     import shutil
 
-    cfg = task_config(tmp_path, "vqa", num_train_steps=2, valid_steps=2)
-    p = tmp_path / "run.json"
-    p.write_text(json.dumps(cfg))
-    assert main(["train", "--config", str(p)]) == 0
-    capsys.readouterr()
+    p, _ = _trained(tmp_path, capsys, task="vqa")
+    cfg = json.loads(p.read_text())
     # an evaluation config without training data or 'ans2label', on a copy of the val db without a vocabulary
     val = tmp_path / "val_copy"
     shutil.copytree(cfg["val_txt_db"], val)
