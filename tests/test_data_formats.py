@@ -531,3 +531,12 @@ def test_an_img_db_opened_with_the_other_compression_names_the_flag(tmp_path, wr
     held = "feat_th0\\.2_max8_min3" + ("_compressed" if written else "")
     with pytest.raises(FileNotFoundError, match=rf"holds {held}.*{flag}"):
         DetectFeatLmdb(tmp_path / "img", compress=not written, **IMG_ARGS)
+
+
+def test_convert_txt_help_lists_every_tasks_fields(capsys):
+    with pytest.raises(SystemExit) as exc:
+        convert_main(["txt", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for field in ("img_fname", "answers", "rationale_label", "ann_ids", "bbox", "label", "person_<index>"):
+        assert field in out, field

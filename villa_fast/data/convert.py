@@ -27,10 +27,11 @@ reads one JSON object per line:
   behind the official VCR txt_dbs. Person tags (also ``person_<n>`` words in a plain text) take the ids
   after the vocabulary, ``vocab size + n`` for n < 81: the 81 rows VCR models add;
 * ``caption`` (retrieval and pre-training): nothing more;
-* ``re``: ``image_id``, ``ann_id`` and ``ann_ids`` (the image's box ids in region order), and
-  optionally the image size in pixels as ``width`` / ``height`` (COCO's names) or ``image_w`` /
-  ``image_h`` (a detector's), which goes into the ``images.json`` entry of ``image_id``, as in the
-  authors' databases (the records of one image must agree on it).
+* ``re``: ``image_id``, ``ann_id`` and ``ann_ids`` (the image's box ids in region order), the referred
+  box ``bbox`` (COCO ``[x, y, w, h]`` in pixels: the ``acc_iou`` metric needs it, as the official
+  databases hold it), and optionally the image size in pixels as ``width`` / ``height`` (COCO's names) or
+  ``image_w`` / ``image_h`` (a detector's), which goes into the ``images.json`` entry of ``image_id``, as in
+  the authors' databases (the records of one image must agree on it).
 
 Records keep every input field and add the official keys, so the authors' readers can read them.
 Image sizes are not part of an img_db (the authors' detector writes only the four arrays above to
@@ -415,9 +416,17 @@ def _parser(prog: str = "python -m villa_fast.data.convert") -> argparse.Argumen
     pi.add_argument("--min-bb", type=int, default=10)
     pi.add_argument("--num-bb", type=int, default=36)
     pi.add_argument("--no-compress", action="store_true", help="msgpack records instead of compressed npz")
-    pt = sub.add_parser("txt", help="JSONL examples -> txt_db")
+    doc, start, stop = __doc__ or "", "reads one JSON object per line:", "Records keep every input"
+    fields = doc[doc.index(start) + len(start) : doc.index(stop)].strip() if start in doc and stop in doc else ""
+    pt = sub.add_parser(
+        "txt",
+        help="JSONL examples -> txt_db",
+        description="Write a txt_db from a JSONL file, one JSON object (example) per line"
+        + (":\n\n" + fields if fields else "."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     pt.add_argument("--task", required=True, choices=TASKS)
-    pt.add_argument("--jsonl", required=True, help="one JSON example per line (see module docs)")
+    pt.add_argument("--jsonl", required=True, help="one JSON example per line (the fields above)")
     pt.add_argument("--output", required=True, help="txt_db directory to write")
     pt.add_argument(
         "--vocab",
