@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -664,10 +664,3 @@ def dataset_pairs(cfg: Mapping[str, Any], split: str = "train") -> list[tuple[st
     if len(imgs) != len(txts):
         raise ConfigError(f"{split}: {len(txts)} text databases but {len(imgs)} image databases")
     return list(zip(txts, imgs, strict=True))
-
-
-def check_paths_exist(pairs: Sequence[tuple[str, str]]) -> None:
-    for txt, img in pairs:
-        for p in (txt, *img.split(";")):
-            if p and not os.path.isdir(p):
-                raise FileNotFoundError(f"database directory not found: {p}")
