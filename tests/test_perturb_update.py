@@ -180,6 +180,15 @@ def test_an_empty_batch_changes_nothing(backend):
     assert int(n) == 0 and delta.shape == (0, 5)
 
 
+@pytest.mark.parametrize("norm_type", ["l2", "linf"])
+def test_empty_rows_change_nothing(backend, norm_type):
+    # examples without any element (a [B, 0] delta): a zero norm, nothing to move, nothing skipped
+    dev = backend_device(backend)
+    delta = torch.zeros(4, 0, device=dev)
+    n = ops.perturb_update_(delta, torch.ones(4, 0, device=dev), lr=0.1, norm_type=norm_type, max_norm=0.5)
+    assert int(n) == 0 and delta.shape == (4, 0)
+
+
 def test_two_tensors_in_one_call(backend):
     dev = backend_device(backend)
     dt = (torch.randn(4, 6, 8) * 0.01).to(dev)

@@ -128,6 +128,9 @@ class GraphedVillaStep:
             With a scaler, ``scaler.step`` / ``scaler.update`` run inside the graph as well.
         max_grad_norm: optional clipping threshold (> 0) applied before the optimizer step; needs ``optimizer``.
         warmup: eager warm-up steps on a side stream before each capture (their effect is undone).
+        model: optional module whose buffers (BatchNorm running statistics, counters) the warm-up before each
+            capture must leave as they were; without it the parameters, gradients, optimizer and scaler state
+            and the random streams are restored, but a module's buffers keep the warm-up's updates.
         max_graphs: most input signatures captured; the graphs share one memory pool for their intermediates
             but each keeps its static inputs and outputs, so further new signatures run eagerly (with a warning)
             instead of piling up graphs. Pad batches to a few fixed
@@ -156,8 +159,11 @@ class GraphedVillaStep:
         warmup: int = 3,
         max_graphs: int = 16,
         kl_mask_fn: Callable[[Any], Tensor | None] | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         # checked before VillaStep registers its hooks on the model
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module (its buffers are restored), got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if max_grad_norm is not None:
@@ -185,7 +191,10 @@ class GraphedVillaStep:
         )
         # the gradients live in fixed .grad tensors: each step adds to them directly (no second buffer)
         self.eager._grads_in_place = True
+        # a graph holds the parameter list it was captured with: found once (at the first step), then kept
+        self.eager._fixed_params = True
         self.optimizer = optimizer
+        self.model = model
         self.max_grad_norm = max_grad_norm
         self.warmup = warmup
         self.max_graphs = max_graphs
@@ -252,6 +261,24 @@ class GraphedVillaStep:
                 f"the batch holds a {type(odd).__name__}, which torch.utils._pytree cannot open: its contents "
                 "cannot be fed to a CUDA graph (pass dicts, lists or tuples of tensors, or register the type "
                 "with torch.utils._pytree)"
+            )
+            return self._full(batch, txt_mask, img_mask, do_opt)
+        dev = self.eager._injector.device()
+        host = next(
+            (
+                x
+                for x in (*leaves, txt_mask, img_mask)
+                if isinstance(x, Tensor) and dev is not None and x.device.type != dev.type
+            ),
+            None,
+        )
+        if host is not None:
+            # a graph replays device work only: a host tensor's new values reach a host buffer, and anything the
+            # forward derived from them on the host (lengths for pack_padded_sequence, .item(), .tolist()) would
+            # be the capture's, silently
+            self._say_eager(
+                f"the batch holds a {host.device.type} tensor of shape {tuple(host.shape)} beside a model on "
+                f"{dev.type}: a CUDA graph cannot feed it new values (move every tensor of the batch to the GPU)"
             )
             return self._full(batch, txt_mask, img_mask, do_opt)
         key = self._key(leaves, spec, txt_mask, img_mask, do_opt)
@@ -414,6 +441,16 @@ class GraphedVillaStep:
             snap["pending"] = self._pending.clone()
         return snap
 
+    def _snapshot_model(self) -> dict[str, Any]:
+        """The model's buffers (when ``model`` was given) and the default CUDA generator's state."""
+        snap: dict[str, Any] = {}
+        if self.model is not None:
+            snap["buffers"] = [(b, b.detach().clone()) for b in self.model.buffers()]
+        device = self.eager._injector.device()
+        if device is not None and device.type == "cuda":
+            snap["cuda_rng"] = (device, torch.cuda.get_rng_state(device))
+        return snap
+
     def _restore(self, snap: dict[str, Any]) -> None:
         """Undo the warm-up in place (tensor identities are kept: the graph will use these tensors)."""
         params = self._all_params()
@@ -449,6 +486,9 @@ class GraphedVillaStep:
             self.eager.generator.set_state(snap["gen"])
         if "cuda_rng" in snap:
             torch.cuda.set_rng_state(snap["cuda_rng"][1], snap["cuda_rng"][0])
+        with torch.no_grad():
+            for b, v in snap.get("buffers", ()):
+                b.copy_(v)
         if "pending" in snap:
             self._pending.copy_(snap["pending"])
         elif self._pending is not None:
@@ -477,6 +517,9 @@ class GraphedVillaStep:
     ) -> _Graph:
         if do_opt:
             self._check_optimizer()
+        # the buffers and the default CUDA generator before anything runs: discovering the parameters is a
+        # clean forward too (dropout draws, BatchNorm statistics), undone with the warm-up
+        before = self._snapshot_model()
         if self.eager.params is None:
             self.eager.discover_params(pytree.tree_unflatten(leaves, spec))
         static_leaves = [x.detach().clone() if isinstance(x, Tensor) else None for x in leaves]
@@ -488,7 +531,7 @@ class GraphedVillaStep:
         self._attach_static_grads()
         if self.scaler is not None and self.scaler.is_enabled() and self.optimizer is not None:
             self._pending_skipped(self._grad_params()[0].device)  # a tensor of its own, not the graph pool's
-        snap = self._snapshot()
+        snap = {**self._snapshot(), **before}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         try:

@@ -2,21 +2,22 @@
 
 The text delta is added to the *output* of the text-embedding module (the word lookup, before position
 embeddings and LayerNorm); the image delta to the *first input* of the image-input module (the raw region
-features, before the feature projection). When that module is an ``nn.Linear`` (UNITER's ``img_linear``) the
-product is split, ``W (f + delta) + b = (W f + b) + W delta``: the module runs on the features alone and
-``W delta``, computed from the delta alone (outside autocast, in the delta's dtype), is added to its output.
-Same function, same gradients (the delta's is ``W^T g`` either way, the weight's ``g (f + delta)^T`` as two
-products), one more matrix product of the projection's size per perturbed forward; but the perturbation, about
-1e-6 of a feature per element, is no longer rounded against the features by a TF32 or low-precision
-projection (10 mantissa bits keep almost none of it: bench/perturbation_survival.py). The hooks stay
-registered but do nothing unless a step is inside one of its forward calls, so the model can be used normally
-in between.
+features, before the feature projection). When that module is a plain ``nn.Linear`` (UNITER's ``img_linear``;
+not a subclass, which has a forward of its own, and with no other hooks) the product is split, ``W (f + delta)
++ b = (W f + b) + W delta``: the module runs on the features alone and ``W delta``, computed from the delta
+alone (outside autocast, in the delta's dtype), is added to its output. Same function, same gradients (the
+delta's is ``W^T g`` either way, the weight's ``g (f + delta)^T`` as two products), one more matrix product of
+the projection's size per perturbed forward; but the perturbation, about 1e-6 of a feature per element, is no
+longer rounded against the features by a TF32 or low-precision projection (10 mantissa bits keep almost none
+of it: bench/perturbation_survival.py). The hooks stay registered but do nothing unless a step is inside one
+of its forward calls, so the model can be used normally in between.
 
 Precision (VILLA_SPEC section 9): the add is done in the delta's dtype (float32, or float64 for a float64
 model). Under autocast the sum is returned in float32: the ops that follow either promote (the position
 add) or run in float32 anyway (LayerNorm), and matrix multiplies cast it themselves, so nothing is lost at
-the injection point. Outside autocast the sum is cast back to the module's dtype, keeping the model's dtype
-contract (a bf16 model without autocast then rounds small perturbations away; the survival figure shows it).
+the injection point. Outside autocast, and for a module whose weights are bfloat16 or float16 (a model kept in
+that dtype, whose next ops take that dtype only), the sum is cast back to the activation's dtype, keeping the
+model's dtype contract (small perturbations are then rounded away; the survival figure shows it).
 """
 
 from __future__ import annotations
@@ -26,12 +27,36 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def inject(x: Tensor, delta: Tensor) -> Tensor:
-    """``x + delta`` computed in ``delta.dtype``; stays there under autocast, else back to ``x.dtype``."""
+def inject(x: Tensor, delta: Tensor, *, keep_wide: bool = True) -> Tensor:
+    """``x + delta`` computed in ``delta.dtype``; stays there under autocast when ``keep_wide`` (the model's
+    weights are float32 or wider, so autocast manages the casts that follow), else back to ``x.dtype``."""
     y = x.to(delta.dtype) + delta
-    if x.dtype != delta.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != delta.dtype and not (keep_wide and torch.is_autocast_enabled(x.device.type)):
         y = y.to(x.dtype)
     return y
+
+
+def _wide_weights(module: nn.Module | None) -> bool:
+    """Whether ``module``'s floating parameters are float32 or wider (True when it has none): a model kept in
+    bfloat16 or float16 takes its activations in that dtype, even under autocast (a float32 input to its
+    LayerNorm or an index_put fails), so the perturbed sum goes back to the activation's dtype there."""
+    if module is None:
+        return True
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype in (torch.float32, torch.float64)
+    return True
+
+
+def _plain_linear(module: nn.Module | None) -> bool:
+    """An ``nn.Linear`` itself, not a subclass (LoRA, quantised or scaled layers have a forward of their own) and
+    with no hooks of its own: only there is ``module(f + d) = module(f) + W d`` known to hold."""
+    if type(module) is not nn.Linear:
+        return False
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    # another step's injector (the trainer's robust-evaluation attack beside its VillaStep) is not foreign: its
+    # hooks add nothing outside its own steps
+    return all(isinstance(getattr(h, "__self__", None), Injector) for h in hooks)
 
 
 def survival(x: Tensor, delta: Tensor, y: Tensor, compute_dtype: torch.dtype) -> Tensor:
@@ -56,8 +81,9 @@ class Injector:
         self.deltas: dict[str, Tensor | None] = {"text": None, "image": None}
         self.recorded: dict[str, tuple[torch.Size, torch.dtype, torch.device] | None] = {"text": None, "image": None}
         self.survival: dict[str, Tensor] = {}
-        #: the image delta enters as W delta added to a Linear image module's output (see the module docstring)
-        self.image_split = isinstance(image_module, nn.Linear)
+        #: the image delta enters as W delta added to a Linear image module's output (see the module docstring);
+        #: a subclass of nn.Linear, or one with hooks of its own, takes the delta at its input instead
+        self.image_split = _plain_linear(image_module)
         #: set by :meth:`remove`: the step cannot run any more
         self.removed = False
         self._handles = []
@@ -120,7 +146,7 @@ class Injector:
         if delta is None:
             return None
         self._check_shape(name, x)
-        y = inject(x, delta)
+        y = inject(x, delta, keep_wide=_wide_weights(self.text_module if name == "text" else self.image_module))
         if self.measure:
             if name == "image" and torch.is_autocast_enabled(x.device.type):
                 # the image input feeds a projection that autocast runs in the low-precision dtype
@@ -158,7 +184,7 @@ class Injector:
         w = module.weight
         with torch.autocast(out.device.type, enabled=False):
             lin = F.linear(delta, w if w.dtype == delta.dtype else w.to(delta.dtype))
-        y = inject(out, lin)
+        y = inject(out, lin, keep_wide=w.dtype in (torch.float32, torch.float64))
         if self.measure:
             # the sum leaves here in its own dtype (float32 for a float32 delta): what the next op receives, as on
             # the text side (a LayerNorm keeps float32 under autocast; a matrix product would cast again)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from villa_fast.adversarial.config import AdversarialConfig
 from villa_fast.adversarial.hooks import Injector
 from villa_fast.adversarial.rng import ForkedRng
-from villa_fast.ops import add_if_, perturb_init, perturb_update_multi_, sym_kl
+from villa_fast.ops import add_if_, perturb_init, perturb_update_, perturb_update_multi_, sym_kl
 
 _MODALITY_INDEX = {"text": 0, "image": 1}
 # per modality: the step's mask argument, its shape's letters and where the injection point sees the tensor
@@ -208,15 +208,21 @@ class VillaStep:
         loss_fn: ``loss_fn(logits, batch) -> scalar`` task loss; receives float32 logits (float64 stays).
         config: an :class:`AdversarialConfig`.
         text_embedding: module whose output [B, L, H] receives the text delta (e.g. the word-embedding
-            ``nn.Embedding``); required unless modality is "image".
+            ``nn.Embedding``); required unless modality is "image". Dim 0 must be the example: the step and
+            the projection are per row of dim 0 (token ids flattened to [B * L] would make them per token).
         image_input: module whose first input [B, N, D] receives the image delta (e.g. the region-feature
             ``nn.Linear``); required unless modality is "text".
         scaler: optional ``torch.amp.GradScaler`` (float16): losses are scaled for backward, parameter
             gradients accumulate scaled (the caller's ``scaler.step`` unscales them) and delta gradients
             are unscaled on the device.
         params: the parameters to differentiate (distinct leaf tensors requiring grad, at least one of them reached
-            by the loss); by default those reached by the first step's graph.
-        generator: torch.Generator for the perturbation init when ``init_mag > 0``.
+            by the loss); by default those that each step's graph reaches, found again at every step (a walk of
+            the graph, about 0.5 ms of host time for UNITER-base), so a parameter unfrozen later, or a head a
+            batch routes to, gets its gradient as in a plain backward. Pass them to skip the walk.
+        generator: torch.Generator for the perturbation init when ``init_mag > 0``. The init is drawn after the
+            clean forward (its shape is the injection point's, known only then); section 2 of the spec draws
+            it first, so with dropout and the default generator the two orders draw different masks: pass a
+            generator of its own to keep the init independent of the model's draws.
         kl_mask_fn: optional ``kl_mask_fn(batch) -> bool [N] | None``, the logit rows the consistency term
             counts (:func:`villa_fast.ops.sym_kl`'s ``row_mask``): for logits padded to a fixed row count,
             e.g. masked-token predictions padded so that a CUDA graph can hold them. The task loss sees
@@ -267,6 +273,8 @@ class VillaStep:
         self.scaler = scaler
         self.generator = generator
         self._params = checked
+        #: params fixed (given, or kept from the first discovery by GraphedVillaStep, whose graphs hold them)
+        self._fixed_params = checked is not None
         self._injector = Injector(
             text_embedding if config.perturb_text else None, image_input if config.perturb_image else None
         )
@@ -281,12 +289,13 @@ class VillaStep:
     # ------------------------------------------------------------------------------------------ public
     @property
     def params(self) -> list[Tensor] | None:
-        """The parameters the step differentiates (None until the first step discovers them)."""
+        """The parameters the step differentiates: those given, else those the last step found (None before)."""
         return self._params
 
     def discover_params(self, batch: Any) -> list[Tensor]:
-        """Find the parameters from a clean forward and the task loss on ``batch`` (no gradient is written)."""
-        if self._params is None:
+        """Find the parameters from a clean forward and the task loss on ``batch`` (no gradient is written);
+        they are then kept for every later step (not found again per step)."""
+        if self._params is None or not self._fixed_params:
             self._check_call("VillaStep.discover_params")
             autocast = self._autocast(batch)
             z0 = self._clean(batch, autocast)
@@ -294,6 +303,7 @@ class VillaStep:
             if not found:
                 raise RuntimeError("no parameter requiring grad is reached by forward_fn and loss_fn")
             self._params = found
+            self._fixed_params = True
         return self._params
 
     def remove_hooks(self) -> None:
@@ -511,7 +521,7 @@ class VillaStep:
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
         scale = scaler.scale(torch.ones((), dtype=torch.float32, device=device)) if scaler is not None else None
 
-        params = self._params
+        params = self._params if self._fixed_params else None
         acc: list[Tensor | None] | None = None
         g_clean: Tensor | None = None
         total = torch.zeros((), dtype=z0.dtype, device=device)
@@ -541,9 +551,11 @@ class VillaStep:
             loss = (task + cfg.kl_weight * kl) / div
             if params is None:
                 params = find_parameters([loss, z0], exclude=[*delta_list, z0_ref])
-                self._params = params
                 if not params:
                     raise RuntimeError("no parameter requiring grad is reached by the loss")
+                self._params = params
+            elif k == 0:
+                _check_still_trainable(params)
             if acc is None:
                 acc = [None] * len(params)
             extra = [z0_ref] if once else []
@@ -584,9 +596,7 @@ class VillaStep:
                     base = scale if scale is not None else torch.ones((), dtype=torch.float32, device=device)
                     gate = torch.where(ok, base, float("nan"))
                 with torch.no_grad():
-                    counts = perturb_update_multi_(
-                        delta_list, gs, lrs=lrs, norm_type=cfg.norm_type, max_norm=cfg.max_norm, grad_scale=gate
-                    )
+                    counts = _update_deltas(delta_list, gs, lrs, cfg, gate)
                 if len(rows_at) == 2:
                     skipped_rows += counts
                 else:
@@ -623,12 +633,41 @@ class VillaStep:
         )
 
 
+def _update_deltas(deltas: list[Tensor], grads: list[Tensor], lrs: list[float], cfg, gate: Tensor | None) -> Tensor:
+    """The ascent step of every delta, one launch for both when they share a dtype; the skipped-row counts [n]."""
+    if len({d.dtype for d in deltas}) == 1:
+        return perturb_update_multi_(
+            deltas, grads, lrs=lrs, norm_type=cfg.norm_type, max_norm=cfg.max_norm, grad_scale=gate
+        )
+    # the injection points differ in dtype (a float64 image input beside a float32 text embedding): one each
+    counts = [
+        perturb_update_(d, g, lr=lr, norm_type=cfg.norm_type, max_norm=cfg.max_norm, grad_scale=gate).reshape(1)
+        for d, g, lr in zip(deltas, grads, lrs, strict=True)
+    ]
+    return torch.cat(counts)
+
+
+def _check_still_trainable(params: list[Tensor]) -> None:
+    """Given parameters that stopped requiring grad since (frozen between steps) would fail inside autograd."""
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            raise RuntimeError(
+                f"params[{i}] (shape {tuple(p.shape)}) no longer requires grad: pass the parameters to train again "
+                "when freezing some (or leave params out: the step then finds them at every step)"
+            )
+
+
 def _owned(grads: list[Tensor | None], others: Iterable[Tensor | None]) -> list[Tensor | None]:
     """Gradients that can be written in place: autograd may hand the same buffer to several inputs (``a + b``)
     or an expanded view; those are copied, as AccumulateGrad would, so that in-place accumulation is safe."""
     taken = {t.untyped_storage().data_ptr() for t in others if t is not None}
     out: list[Tensor | None] = []
     for g in grads:
+        if g is not None and g.layout != torch.strided:
+            raise TypeError(
+                f"a parameter's gradient is {g.layout} (shape {tuple(g.shape)}; e.g. nn.Embedding(sparse=True)): "
+                "the step accumulates dense gradients; build the module with dense gradients (sparse=False)"
+            )
         if g is not None:
             ptr = g.untyped_storage().data_ptr()
             if ptr in taken or not g.is_contiguous():

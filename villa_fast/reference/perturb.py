@@ -86,7 +86,8 @@ def perturb_update_(
     if norm_type == "l2":
         n = g.norm(p=2, dim=1)
     elif norm_type == "linf":
-        n = g.abs().amax(dim=1)
+        # an empty row has norm 0 (amax refuses an empty dim)
+        n = g.abs().amax(dim=1) if g.shape[1] else g.new_zeros(b)
     else:
         raise ValueError(f"norm_type must be 'l2' or 'linf', got {norm_type!r}")
     finite = finite & torch.isfinite(n)
