@@ -232,6 +232,7 @@ class Compiled:
     kernel: str  # module:function
     constexprs: dict[str, object]
     dtypes: dict[str, str]  # tensor argument -> dtype
+    scalars: dict[str, str]  # scalar argument -> the type the kernel was compiled for (fp32, fp64, i32, ...)
     num_warps: int
     num_stages: int
     arch: int
@@ -382,6 +383,10 @@ class _Recorder:
     def _describe(fn, name, kernel, arguments, log: str) -> Compiled:
         constexprs = {p.name: arguments.get(p.name) for p in fn.params if p.is_constexpr}
         dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in arguments.items() if torch.is_tensor(v)}
+        signature = getattr(getattr(kernel, "src", None), "signature", None) or {}
+        scalars = {
+            k: str(t) for k, t in signature.items() if isinstance(t, str) and t != "constexpr" and not t.startswith("*")
+        }
         md = kernel.metadata
         stats, source = parse_ptxas_log(log, md.name), "triton ptxas log"
         if stats is None:
@@ -398,6 +403,7 @@ class _Recorder:
             kernel=name,
             constexprs=constexprs,
             dtypes=dtypes,
+            scalars=scalars,
             num_warps=md.num_warps,
             num_stages=md.num_stages,
             arch=md.target.arch,

@@ -5,7 +5,8 @@ then each tensor's kernel reads its count: one kernel cannot both read and advan
 its programs read. Each program computes the step size in float64 from the count (1 - b^t as 1 - exp(t log b),
 accurate where 1 - b^t from a float32 b would lose up to 1e-5 of it), then updates BLOCK elements in float32,
 reading p, g, m, v once and writing p, m, v once. A non-zero found_inf makes every program return before
-reading anything.
+reading anything. The scalars that enter the float64 step size (lr, log beta1, log beta2, weight_decay) are
+declared float64: Triton would pass a Python float as float32, rounding them before that math.
 """
 
 from __future__ import annotations
@@ -88,15 +89,15 @@ def _adamw_step_kernel(
     scale_ptr,
     found_inf_ptr,
     n,
-    lr,
+    lr: tl.float64,
     beta1,
     beta2,
     one_minus_beta1,
     one_minus_beta2,
-    log_beta1,
-    log_beta2,
+    log_beta1: tl.float64,
+    log_beta2: tl.float64,
     eps,
-    weight_decay,
+    weight_decay: tl.float64,
     HAS_LR_PTR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,

@@ -404,3 +404,18 @@ def test_captured_in_a_cuda_graph_follows_lr_and_the_flag_at_each_replay(monkeyp
         torch.cuda.synchronize()
         _assert_close_state(state, ref)
     assert [float(s) for s in state[4]] == [float(3 * i % 7) + 2 for i in range(3)]
+
+
+def test_a_parameter_requiring_grad_is_refused_in_grad_mode_by_every_backend(backend):
+    # as torch's in-place ops refuse it; under no_grad (an optimizer step) it runs
+    dev = backend_device(backend)
+    params, grads, ms, vs, steps = _state(dev, shapes=[(3, 5)])
+    params[0].requires_grad_()
+    before = params[0].detach().clone()
+    kw = {"lr": 1e-3, "weight_decay": 0.01, "correct_bias": True, **HYPER}
+    with pytest.raises(RuntimeError, match=r"adamw_step_: params\[0\] is a leaf tensor that requires grad"):
+        ops.adamw_step_(params, grads, ms, vs, steps, **kw)
+    assert torch.equal(params[0].detach(), before)
+    with torch.no_grad():
+        ops.adamw_step_(params, grads, ms, vs, steps, **kw)
+    assert not torch.equal(params[0].detach(), before)

@@ -177,3 +177,16 @@ def test_captured_in_a_cuda_graph_follows_the_flag_at_each_replay(monkeypatch, n
         torch.cuda.synchronize()
         for a in accs:
             assert torch.equal(a, torch.full_like(a, want))
+
+
+def test_a_leaf_requiring_grad_is_refused_in_grad_mode_by_every_backend(backend):
+    # torch's own in-place ops refuse it; a kernel called directly would change it silently
+    dev = backend_device(backend)
+    leaf = torch.zeros(4, device=dev, requires_grad=True)
+    ok = torch.tensor(True, device=dev)
+    with pytest.raises(RuntimeError, match=r"add_if_: accs\[0\] is a leaf tensor that requires grad"):
+        ops.add_if_([leaf], [torch.ones(4, device=dev)], ok)
+    assert torch.equal(leaf.detach(), torch.zeros(4, device=dev))
+    with torch.no_grad():
+        ops.add_if_([leaf], [torch.ones(4, device=dev)], ok)
+    assert torch.equal(leaf.detach(), torch.ones(4, device=dev))

@@ -137,3 +137,14 @@ def test_shared_memory_fits(report):
         if c["usage"]["shared"] > MAX_SMEM_PER_BLOCK
     ]
     assert not over, f"more shared memory than an sm_90 block may use ({MAX_SMEM_PER_BLOCK} bytes):\n" + "\n".join(over)
+
+
+def test_adamw_step_takes_its_step_size_scalars_as_float64(report):
+    # Triton passes a Python float as float32 unless the parameter is declared otherwise: lr, log beta and
+    # weight_decay enter the step size computed in float64, and would be rounded before it
+    adamw = [c for c in report["compiled"] if c["kernel"] == "adamw_step:_adamw_step_kernel"]
+    assert adamw
+    for c in adamw:
+        assert {k: c["scalars"].get(k) for k in ("lr", "log_beta1", "log_beta2", "weight_decay")} == dict.fromkeys(
+            ("lr", "log_beta1", "log_beta2", "weight_decay"), "fp64"
+        ), c["scalars"]

@@ -204,6 +204,9 @@ def adamw_step_(
         _one_element("found_inf", found_inf, device)
     if not _tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, device):
         _check_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, device)
+    _check.no_grad_leaves(
+        "adamw_step_", {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
+    )
     dtypes = {str(p.dtype) for p in params}
     backends = {choose("adamw_step", device.type, d) for d in dtypes}
     backend = backends.pop() if len(backends) == 1 else "reference"

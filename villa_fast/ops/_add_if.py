@@ -62,6 +62,7 @@ def add_if_(accs: list[Tensor] | tuple[Tensor, ...], vals: list[Tensor] | tuple[
         raise ValueError(f"ok must be a one-element bool tensor, got dtype {ok.dtype} and shape {tuple(ok.shape)}")
     if not _pairs_ok(accs, vals, ok.device):
         _check_pairs(accs, vals, ok)
+    _check.no_grad_leaves("add_if_", {"accs": accs})
     if not accs:
         return
     dtypes = {str(a.dtype) for a in accs}

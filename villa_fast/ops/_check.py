@@ -53,6 +53,20 @@ def choice(name: str, value: object, options: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
+def no_grad_leaves(op: str, lists: dict[str, list]) -> None:
+    """An in-place op on a leaf that requires grad, with grad mode on, raises as torch's own in-place ops do,
+    whichever backend runs (a kernel called directly would change it silently)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, ts in lists.items():
+        for i, t in enumerate(ts):
+            if isinstance(t, Tensor) and t.requires_grad and t.is_leaf:
+                raise RuntimeError(
+                    f"{op}: {name}[{i}] is a leaf tensor that requires grad, changed in place while grad mode is on; "
+                    "call it under torch.no_grad() (as an optimizer step does)"
+                )
+
+
 def _same_view(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
