@@ -69,8 +69,8 @@ def _worker(rank: int, world: int, port: int, base: dict, out: str) -> None:
         trainer_mod.latest_checkpoint = lambda ckpt_dir: Path(ckpt_dir) / "step_2"
     resumed = Trainer(resolve_config(None, run), resume=True, quiet=True)
     loaded: list[str] = []
-    real_load = resumed.load
-    resumed.load = lambda path: (loaded.append(Path(path).name), real_load(path))[1]
+    real_restore = resumed._restore  # what loads the checkpoint's weights and state, once it is checked
+    resumed._restore = lambda path, state: (loaded.append(Path(path).name), real_restore(path, state))[1]
     resumed.train()
     rec["resumed_from"] = loaded
     torch.save(rec, out_dir / f"rank{rank}.pt")

@@ -3,9 +3,10 @@
 Configs are the authors' JSON files (official keys, see :mod:`villa_fast.train.config`); any key
 can be overridden with ``--<key> value`` on the command line.
 
-A user mistake (a bad config value, a missing or unreadable file, malformed data) ends with one line,
-``error: ...`` (``config error: ...`` for a config key), and exit status 2; ``--debug`` shows the traceback
-instead. Other errors (bugs) keep their traceback.
+A user mistake (a bad config value, a missing or unreadable file, malformed data) or a file system error
+about a named file (a read-only or full disk) ends with one line, ``error: ...`` (``config error: ...`` for a
+config key), and exit status 2; ``--debug`` shows the traceback instead. Other errors (bugs) keep their
+traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _is_user_error(exc: BaseException) -> bool:
+    """One of :data:`USER_ERRORS`, or an ``OSError`` the system raised about a named file (``errno`` and
+    ``filename`` set: a read-only file system, a full disk): the file and the reason say what to do."""
+    if isinstance(exc, USER_ERRORS):
+        return True
+    return isinstance(exc, OSError) and exc.errno is not None and exc.filename is not None
+
+
 def _message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror and str(exc).startswith("["):
         # "[Errno 2] No such file or directory: 'x'" -> "x: No such file or directory"
@@ -38,12 +47,13 @@ def _message(exc: BaseException) -> str:
 
 
 def run_reporting_errors(fn: Callable[[], int], debug: bool = False) -> int:
-    """``fn()``; a user error (:data:`USER_ERRORS`) prints ``error: <message>`` to stderr and returns 2
+    """``fn()``; a user error (:data:`USER_ERRORS`, or an ``OSError`` with an errno and a file name) prints
+    ``error: <message>`` to stderr (``error: <file>: <reason>`` for a file system error) and returns 2
     (``debug``: re-raised, with its traceback). Anything else propagates with its traceback."""
     try:
         return fn()
-    except USER_ERRORS as exc:
-        if debug:
+    except Exception as exc:
+        if debug or not _is_user_error(exc):
             raise
         from villa_fast.train.config import ConfigError
 

@@ -43,6 +43,11 @@ class CheckpointFormatError(ValueError):
     """A weights file that is not a readable safetensors file or torch state dict (the message names it)."""
 
 
+class CheckpointMismatchError(CheckpointFormatError):
+    """Weights that do not load exactly into the model: keys it lacks or does not have, or tensors of another
+    shape, as weights of another task or model configuration have (the message counts each and names the first)."""
+
+
 @dataclass
 class LoadReport:
     """Keys the model has but the checkpoint lacked, and checkpoint keys the model does not use."""
@@ -207,6 +212,36 @@ def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 # -- loading ---------------------------------------------------------------------------------------
+def _first(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (" ..." if len(items) > n else "")
+
+
+def _dims(t: Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def weights_mismatch(model: nn.Module, sd: Mapping[str, Tensor]) -> str | None:
+    """What keeps ``sd`` (the model's own key names, as :func:`save_safetensors` writes them) from loading exactly
+    into ``model``: the counts of missing, unexpected and differently shaped tensors, with the first few of each
+    (None: it loads). A key absent because its tensor is tied to a stored one (safetensors stores a shared tensor
+    once) is not missing."""
+    own = model.state_dict(keep_vars=True)
+    stored = {own[k].data_ptr() for k in sd if k in own}
+    missing = [k for k in own if k not in sd and own[k].data_ptr() not in stored]
+    unexpected = [k for k in sd if k not in own]
+    shaped = [
+        f"{k} ({_dims(sd[k])} in the file, {_dims(own[k])} in the model)"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    ]
+    parts = [
+        f"{len(keys)} {what} ({_first(keys)})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shaped))
+        if keys
+    ]
+    return "; ".join(parts) or None
+
+
 def _encoder_of(model: nn.Module) -> tuple[UniterModel, str]:
     if isinstance(model, UniterModel):
         return model, ""

@@ -71,15 +71,21 @@ class VqaTask(Task):
         self._ans2label: dict[str, int] | None = None
 
     # -- answers -------------------------------------------------------------------------------
+    def _vocab_path(self) -> str:
+        """Where the answer vocabulary is read: key 'ans2label', else the first training (or validation) txt_db's
+        ans2label.json."""
+        path = self.cfg.get("ans2label")
+        if not path:
+            first = self.pairs("train")[0][0] if self._has_train() else self.cfg.get("val_txt_db")
+            if first and not os.path.isdir(first):
+                raise FileNotFoundError(f"missing txt_db directory: {first}")
+            path = os.path.join(first or "", "ans2label.json")
+        return path
+
     @property
     def ans2label(self) -> dict[str, int]:
         if self._ans2label is None:
-            path = self.cfg.get("ans2label")
-            if not path:
-                first = self.pairs("train")[0][0] if self._has_train() else self.cfg.get("val_txt_db")
-                if first and not os.path.isdir(first):
-                    raise FileNotFoundError(f"missing txt_db directory: {first}")
-                path = os.path.join(first or "", "ans2label.json")
+            path = self._vocab_path()
             if not os.path.isfile(path):
                 raise ConfigError(
                     f"task vqa: answer vocabulary not found at {path} (set config key 'ans2label' to the authors' "
@@ -91,6 +97,30 @@ class VqaTask(Task):
     def run_files(self) -> dict[str, str]:
         # the vocabulary the run's labels mean, kept beside its checkpoints (as the authors' ckpt/ans2label.json)
         return {"ckpt/ans2label.json": json.dumps(self.ans2label)}
+
+    def check_run_files(self, output_dir: str | os.PathLike) -> None:
+        """Refuse to resume the run in ``output_dir`` with another answer vocabulary than the one it kept
+        (``ckpt/ans2label.json``: what its checkpoints' answer labels index, and what ``evaluate`` reads). The same
+        answers under the same labels pass, whatever file they come from; a run that kept none passes.
+
+        Raises:
+            ConfigError: the configured vocabulary differs from the kept one (or the kept one cannot be read).
+        """
+        if "ckpt/ans2label.json" not in self.run_files():
+            return  # a task with a fixed set of classes (VE) keeps no vocabulary
+        kept_path = os.path.join(output_dir, "ckpt", "ans2label.json")
+        if not os.path.isfile(kept_path):
+            return
+        kept, now = read_answer_vocab(kept_path), self.ans2label
+        if kept == now:
+            return
+        changed = sorted(a for a in set(kept) | set(now) if kept.get(a) != now.get(a))
+        raise ConfigError(
+            f"task vqa: cannot resume the run in {output_dir} with another answer vocabulary: it was trained with "
+            f"{kept_path} ({len(kept)} answers), the config gives {self._vocab_path()} ({len(now)} answers; "
+            f"{len(changed)} answers differ, e.g. {changed[0]!r}). Resume with --ans2label {kept_path}, or start a "
+            "new run in another or an empty output_dir"
+        )
 
     def _has_train(self) -> bool:
         return bool(self.cfg.get("train_txt_dbs") or self.cfg.get("train_txt_db"))

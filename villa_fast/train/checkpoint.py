@@ -5,13 +5,17 @@ A checkpoint is a directory ``ckpt/step_{N}`` holding ``model.safetensors`` and 
 each), each written to a temporary file, flushed to disk (fsync) and renamed into place; the directory itself
 is renamed into place last (and its parent fsynced), so neither a crash nor a power loss leaves a half-written
 checkpoint that ``--resume`` would pick. Temporary directories a killed run left behind
-(``.step_N.*``, ``.stale_step_N.*``) are removed when the next run saves or resumes. A newest checkpoint
+(``.step_N.*``) are removed when the next run saves or resumes; a checkpoint set aside while the same step was
+saved again (``.stale_step_N.*``) is put back as ``step_N`` when the new one never took its place, else
+removed. A write that fails on a full disk raises ``OSError(ENOSPC)`` naming what it was writing, its partial
+files removed and the checkpoints already written left as they were. A newest checkpoint
 whose files are truncated or changed (a disk that lied about the fsync, a copy cut short, a flipped bit) is
 set aside with a warning and the run resumes from the newest intact one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,13 +32,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from villa_fast.models.checkpoint import CheckpointFormatError, load_torch_file, zip_damage
+from villa_fast.models.checkpoint import (
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    load_torch_file,
+    weights_mismatch,
+    zip_damage,
+)
 
 __all__ = [
     "CheckpointReadError",
     "atomic_save",
+    "atomic_write_text",
+    "checkpoint_model_config",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_weights",
+    "read_train_state",
     "remove_leftovers",
     "rng_state",
     "run_files",
@@ -52,6 +66,10 @@ _CHECKSUMS = "checksums.json"
 #: previous checkpoint of the same step set aside, atomic_save_weights' final weights being written); a killed
 #: run leaves them behind, each as large as a checkpoint
 _LEFTOVER = re.compile(r"^\.(step_\d+\.|stale_step_\d+\.|model_final\.safetensors\.).+$")
+_STALE = re.compile(r"^\.stale_(step_\d+)\..+$")
+#: free space under which a failed write is taken for a full disk: torch.save reports one as a RuntimeError of
+#: its zip writer ("unexpected pos ..."), without an errno; the partial file has taken what space there was
+_FULL_BELOW = 1 << 20
 
 
 class CheckpointReadError(CheckpointFormatError):
@@ -75,20 +93,49 @@ def _fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _full_disk_errno(directory: Path, exc: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when ``exc``, raised while writing into ``directory``, comes from a full disk or quota
+    (None: another failure). An error without an errno (torch's zip writer, safetensors) is put down to a full
+    disk when next to no space is left."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    try:
+        return errno.ENOSPC if shutil.disk_usage(directory).free < _FULL_BELOW else None
+    except OSError:
+        return None
+
+
 def _atomic_write(path: str | os.PathLike, write) -> None:
     """``write(tmp)`` to a temporary file in ``path``'s directory, fsync it, ``os.replace`` it to ``path``, fsync
-    the directory."""
+    the directory. The temporary file is removed whatever happens; a full disk raises ``OSError(ENOSPC)`` (or
+    EDQUOT) naming ``path``, whatever error the writer raised for it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        _fsync(tmp)
+        try:
+            write(tmp)
+            _fsync(tmp)
+        except Exception as exc:
+            # judged while the partial file still holds the space it took
+            code = _full_disk_errno(path.parent, exc)
+            if code is None:
+                raise
+            raise OSError(
+                code,
+                f"{os.strerror(code)}: {path.name} was not written (a file it would replace is left as it was)",
+                str(path),
+            ) from exc
         os.replace(tmp, path)
         _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a reader sees the old file or the new one, never a part."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -105,10 +152,27 @@ def atomic_save_weights(model: nn.Module, path: str | os.PathLike) -> None:
 def remove_leftovers(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and directories killed runs left in ``ckpt_dir`` (only this library's own
     dot-prefixed names: ``.step_N.*``, ``.stale_step_N.*``, ``.model_final.safetensors.*``); returns them.
-    Call it from one process (rank 0), not while another process saves into the same directory."""
+    A ``.stale_step_N.*`` is the previous ``step_N``, set aside while the step was saved again: when no
+    ``step_N`` took its place (the save was killed between its two renames) it is renamed back to ``step_N``
+    (with a warning; not returned) instead of removed. Call it from one process (rank 0), not while another
+    process saves into the same directory."""
     ckpt_dir = Path(ckpt_dir)
     removed = []
     if ckpt_dir.is_dir():
+        # the newest first: when a step was set aside more than once, the latest copy is the one put back
+        stale = sorted(
+            (p for p in ckpt_dir.iterdir() if _STALE.match(p.name) and p.is_dir() and not p.is_symlink()),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for p in stale:
+            final = ckpt_dir / _STALE.match(p.name).group(1)
+            if not final.exists():
+                os.replace(p, final)
+                _fsync(ckpt_dir)
+                logger.warning(
+                    "restored %s from %s: an interrupted save of the same step had set it aside", final, p.name
+                )
         for p in ckpt_dir.iterdir():
             if not _LEFTOVER.match(p.name):
                 continue
@@ -166,15 +230,37 @@ def save_checkpoint(
     final = ckpt_dir / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=ckpt_dir))
     try:
-        atomic_save_weights(model, tmp / "model.safetensors")
-        atomic_save(train_state, tmp / "train_state.pt")
-        sums = {name: _crc32(tmp / name) for name in ("model.safetensors", "train_state.pt")}
-        _atomic_write(tmp / _CHECKSUMS, lambda f: Path(f).write_text(json.dumps(sums)))
+        try:
+            atomic_save_weights(model, tmp / "model.safetensors")
+            atomic_save(train_state, tmp / "train_state.pt")
+            sums = {name: _crc32(tmp / name) for name in ("model.safetensors", "train_state.pt")}
+            _atomic_write(tmp / _CHECKSUMS, lambda f: Path(f).write_text(json.dumps(sums)))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = [p.name for p in step_checkpoints(ckpt_dir)]
+            earlier = (
+                f"the checkpoints already written ({', '.join(kept)}) are intact"
+                if kept
+                else "no earlier checkpoint was written"
+            )
+            raise OSError(
+                exc.errno,
+                f"{os.strerror(exc.errno)}: the step {step} checkpoint was not written (its partial files are "
+                f"removed); {earlier}. Free space on the disk, then continue the run with --resume",
+                str(final),
+            ) from exc
         if final.exists():
-            # set the old one aside rather than deleting it first: an interruption never loses both
+            # set the old one aside rather than deleting it first: an interruption never loses both (one between
+            # the renames puts it back here; a killed process leaves it for remove_leftovers to put back)
             stale = ckpt_dir / f".stale_step_{step}.{os.getpid()}"
-            os.replace(final, stale)
-            os.replace(tmp, final)
+            try:
+                os.replace(final, stale)
+                os.replace(tmp, final)
+            except BaseException:
+                if stale.exists() and not final.exists():
+                    os.replace(stale, final)
+                raise
             _fsync(ckpt_dir)
             shutil.rmtree(stale, ignore_errors=True)
         else:
@@ -230,15 +316,15 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _checksum_mismatch(step_dir: Path) -> str | None:
-    """Which file of ``step_dir`` no longer has the CRC-32 recorded when it was saved (None: all match, or a
-    checkpoint written without checksums)."""
+def _checksum_mismatch(step_dir: Path, names: tuple[str, ...] = ("model.safetensors", "train_state.pt")) -> str | None:
+    """Which of the files ``names`` of ``step_dir`` no longer has the CRC-32 recorded when it was saved (None: all
+    match, or a checkpoint written without checksums)."""
     sums_file = step_dir / _CHECKSUMS
     if not sums_file.exists():
         return None
     try:
         sums = json.loads(sums_file.read_text())
-        expected = {name: int(sums[name]) for name in ("model.safetensors", "train_state.pt")}
+        expected = {name: int(sums[name]) for name in names}
     except (OSError, ValueError, TypeError, KeyError) as exc:
         return f"{_CHECKSUMS}: unreadable ({exc})"
     for name, crc in expected.items():
@@ -318,50 +404,95 @@ def _step_of(path: Path) -> str:
     return f" (step {m.group(1)})" if m else ""
 
 
+def _checkpoint_dir(path: str | os.PathLike) -> tuple[Path, str]:
+    """``path`` and how messages name it; FileNotFoundError unless it holds a checkpoint's two files."""
+    path = Path(path)
+    where = f"checkpoint {path}{_step_of(path)}"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{where} is not a checkpoint directory (step_N holding model.safetensors and train_state.pt)"
+        )
+    for name in ("model.safetensors", "train_state.pt"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{where} has no {name}: not a complete training checkpoint")
+    return path, where
+
+
+def read_train_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The training state of the checkpoint directory ``path`` (its weights are not read).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a checkpoint directory (or lacks one of its two files).
+        CheckpointReadError: ``train_state.pt`` is truncated, empty, not in its format or changed since it was
+            saved (the message names it and the step).
+    """
+    path, where = _checkpoint_dir(path)
+    changed = _checksum_mismatch(path, ("train_state.pt",))
+    if changed is not None:
+        raise CheckpointReadError(f"{where}: {changed}")
+    try:
+        return load_torch_file(path / "train_state.pt", map_location=map_location)
+    except CheckpointFormatError as exc:
+        raise CheckpointReadError(f"{where}: {exc}") from None
+
+
+def checkpoint_model_config(path: str | os.PathLike) -> dict | None:
+    """The UNITER config recorded with the checkpoint's weights (None: none recorded); reads the header only.
+
+    Raises:
+        FileNotFoundError, CheckpointReadError: as :func:`read_train_state`, for ``model.safetensors``.
+    """
+    from safetensors import safe_open
+
+    path, where = _checkpoint_dir(path)
+    weights = path / "model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as fh:
+            raw = (fh.metadata() or {}).get("uniter_config")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointReadError(f"{where}: {weights} cannot be read, it is truncated or corrupt ({exc})") from None
+    return json.loads(raw) if raw else None
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module, map_location: str | torch.device = "cpu") -> None:
+    """Load the checkpoint's weights into ``model``, exactly: every key must match, in name and shape.
+
+    Raises:
+        FileNotFoundError, CheckpointReadError: as :func:`read_train_state`, for ``model.safetensors``.
+        CheckpointMismatchError: the weights are another model's (another task or model configuration); the
+            message counts the missing, unexpected and differently shaped tensors and names the first few.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path, where = _checkpoint_dir(path)
+    weights = path / "model.safetensors"
+    try:
+        sd = load_file(str(weights), device=str(map_location))
+    except SafetensorError as exc:
+        raise CheckpointReadError(f"{where}: {weights} cannot be read, it is truncated or corrupt ({exc})") from exc
+    changed = _checksum_mismatch(path, ("model.safetensors",))
+    if changed is not None:
+        raise CheckpointReadError(f"{where}: {changed}")
+    why = weights_mismatch(model, sd)
+    if why is not None:
+        raise CheckpointMismatchError(
+            f"{where} does not fit the {type(model).__name__} the current config builds: {why}. Use the task and "
+            "model_config it was trained with (its run's log/hps.json and log/model.json)"
+        )
+    model.load_state_dict(sd, strict=False)  # strict=False: tied weights are stored once
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, map_location: str | torch.device = "cpu") -> dict:
-    """Load the weights into ``model`` (exactly: every key must match) and return the training state.
+    """Load the weights into ``model`` (exactly: every key must match, in name and shape) and return the training
+    state (:func:`load_weights`, :func:`read_train_state`).
 
     Raises:
         FileNotFoundError: ``path`` is not a checkpoint directory (or lacks one of its two files).
         CheckpointReadError: a file is truncated, empty, not in its format or changed since it was saved (its
             CRC-32 differs from the one recorded in ``checksums.json``; the message names it and the step).
-        RuntimeError: the weights do not match the model.
+        CheckpointMismatchError: the weights do not fit the model.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    where = f"checkpoint {path}{_step_of(path)}"
-    weights, state_file = path / "model.safetensors", path / "train_state.pt"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{where} is not a checkpoint directory (step_N holding model.safetensors and train_state.pt)"
-        )
-    for f in (weights, state_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{where} has no {f.name}: not a complete training checkpoint")
-    try:
-        sd = load_file(str(weights), device=str(map_location))
-    except SafetensorError as exc:
-        raise CheckpointReadError(f"{where}: {weights} cannot be read, it is truncated or corrupt ({exc})") from exc
-    changed = _checksum_mismatch(path)
-    if changed is not None:
-        raise CheckpointReadError(f"{where}: {changed}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    # tied weights are stored once: the keys safetensors left out alias a stored tensor
-    missing = [k for k in missing if not _is_tied_alias(model, k, sd)]
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
-    try:
-        return load_torch_file(state_file, map_location=map_location)
-    except CheckpointFormatError as exc:
-        raise CheckpointReadError(f"{where}: {exc}") from None
-
-
-def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:
-    own = model.state_dict(keep_vars=True)
-    t = own.get(key)
-    if t is None:
-        return False
-    ptr = t.data_ptr()
-    return any(own[k].data_ptr() == ptr for k in sd if k in own and k != key)
+    state = read_train_state(path, map_location)
+    load_weights(path, model, map_location)
+    return state

@@ -31,8 +31,11 @@ from villa_fast.tasks import DataContext, Task, build_task
 from villa_fast.train import distributed as vdist
 from villa_fast.train.checkpoint import (
     atomic_save_weights,
+    atomic_write_text,
+    checkpoint_model_config,
     latest_checkpoint,
-    load_checkpoint,
+    load_weights,
+    read_train_state,
     rng_state,
     run_files,
     save_checkpoint,
@@ -117,15 +120,6 @@ def _few(names: list[str], n: int = 5) -> str:
     """The first ``n`` names, and how many more."""
     head = ", ".join(names[:n])
     return head + (f" ... ({len(names) - n} more)" if len(names) > n else "")
-
-
-def _saved_model_config(path: str | os.PathLike) -> dict | None:
-    """The UNITER config recorded with a checkpoint's weights (None if it has none)."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path) / "model.safetensors"), "pt") as fh:
-        raw = (fh.metadata() or {}).get("uniter_config")
-    return json.loads(raw) if raw else None
 
 
 def _plain(x: Any) -> Any:
@@ -314,7 +308,8 @@ class Trainer:
             amp_dtype=self.amp_dtype,
         )
         m = self.model
-        extra = {"max_graphs": c["adv_max_graphs"]} if c["adv_graphed"] else {}
+        # graphed: the model's buffers are restored after each capture's warm-up with the rest
+        extra = {"max_graphs": c["adv_max_graphs"], "model": m} if c["adv_graphed"] else {}
         cls = GraphedVillaStep if c["adv_graphed"] else VillaStep
         return cls(
             lambda b: self.task.forward(m, b),
@@ -497,17 +492,32 @@ class Trainer:
         return save_checkpoint(self._ckpt_dir(), self.global_step, self.model, state, keep=self.cfg["keep_checkpoints"])
 
     def load(self, path: str | os.PathLike) -> None:
-        """Resume from the training checkpoint ``path`` (all ranks call it with the same path)."""
-        # the training state is read on the CPU (the random states must be CPU tensors); the weights and the
-        # optimizer state go to the parameters' device as they load
-        state = load_checkpoint(path, self.model, map_location="cpu")
+        """Resume from the training checkpoint ``path`` (all ranks call it with the same path): its training state
+        is read and checked against this run (:meth:`_read_resume_state`) before any weight is loaded."""
+        self._restore(path, self._read_resume_state(path))
+
+    def _read_resume_state(self, path: str | os.PathLike) -> dict:
+        """The training state of ``path``, once it is known to fit this run: the same number of processes, the
+        same trajectory keys and model (:meth:`_check_resume_config`). Loads and writes nothing, so a refused
+        resume leaves the model and the run's files as they were; a changed model is reported as such, not as
+        weights that do not fit."""
+        # read on the CPU (the random states must be CPU tensors); the optimizer state goes to the parameters'
+        # device as it loads
+        state = read_train_state(path, map_location="cpu")
         if state["world_size"] != self.dist.world_size:
-            raise RuntimeError(
-                f"{path} was written by a run with {state['world_size']} processes; resume with the same number"
+            raise ConfigError(
+                f"cannot resume from {path}: it was written by a run with {state['world_size']} processes and this "
+                f"run has {self.dist.world_size}; each process's data position and random state are saved, so "
+                f"resume with {state['world_size']} processes, or start a new run in another or an empty output_dir"
             )
         saved = state.get("config")
-        if saved:
-            self._check_resume_config(path, json.loads(saved) if isinstance(saved, str) else saved)
+        # without a saved configuration (a checkpoint from before it was saved) only the model is compared
+        self._check_resume_config(path, (json.loads(saved) if isinstance(saved, str) else saved) or {})
+        return state
+
+    def _restore(self, path: str | os.PathLike, state: dict) -> None:
+        """Load ``path``'s weights and apply its training state ``state`` (from :meth:`_read_resume_state`)."""
+        load_weights(path, self.model, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"]:
@@ -536,7 +546,7 @@ class Trainer:
                 path,
                 "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in moved),
             )
-        model = _saved_model_config(path)
+        model = checkpoint_model_config(path)
         if model is not None:
             built_from = getattr(self.model, "source_config", None) or self.model.uniter.config
             now = json.loads(json.dumps(built_from.to_dict()))
@@ -587,21 +597,40 @@ class Trainer:
         finally:
             set_rng_state(state)
 
+    def _check_run_files(self) -> None:
+        """A resumed run keeps the files that define it: the task refuses a config that would write other ones
+        (VQA: another answer vocabulary than the one its checkpoints were trained with). Checked on rank 0, which
+        writes them; refused on every rank."""
+        check = getattr(self.task, "check_run_files", None)
+        if check is None or self.output_dir is None:
+            return
+        err = None
+        if self.dist.is_main:
+            try:
+                check(self.output_dir)
+            except ConfigError as exc:
+                err = str(exc)
+        err = vdist.broadcast_object(err)
+        if err is not None:
+            raise ConfigError(err)
+
     def _prepare_output(self) -> None:
         if self.output_dir:
             self._on_main(f"prepare output_dir {self.output_dir}", self._write_run_files)
 
     def _write_run_files(self) -> None:
+        """The run's description (log/hps.json, log/model.json) and the task's run files, each written
+        atomically: a failed write leaves the previous one whole."""
         if self.output_dir:
             for sub in ("ckpt", "log", "results"):
                 (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "log" / "hps.json").write_text(to_json(self.cfg), encoding="utf-8")
+            atomic_write_text(self.output_dir / "log" / "hps.json", to_json(self.cfg))
             # the config the model is built from (VCR's adds its rows to it again when rebuilt)
             mc = getattr(self.model, "source_config", self.model.uniter.config).to_dict()
-            (self.output_dir / "log" / "model.json").write_text(json.dumps(mc, indent=2), encoding="utf-8")
+            atomic_write_text(self.output_dir / "log" / "model.json", json.dumps(mc, indent=2))
             for rel, text in self.task.run_files().items():
                 (self.output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                (self.output_dir / rel).write_text(text, encoding="utf-8")
+                atomic_write_text(self.output_dir / rel, text)
 
     def train(self) -> list[dict[str, Any]]:
         """Train to ``num_train_steps``, validating and checkpointing every ``valid_steps`` /
@@ -609,11 +638,17 @@ class Trainer:
         c = self.cfg
         self._check_output_dir()
         self._open_data()
-        self._prepare_output()
+        last = state = None
         if self._resume:
+            # a resume is checked before anything is written: a refused one leaves the run's files as they were
             last = self.resume_checkpoint()
             if last is not None:
-                self.load(last)
+                state = self._read_resume_state(last)
+                self._check_run_files()
+        self._prepare_output()
+        if self._resume:
+            if last is not None:
+                self._restore(last, state)
             else:
                 self._rewrite_history()  # nothing to resume: a history left without a checkpoint starts over
                 if self.dist.is_main:
