@@ -39,6 +39,14 @@ def test_demo_is_deterministic_and_written_once(tmp_path):
     assert (tmp_path / "a/img_db/nbb_th0.2_max10_min4.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError):
         build_demo_data(tmp_path / "a", seed=5, **kw)
+    # the demo's own directory: demo data of other settings (or an earlier builder) is rebuilt, anything else kept
+    d = build_demo_data(tmp_path / "a", seed=5, rebuild_stale=True, **kw)
+    assert _content(d)["recs"] != ca["recs"] and json.loads((tmp_path / "a/DONE").read_text())["seed"] == 5
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x/DONE").write_text("not demo data")
+    with pytest.raises(FileExistsError):
+        build_demo_data(tmp_path / "x", seed=5, rebuild_stale=True, **kw)
+    assert (tmp_path / "x/DONE").read_text() == "not demo data"
     cfg = json.loads((tmp_path / "a/model_config.json").read_text())
     assert cfg == demo_model_config() and cfg["vocab_size"] == len(demo_vocab())
     UniterConfig.from_dict(cfg)  # model keys only: the trainer reads the file as it is

@@ -84,20 +84,21 @@ def test_img_db_round_trip_and_selection(tmp_path, compress):
     db = DetectFeatLmdb(tmp_path / "img", compress=compress, **IMG_ARGS)
     assert db.img_dim == D and len(db) == 6
     for name, arrays in raw.items():
-        order = np.argsort(-arrays["conf"], kind="stable")
-        nbb = min(compute_num_bb(arrays["conf"], 0.2, IMG_ARGS["min_bb"], IMG_ARGS["max_bb"]), len(order))
+        # the first nbb regions in the order written, as the authors' conversion script keeps them
+        n = len(arrays["conf"])
+        nbb = min(compute_num_bb(arrays["conf"], 0.2, IMG_ARGS["min_bb"], IMG_ARGS["max_bb"]), n)
         assert db.name2nbb[name] == nbb
         feat, bb = db[name]
         # features keep the stored float16 (the model widens them), boxes come back float32
         assert feat.dtype == torch.float16 and bb.dtype == torch.float32
         assert feat.shape == (nbb, D) and bb.shape == (nbb, 6)
-        want = arrays["features"][order[:nbb]].astype(np.float16)
+        want = arrays["features"][:nbb].astype(np.float16)
         np.testing.assert_array_equal(feat.numpy(), want)
         dump = db.get_dump(name)
         np.testing.assert_array_equal(dump["features"], want)
         assert dump["features"].dtype == np.float16 and dump["norm_bb"].dtype == np.float32
         assert dump["soft_labels"].dtype == np.float16 and dump["soft_labels"].shape[0] == nbb
-        want_soft = arrays["soft_labels"][order[:nbb]].astype(np.float16)
+        want_soft = arrays["soft_labels"][:nbb].astype(np.float16)
         np.testing.assert_array_equal(dump["soft_labels"], want_soft)
     nbb_file = tmp_path / "img" / "nbb_th0.2_max8_min3.json"
     assert json.loads(nbb_file.read_text()) == db.name2nbb
@@ -508,7 +509,9 @@ def test_vcr_texts_in_the_annotation_format_map_person_tags_after_the_vocabulary
     }
     (tmp_path / "vcr.jsonl").write_text(json.dumps(ex))
     convert_texts("vcr", tmp_path / "vcr.jsonl", tmp_path / "txt", vocab)
-    rec = TxtTokLmdb(tmp_path / "txt", -1)["a-0"]
+    from villa_fast.data import VcrTxtTokLmdb
+
+    rec = VcrTxtTokLmdb(tmp_path / "txt", -1)["a-0"]  # a VCR reader: its ids reach past the vocabulary
     assert rec["input_ids"] == [ids["why"], ids["is"], v + 0, v + 2, ids["smiling"], ids["?"]]
     assert rec["input_ids_as"] == [
         [ids["the"], ids["dog"], ids["is"], ids["happy"], ids["."]],
@@ -517,6 +520,8 @@ def test_vcr_texts_in_the_annotation_format_map_person_tags_after_the_vocabulary
         [ids["is"], v + 2],
     ]
     assert rec["input_ids_rs"][1] == [ids["is"], v + 0]
+    with pytest.raises(DataFormatError, match=rf"entry 2 is {v}, not a token id .*0 <= id < {v}"):
+        TxtTokLmdb(tmp_path / "txt", -1)["a-0"]  # a reader of other tasks' dbs embeds no person tags
     # a reference past the objects, or a person tag past the 81, is named
     for k, (bad, match) in enumerate(((["is", [5]], "object reference 5"), ("person_81 is", "81 person tags"))):
         (tmp_path / "bad.jsonl").write_text(json.dumps({**ex, "question": bad}))

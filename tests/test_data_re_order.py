@@ -56,16 +56,23 @@ def _spec(refs: list[dict], lens: dict, max_txt_len: int) -> list[str]:
     return [str(s) for ref in refs for s in ref["sent_ids"] if max_txt_len == -1 or lens[str(s)] < max_txt_len]
 
 
-def _write_img_db(path) -> str:
+#: a detector's scores on the ground-truth boxes, in annotation order: not sorted (region j must stay ann j)
+GT_CONF = [0.5, 0.9, 0.7]
+
+
+def _write_img_db(path) -> tuple[str, dict[str, np.ndarray]]:
+    """The ground-truth-box db and each image's boxes in the order written (its ``ann_ids`` order)."""
     rng = np.random.default_rng(0)
+    boxes = {}
     with ImgDbWriter(path, conf_th=-1, num_bb=GT_NUM_BB, compress=False) as w:
         for k, n in enumerate(N_GT):
             xy = rng.uniform(0, 0.5, (n, 2))
             wh = rng.uniform(0.1, 0.4, (n, 2))
             bb = np.concatenate([xy, xy + wh, wh], axis=1).astype(np.float32)
-            conf = np.linspace(0.9, 0.5, n).astype(np.float32)
+            conf = np.array(GT_CONF[:n], np.float32)
             w.add(_gt_name(k), rng.normal(size=(n, IMG_DIM)).astype(np.float32), bb, conf)
-    return str(path)
+            boxes[_gt_name(k)] = bb
+    return str(path), boxes
 
 
 def _write_txt_db(path, refs, lens: dict, order, *, with_refs: bool = True) -> str:
@@ -97,8 +104,10 @@ def _write_txt_db(path, refs, lens: dict, order, *, with_refs: bool = True) -> s
 def dbs(tmp_path_factory):
     root = tmp_path_factory.mktemp("re_order")
     lens = {str(k): v for k, v in LENS.items()}
+    img, boxes = _write_img_db(root / "re_coco_gt")
     return {
-        "img": _write_img_db(root / "re_coco_gt"),
+        "img": img,
+        "boxes": boxes,
         "txt": _write_txt_db(root / "txt", REFS, lens, WRITE_ORDER),
         "no_refs": _write_txt_db(root / "txt_no_refs", REFS, lens, WRITE_ORDER, with_refs=False),
         "root": root,
@@ -117,6 +126,13 @@ def _task(dbs, txt: str | None = None) -> ReTask:
     model_config.write_text(json.dumps({"img_dim": IMG_DIM}))
     cfg["model_config"] = str(model_config)
     return ReTask(resolve_config(None, cfg))
+
+
+def test_ground_truth_regions_stay_in_annotation_order(dbs):
+    """Region j of an image is its j-th ann_id's box (the target index), whatever the scores it was written with."""
+    db = _img(dbs)
+    for name, bb in dbs["boxes"].items():
+        np.testing.assert_array_equal(db[name][1].numpy(), bb.astype(np.float16).astype(np.float32))
 
 
 def test_the_written_order_is_not_the_refs_order(dbs):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.test_train_fixtures import task_config
+from villa_fast.data.db import CONVERTER_MARK
 from villa_fast.tasks import DataContext, build_task
 from villa_fast.train.config import ConfigError, resolve_config
 
@@ -75,7 +76,7 @@ def test_a_txt_db_built_for_another_task_is_refused(tmp_path):
     """The converter records the task in meta.json: a VE db under a VQA config (or the reverse) is named."""
     task, _ = _task(tmp_path)
     meta_path = task.pairs("train")[0][0] + "/meta.json"
-    meta = json.loads(open(meta_path).read())
+    meta = {**json.loads(open(meta_path).read()), **CONVERTER_MARK}  # as the converter writes it
     with open(meta_path, "w") as fh:
         json.dump({**meta, "task": "ve"}, fh)
     with pytest.raises(ConfigError, match=r"built for task 've' \(meta.json\) cannot train or evaluate task vqa"):

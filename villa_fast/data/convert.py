@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from villa_fast.data.codec import DataFormatError
-from villa_fast.data.db import ImgDbWriter, TxtDbWriter, check_txt_record
+from villa_fast.data.db import CONVERTER_MARK, VCR_PERSON_TAGS, ImgDbWriter, TxtDbWriter, check_txt_record
 
 __all__ = ["convert_images", "convert_texts", "main"]
 
@@ -184,10 +184,6 @@ def _vcr_label(ex: dict, key: str, n: int, where: str) -> int:
     return lab
 
 
-#: VCR's person tags: ``person_<n>`` takes the id ``vocab size + n`` (the rows VCR models add after the vocabulary)
-VCR_PERSON_TAGS = 81
-
-
 def _vcr_words(text, objects, where: str) -> list[str]:
     """The words of a VCR text: a plain string's, or an annotation token list's (words, and object references
     as lists of indices into ``objects``: ``person_<index>`` for a person, the object's name otherwise)."""
@@ -309,8 +305,15 @@ def convert_texts(
     full_meta = dict(tok.meta() if tok is not None else {})
     full_meta.update(meta or {})
     full_meta["task"] = task
+    # the mark tells readers that "task" is one of this package's task names (see CONVERTER_MARK)
+    full_meta.update(CONVERTER_MARK)
     if ans2label is not None:
         full_meta["num_answers"] = len(ans2label)
+    v_range = full_meta.get("v_range")
+    # the bound the readers hold the token ids to (VCR's person tags follow the vocabulary)
+    vocab_end = None
+    if isinstance(v_range, list | tuple) and len(v_range) == 2 and isinstance(v_range[1], int):
+        vocab_end = v_range[1] + (VCR_PERSON_TAGS if task == "vcr" else 0)
     stats = {"written": 0, "unknown_answers": 0}
     id2len_qa, id2len_qar, images = {}, {}, {}
     with open(jsonl, encoding="utf-8") as fh, TxtDbWriter(output, full_meta) as w:
@@ -387,7 +390,7 @@ def convert_texts(
                             f"{known[0]!r} x {known[1]!r} in an earlier example"
                         )
                     entry["width"], entry["height"] = size
-            check_txt_record(rec, where)  # what every reader checks (finite scores, ...), refused here already
+            check_txt_record(rec, where, vocab_end)  # what every reader checks (token ids, scores...), refused here
             w.add(id_, rec, txt_len)
             stats["written"] += 1
         if task == "vcr":

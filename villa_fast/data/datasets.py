@@ -23,7 +23,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from villa_fast.data.batch import base_batch, get_gather_index, pad_tensors
 from villa_fast.data.codec import DataFormatError
-from villa_fast.data.db import DetectFeatLmdb, TxtTokLmdb, load_json
+from villa_fast.data.db import VCR_PERSON_TAGS, DetectFeatLmdb, TxtTokLmdb, load_counts, load_json
 
 __all__ = [
     "ConcatDatasetWithLens",
@@ -456,7 +456,13 @@ def nlvr2_triplet_eval_collate(inputs) -> dict:
 
 
 class VcrTxtTokLmdb(TxtTokLmdb):
-    """VCR text db; ``task`` is ``"qa"``, ``"qar"`` or ``"qa,qar"`` and picks ``id2len_{task}.json``."""
+    """VCR text db; ``task`` is ``"qa"``, ``"qar"`` or ``"qa,qar"`` and picks ``id2len_{task}.json``.
+
+    Its token ids reach past the vocabulary by the person tags (``v_range[1] + n``, n < 81), and its lengths
+    price a question's rows rather than count a record's ``input_ids``."""
+
+    ids_past_vocab = VCR_PERSON_TAGS
+    id2len_counts_tokens = False
 
     def __init__(self, db_dir: str | Path, max_txt_len: int = 120, task: str = "qa,qar"):
         if task not in ("qa", "qar", "qa,qar"):
@@ -943,7 +949,7 @@ class ReTxtTokLmdb(TxtTokLmdb):
         all_lens = (
             self.id2len
             if self.max_txt_len == -1
-            else load_json(Path(self.db_dir, self.id2len_name), "txt_db id2len file")
+            else load_counts(Path(self.db_dir, self.id2len_name), "txt_db id2len file")
         )
         where = f"{self.db_dir}/refs.json"
         if not isinstance(self.refs, list):

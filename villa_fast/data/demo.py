@@ -38,7 +38,7 @@ ANSWERS = ("yes", "no", *[str(i) for i in range(MAX_OBJECTS + 1)], *COLOURS, *SH
 IMG_DIM = 128
 #: region selection of the demo image database (keyword arguments of DetectFeatLmdb)
 DEMO_IMG_DB = {"conf_th": 0.2, "max_bb": 10, "min_bb": 4, "num_bb": 10, "compress": True}
-_VERSION = 2
+_VERSION = 3
 _SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _WORDS = (
     "!", "?", ",", ".",
@@ -274,17 +274,30 @@ def demo_data_version() -> int:
     return _VERSION
 
 
+def _is_demo_tag(text: str) -> bool:
+    """Whether a ``DONE`` file's text is one this builder writes (demo data, of any version)."""
+    try:
+        tag = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(tag, dict) and {"version", "seed", "n_train", "n_val"} <= tag.keys()
+
+
 def build_demo_data(
     root: str | Path,
     seed: int = 0,
     n_train: int = 4000,
     n_val: int = 1000,
     questions_per_image: int = 4,
+    *,
+    rebuild_stale: bool = False,
 ) -> dict:
     """Write the demo's txt_db (train/val), img_db, vocab, answer map and model config under ``root``.
 
     Nothing is rewritten when ``root`` already holds data built with the same arguments (a
-    ``DONE`` file records them); other contents raise ``FileExistsError``.  Building goes to a
+    ``DONE`` file records them); demo data built with other arguments or by another version of this
+    builder is replaced with ``rebuild_stale`` (the demo's own data directory), else raises
+    ``FileExistsError``, as any other contents do.  Building goes to a
     temporary sibling directory renamed into place, so an interrupted build leaves nothing
     half-written.  Returns the paths (``train_txt_db``, ``val_txt_db``, ``img_db``, ``vocab``,
     ``ans2label``, ``model_config``) and ``img_db_args`` (the DetectFeatLmdb keyword
@@ -297,7 +310,9 @@ def build_demo_data(
     if done.is_file():
         if done.read_text(encoding="utf-8") == tag:
             return _paths(root)
-        raise FileExistsError(f"{root} holds demo data built with other settings; remove it or pick another root")
+        if not (rebuild_stale and _is_demo_tag(done.read_text(encoding="utf-8"))):
+            raise FileExistsError(f"{root} holds demo data built with other settings; remove it or pick another root")
+        shutil.rmtree(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists, is not empty and holds no finished demo data")
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -98,8 +98,9 @@ class Task:
         """Word embeddings of the task's model (VCR's model adds its person tags to the config's vocabulary)."""
         return int(model_config.get("vocab_size", 28996))
 
-    #: the ``task`` a txt_db's meta.json may name for this task's data (the converter records it; the official
-    #: databases name none, and are not checked); empty: any
+    #: the ``task`` a txt_db's meta.json may name for this task's data, checked where this package's converter
+    #: wrote the db (its meta.json carries :data:`~villa_fast.data.db.CONVERTER_MARK`); the official databases'
+    #: meta.json holds the authors' preprocessing options, whose ``task`` ("nlvr", ...) is not checked; empty: any
     data_kinds: tuple[str, ...] = ()
 
     def check_data_fits_model(self, dataset) -> None:
@@ -107,19 +108,23 @@ class Task:
         device-side assert that ends the process): token ids past the model's vocabulary (a txt_db's ``v_range``
         and special tokens: a txt_db tokenised for another BERT), text rows longer than its position embeddings
         (evaluation reads every text, whatever ``max_txt_len``), region features of another width than its
-        ``img_dim``; a txt_db whose meta.json names another task's data (:attr:`data_kinds`). Read from each db's
+        ``img_dim``; a txt_db our converter built for another task's data (:attr:`data_kinds`). Read from each db's
         meta, lengths and first record: nothing per example."""
         mc = self.model_config()
         vocab = self.model_vocab_size(mc)
         max_pos = int(mc.get("max_position_embeddings", 512))
         img_dim = int(mc.get("img_dim", 2048))
         where = f"model_config {self.cfg.get('model_config') or 'base'}"
+        from villa_fast.data.db import written_by_converter
+
         seen: set[int] = set()
         for part in _dataset_parts(dataset):
             tdb = getattr(part, "txt_db", None)
             if tdb is not None and id(tdb) not in seen and hasattr(tdb, "v_range"):
                 seen.add(id(tdb))
-                made_for = (getattr(tdb, "meta", None) or {}).get("task")
+                meta = getattr(tdb, "meta", None) or {}
+                # only our converter's "task" is one of our task names; the authors' prepro.py writes its own
+                made_for = meta.get("task") if written_by_converter(meta) else None
                 if self.data_kinds and isinstance(made_for, str) and made_for not in self.data_kinds:
                     raise ConfigError(
                         f"{tdb.db_dir}: a txt_db built for task {made_for!r} (meta.json) cannot train or evaluate "

@@ -127,8 +127,12 @@ def run_demo(
     torch.set_num_threads(1)
     say("villa_fast demo: standard vs VILLA fine-tuning of a small UNITER on the CPU")
     t0 = time.perf_counter()
-    fresh = not (data_dir / "DONE").is_file()
-    data = build_demo_data(data_dir)
+    done = data_dir / "DONE"
+    fresh = not done.is_file()
+    before = done.read_text(encoding="utf-8") if not fresh else None
+    # demo data of an earlier version of the builder is rebuilt (the demo owns it, as it owns its runs)
+    data = build_demo_data(data_dir, rebuild_stale=True)
+    fresh = fresh or done.read_text(encoding="utf-8") != before
     mc = json.load(open(data["model_config"], encoding="utf-8"))
     n_train = sum(1 for _ in json.load(open(Path(data["train_txt_db"]) / "id2len.json", encoding="utf-8")))
     n_val = sum(1 for _ in json.load(open(Path(data["val_txt_db"]) / "id2len.json", encoding="utf-8")))
