@@ -6,6 +6,8 @@ adversarial step attaches its hooks to ``UniterModel.embeddings.word_embeddings`
 """
 
 from .checkpoint import (
+    CheckpointFormatError,
+    CheckpointMismatchError,
     CheckpointShapeError,
     LoadReport,
     init_from_hf_bert,
@@ -31,6 +33,8 @@ from .ot import optimal_transport_dist
 from .uniter import UniterModel
 
 __all__ = [
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
     "CheckpointShapeError",
     "LoadReport",
     "UniterConfig",

@@ -350,6 +350,11 @@ class Task:
         """Files the task keeps with a training run: ``{path relative to output_dir: text}``, written at its start."""
         return {}
 
+    def check_run_files(self, output_dir: str | os.PathLike) -> None:
+        """Before a resume writes :meth:`run_files` again: raise ``ConfigError`` if the run in ``output_dir`` kept
+        files that this configuration would replace with others (a task whose run files define its checkpoints
+        overrides this; the default keeps none that matter)."""
+
     def eval_init(self) -> dict[str, Any]:
         return {"n": 0.0, "correct": 0.0, "loss": 0.0, "pred": []}
 

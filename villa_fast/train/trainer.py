@@ -601,8 +601,8 @@ class Trainer:
         """A resumed run keeps the files that define it: the task refuses a config that would write other ones
         (VQA: another answer vocabulary than the one its checkpoints were trained with). Checked on rank 0, which
         writes them; refused on every rank."""
-        check = getattr(self.task, "check_run_files", None)
-        if check is None or self.output_dir is None:
+        check = self.task.check_run_files
+        if self.output_dir is None:
             return
         err = None
         if self.dist.is_main:
