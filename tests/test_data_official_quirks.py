@@ -398,15 +398,6 @@ ID2LEN_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(ID2LEN_CASES))
-def test_bad_id2len_files_are_named(tmp_path, case):
-    edit, match = ID2LEN_CASES[case]
-    make_txt(tmp_path / "txt", ["img000.npz"], n=4)
-    _edit_json(tmp_path / "txt" / "id2len.json", edit)
-    with pytest.raises(DataFormatError, match=match):
-        TxtTokLmdb(tmp_path / "txt", 60)
-
-
 META_CASES = {
     "cls_str": (_set("CLS", "[CLS]"), r"meta.json: key 'CLS' is '\[CLS\]' \(str\), not a token id"),
     "sep_float": (_set("SEP", 102.0), r"meta.json: key 'SEP' is 102.0 \(float\), not a token id"),
@@ -419,11 +410,15 @@ META_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(META_CASES))
-def test_bad_meta_files_are_named(tmp_path, case):
-    edit, match = META_CASES[case]
+TXT_SIDE_CASES = [("id2len.json", c, *ID2LEN_CASES[c]) for c in ID2LEN_CASES] + [
+    ("meta.json", c, *META_CASES[c]) for c in META_CASES
+]
+
+
+@pytest.mark.parametrize("name,case,edit,match", TXT_SIDE_CASES, ids=[f"{n}-{c}" for n, c, *_ in TXT_SIDE_CASES])
+def test_bad_txt_db_side_files_are_named(tmp_path, name, case, edit, match):
     make_txt(tmp_path / "txt", ["img000.npz"], n=4)
-    _edit_json(tmp_path / "txt" / "meta.json", edit)
+    _edit_json(tmp_path / "txt" / name, edit)
     with pytest.raises(DataFormatError, match=match):
         TxtTokLmdb(tmp_path / "txt", 60)
 
