@@ -78,6 +78,46 @@ def meta(device: torch.device) -> dict[str, str]:
     return {"date": _dt.date.today().isoformat(), "device": device_name(device), **versions()}
 
 
+def extension_status(device: torch.device | str = "cpu") -> str:
+    """Whether the compiled extension is there, and on a CUDA device whether it has its CUDA kernels."""
+    from villa_fast import ops
+
+    device = torch.device(device)
+    built = "cpp" in ops.available_backends("cpu")
+    if device.type != "cuda":
+        return "villa_fast._C built" if built else "villa_fast._C NOT BUILT (no cpp backend)"
+    if "cuda" in ops.available_backends(device):
+        return "villa_fast._C with CUDA kernels"
+    if built:
+        return "villa_fast._C has NO CUDA KERNELS (no cuda backend)"
+    return "villa_fast._C NOT BUILT (no cuda backend)"
+
+
+def ops_backends(device: torch.device | str = "cpu", classes: int = 3129) -> str:
+    """The backend each VILLA op takes in the whole-step benchmark's step (``villa_fast.ops.backend_for``, which
+    honours VILLA_FAST_BACKEND*): fp32 deltas and gradients, fp32 logits of ``classes`` answers, fp32 parameter
+    gradients, the fused LayerNorm's input in the step's autocast dtype (bf16 on a GPU); plus whether the compiled
+    extension has CUDA kernels."""
+    from villa_fast import ops
+
+    device = torch.device(device)
+    f32 = torch.empty(0, device=device)
+    probes = [
+        ("perturb_update", f32),
+        ("sym_kl", torch.empty(1, classes, device=device)),
+        ("add_if", f32),
+        ("add_layer_norm", torch.empty(0, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)),
+        ("adamw_step", f32),
+    ]
+    parts = []
+    for op, t in probes:
+        try:
+            parts.append(f"{op} {ops.backend_for(t, op)}")
+        except Exception as exc:  # an explicit VILLA_FAST_BACKEND that cannot run here
+            parts.append(f"{op} unavailable ({type(exc).__name__})")
+    return "ops: " + ", ".join(parts) + f"; {extension_status(device)}"
+
+
 def markdown(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)

@@ -8,10 +8,18 @@ a bf16 dense output plus an fp32 residual) and the adversarial step's gradient
 accumulation under its finiteness flag (add_if_ over the VQA model's parameter
 shapes, against a masked fill per parameter plus a multi-tensor add) and the authors' AdamW
 step over the same parameters (adamw_step_ against AdamW's multi-tensor foreach rule,
-with host and with device step counts). Prints a markdown table of median ms
-and GB/s against the bytes each op must move, and writes it with the device,
-versions and date to bench_ops.md and bench_ops.csv in --out (default bench/out),
-rewritten after every case so that a run stopped part-way keeps what it measured.
+with host and with device step counts).
+
+perturb_update and sym_kl are timed first on what the VILLA step gives them: fp32 deltas with fp32
+gradients, no projection (max_norm = 0, the released configs), and fp32 logits. A second perturb_update
+row times the l2 projection's worst case (every row starts on the sphere and is projected back every call,
+so the in-place state does not drift into other work); bf16 gradients and logits come last, as extra rows
+(eager against the fused backends: no torch.compile row).
+The eager and compiled baselines compute the same function as the fused op in every row.
+
+Prints a markdown table of median ms and GB/s against the bytes each op must move (its floor), and
+writes it with the device, versions and date to bench_ops.md and bench_ops.csv in --out (default
+bench/out), rewritten after every case so that a run stopped part-way keeps what it measured.
 On the CPU the fused backend is the C++ one; add_layer_norm has no C++ kernel and
 its Triton kernel is not timed there (the interpreter), so on the CPU that case
 times the op through its reference backend.
@@ -20,6 +28,7 @@ times the op through its reference backend.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -27,7 +36,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench._common import OUT_DIR, markdown, meta, time_ms, write_csv
+from bench._common import OUT_DIR, extension_status, markdown, meta, time_ms, write_csv
 from villa_fast import ops
 
 # ---------------------------------------------------------------- the released code's math, in eager PyTorch
@@ -69,46 +78,94 @@ def _fused_backends(device: torch.device) -> list[str]:
     return [b for b in ops.available_backends(device) if b != "reference"]
 
 
-def _with_backend(name: str, fn):
-    def run():
-        old = os.environ.get("VILLA_FAST_BACKEND")
-        os.environ["VILLA_FAST_BACKEND"] = name
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop("VILLA_FAST_BACKEND", None)
-            else:
-                os.environ["VILLA_FAST_BACKEND"] = old
+class _OnBackend:
+    """A fused variant pinned to one backend: ``_run`` sets VILLA_FAST_BACKEND once around its timing (not on
+    every call: setting a variable costs host time, and a changed environment makes the next op rescan it)."""
 
-    return run
+    def __init__(self, backend: str, fn) -> None:
+        self.backend, self.fn = backend, fn
+
+    def __call__(self):
+        return self.fn()
 
 
-def bench_update(device, b, reps, use_compile, rows):
-    gdt = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dt = torch.randn(b, 24, 768, device=device) * 1e-3
-    di = torch.randn(b, 36, 2048, device=device) * 1e-3
-    gt = torch.randn(b, 24, 768, device=device).to(gdt)
-    gi = torch.randn(b, 36, 2048, device=device).to(gdt)
-    es = gt.element_size()
-    nbytes = (dt.numel() + di.numel()) * (4 + es + 4)  # read delta and grad, write delta
-    case = f"perturb_update txt {b}x24x768 + img {b}x36x2048 (l2, proj)"
+def _with_backend(name: str, fn) -> _OnBackend:
+    return _OnBackend(name, fn)
+
+
+@contextlib.contextmanager
+def _backend_env(name: str | None):
+    """VILLA_FAST_BACKEND=``name`` inside the block (nothing changed for ``None``), restored after it."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get("VILLA_FAST_BACKEND")
+    os.environ["VILLA_FAST_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VILLA_FAST_BACKEND", None)
+        else:
+            os.environ["VILLA_FAST_BACKEND"] = old
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def update_inputs(b: int, device, gdt: torch.dtype = torch.float32, radius: float = 0.0, seed: int = 0):
+    """The VQA deltas (fp32, text [b, 24, 768] and image [b, 36, 2048]) and their gradients (``gdt``).
+
+    ``radius`` > 0: every delta row starts ON the sphere of that radius, with a positive dot product with its
+    gradient. Then every update leaves the ball (|d + s|^2 = r^2 + 2 s.d + |s|^2 > r^2) and every row is
+    projected back to the sphere, as a positive combination of d and g, so s.d stays positive: each timed call
+    does the same work (the step and the rescale of every row) however often it runs in place.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for shape in ((b, 24, 768), (b, 36, 2048)):
+        grad = torch.randn(shape, device=device, generator=g)
+        if radius > 0:
+            mag = torch.randn(shape, device=device, generator=g).abs()
+            delta = mag * grad.sign()
+            delta *= radius / delta.flatten(1).norm(dim=1).view(-1, 1, 1)
+        else:
+            delta = torch.randn(shape, device=device, generator=g) * 1e-3
+        out.append((delta, grad.to(gdt)))
+    return out
+
+
+def bench_update(device, b, reps, use_compile, rows, gdt=torch.float32, max_norm=0.0, copy_row=False):
+    """Both VQA deltas, fp32 as in the VILLA step (fp32 deltas get fp32 gradients), or with ``gdt`` gradients.
+
+    ``max_norm`` = 0 (the released configs, bench_step): the normalised step alone. Its in-place state drifts
+    by lr per call, with no effect on the work. ``max_norm`` > 0: the deltas start on the sphere of that radius
+    (``update_inputs``): every call projects every row, the worst case of the projection, and stays there. The
+    eager and compiled baselines compute the same function on the same inputs (out of place, as the released
+    code does), with the same ``max_norm``.
+    """
+    (dt, gt), (di, gi) = update_inputs(b, device, gdt, radius=max_norm)
+    nbytes = (dt.numel() + di.numel()) * (4 + gt.element_size() + 4)  # read delta and grad, write delta
+    proj = f"l2, projected onto the {max_norm:g} sphere every call" if max_norm > 0 else "l2, no projection"
+    case = f"perturb_update txt {b}x24x768 + img {b}x36x2048 fp32, {_dt(gdt)} grad ({proj})"
 
     def eager():
-        eager_update(dt, gt, 1e-3, 1.0)
-        eager_update(di, gi, 1e-2, 1.0)
+        eager_update(dt, gt, 1e-3, max_norm)
+        eager_update(di, gi, 1e-2, max_norm)
 
     variants = [("eager", eager)]
     if use_compile:
         cu = torch.compile(eager_update, dynamic=False)
-        variants.append(("torch.compile", lambda: (cu(dt, gt, 1e-3, 1.0), cu(di, gi, 1e-2, 1.0))))
+        variants.append(("torch.compile", lambda: (cu(dt, gt, 1e-3, max_norm), cu(di, gi, 1e-2, max_norm))))
     for name in _fused_backends(device):
         fn = _with_backend(
-            name, lambda: ops.perturb_update_multi_([dt, di], [gt, gi], lrs=[1e-3, 1e-2], norm_type="l2", max_norm=1.0)
+            name,
+            lambda: ops.perturb_update_multi_([dt, di], [gt, gi], lrs=[1e-3, 1e-2], norm_type="l2", max_norm=max_norm),
         )
         variants.append((name, fn))
     _run(case, variants, device, reps, nbytes, rows)
-    if device.type == "cuda":
+    if copy_row and device.type == "cuda":
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         ms = time_ms(lambda: dst.copy_(src), device, reps=reps)
@@ -118,7 +175,8 @@ def bench_update(device, b, reps, use_compile, rows):
 def bench_init(device, b, reps, use_compile, rows):
     like = torch.empty(b, 36, 2048, device=device)
     mask = (torch.rand(b, 36, device=device) > 0.2).float()
-    nbytes = like.numel() * 4 * 3  # write the draws, then read and write them once more when scaled apart
+    # the floor: the output written once and the mask read (the draws themselves need not touch memory)
+    nbytes = like.numel() * 4 + mask.numel() * 4
     case = f"perturb_init {b}x36x2048 (l2, masked)"
     variants = [("eager", lambda: eager_init(like, mask, 0.1))]
     if use_compile:
@@ -129,12 +187,12 @@ def bench_init(device, b, reps, use_compile, rows):
     _run(case, variants, device, reps, nbytes, rows)
 
 
-def bench_sym_kl(device, n, c, reps, use_compile, rows):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def bench_sym_kl(device, n, c, reps, use_compile, rows, dtype=torch.float32):
+    """fp32 logits are the VILLA step's case (it casts the logits to fp32 before the loss); bf16 is an extra."""
     a = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
     bb = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
     nbytes = 4 * n * c * a.element_size()  # read both logits, write both gradients
-    case = f"sym_kl fwd+bwd {n}x{c} {str(dtype).replace('torch.', '')}"
+    case = f"sym_kl fwd+bwd {n}x{c} {_dt(dtype)}"
 
     def eager():
         return torch.autograd.grad(eager_sym_kl(a, bb), (a, bb))
@@ -228,8 +286,9 @@ def bench_adamw(device, quick, reps, rows):
     kw = {"betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.01}
     plain = AdamW(params, lr=1e-4, **kw)
     capturable = AdamW(params, lr=torch.tensor(1e-4, device=device), capturable=True, **kw)
-    for opt in (plain, capturable):
-        _with_backend("reference", opt.step)()  # creates the state: timed steps only update it
+    with _backend_env("reference"):
+        for opt in (plain, capturable):
+            opt.step()  # creates the state: timed steps only update it
     state = [capturable.state[p] for p in params]
     ms, vs = [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state]
     steps = [s["step"] for s in state]
@@ -262,7 +321,8 @@ def _run(case, variants, device, reps, nbytes, rows):
     base = None
     for name, fn in variants:
         try:
-            ms = time_ms(fn, device, reps=reps)
+            with _backend_env(fn.backend if isinstance(fn, _OnBackend) else None):
+                ms = time_ms(fn, device, reps=reps)
         except Exception as exc:
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
             rows.append({"case": case, "variant": f"{name} (failed: {why})", "ms": math.nan, "GB/s": math.nan})
@@ -294,14 +354,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info = meta(device)
     b = 16 if args.quick else 128
     ln_rows = 7680 if device.type == "cuda" else (256 if args.quick else 1024)
+    n_kl = 128 if args.quick else 2048
+    bf16 = torch.bfloat16
+    # what the VILLA step runs first (fp32 deltas, gradients and logits; no projection, as the released configs),
+    # then the projection's worst case, then the other ops; the bf16 inputs last, as extra rows
     cases = [
-        lambda: bench_update(device, b, reps, use_compile, rows),
-        lambda: bench_init(device, b, reps, use_compile, rows),
+        lambda: bench_update(device, b, reps, use_compile, rows, copy_row=True),
         lambda: bench_sym_kl(device, 128, 3129, reps, use_compile, rows),
-        lambda: bench_sym_kl(device, 128 if args.quick else 2048, 28996, reps, use_compile, rows),
+        lambda: bench_sym_kl(device, n_kl, 28996, reps, use_compile, rows),
+        lambda: bench_update(device, b, reps, use_compile, rows, max_norm=1.0),
+        lambda: bench_init(device, b, reps, use_compile, rows),
         lambda: bench_add_layer_norm(device, ln_rows, 768, reps, use_compile, rows),
         lambda: bench_add_if(device, args.quick, reps, rows),
         lambda: bench_adamw(device, args.quick, reps, rows),
+        # (no torch.compile row for the extras: its cold compiles would take the time of the phase that runs this)
+        lambda: bench_update(device, b, reps, False, rows, gdt=bf16),
+        lambda: bench_sym_kl(device, 128, 3129, reps, False, rows, dtype=bf16),
+        lambda: bench_sym_kl(device, n_kl, 28996, reps, False, rows, dtype=bf16),
     ]
     for i, case in enumerate(cases):
         if use_compile:
@@ -311,7 +380,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         case()
         # the tables so far, after every case: a run stopped part-way keeps what it measured
         path = write_csv("bench_ops.csv", rows, info, args.out)
-        table = _table(rows, info, done=i + 1 == len(cases))
+        table = _table(rows, info, done=i + 1 == len(cases), device=device)
         with open(os.path.join(args.out, "bench_ops.md"), "w") as f:
             f.write(table + "\n")
     print("\n" + table)
@@ -319,14 +388,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict], info: dict[str, str], done: bool) -> str:
+def _table(rows: list[dict], info: dict[str, str], done: bool, device: torch.device | None = None) -> str:
     head = f"bench_ops on {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}"
+    fused = ", ".join(_fused_backends(device)) if device is not None else "?"
+    head += f"; fused backends timed: {fused or 'none'}; {extension_status(device or torch.device('cpu'))}"
     if not done:
         head += " (stopped part-way: the cases measured so far)"
     return "\n".join(
         [
             head,
-            "(speedup is against eager PyTorch in the same run; GB/s against the bytes each op must move)\n",
+            "(speedup is against eager PyTorch in the same run; GB/s against the bytes each op must move, its floor;"
+            " the fp32 rows are the VILLA step's inputs, the bf16 rows extras)\n",
             markdown(rows, ["case", "variant", "ms", "GB/s", "speedup"]),
         ]
     )

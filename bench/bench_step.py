@@ -52,6 +52,7 @@ import copy
 import csv
 import datetime
 import functools
+import gc
 import math
 import os
 import platform
@@ -66,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench._common import ops_backends
 from villa_fast import AdversarialConfig, GraphedVillaStep, VillaStep
 from villa_fast.adversarial.graphed import clip_grad_norm_capturable_
 from villa_fast.models import UniterConfig, UniterForVqa
@@ -577,42 +579,94 @@ class GraphedStandard:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _failure(name: str, exc: BaseException, failed: dict[str, str], cuda: bool) -> None:
-    """Record a variant that raised: the table says why, and the others are still timed."""
-    failed[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
-    print(f"variant {name} {failed[name]}", file=sys.stderr, flush=True)
-    if cuda:
+class CudaContextLost(RuntimeError):
+    """A variant's error left the CUDA context unusable (a sticky error: an illegal address, a device-side
+    assert): nothing more can run in this process. ``results`` holds what was timed before it, ``notes`` says
+    which of those have fewer rounds than asked."""
+
+    def __init__(self, msg: str, results: dict[str, dict], notes: dict[str, str]) -> None:
+        super().__init__(msg)
+        self.results, self.notes = results, notes
+
+
+def _device_usable(cuda: bool) -> bool:
+    """False when the CUDA context is lost: after a sticky error every CUDA call raises it again."""
+    if not cuda:
+        return True
+    try:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+    except Exception as exc:
+        print(
+            f"CUDA context lost: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True
+
+
+def _failure(name: str, exc: BaseException, failed: dict[str, str], cuda: bool) -> bool:
+    """Record a variant that raised: the table says why, and the others are still timed. Returns False when the
+    error left the CUDA context unusable (nothing else can be timed)."""
+    failed[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+    print(f"variant {name} {failed[name]}", file=sys.stderr, flush=True)
+    return _device_usable(cuda)
+
+
+def _progress(msg: str) -> None:
+    """A flushed line per stage, so that a run stopped by its phase's timeout shows where it hung."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def time_variants(
     variants: dict[str, Variant], rounds: int, warmup: int, device: torch.device, failed: dict[str, str] | None = None
 ) -> dict[str, dict]:
     """Median, p20/p80 and peak memory per variant. A variant that raises (a compile or capture error, out of
-    memory) is left out of the rest of the timing and named in ``failed`` with its error."""
+    memory) is left out of the rest of the timing and named in ``failed`` with its error. An error that leaves
+    the CUDA context unusable raises :class:`CudaContextLost` holding the variants timed in every round so far
+    (their statistics over those rounds), the others named in ``failed``."""
     cuda = device.type == "cuda"
     failed = {} if failed is None else failed
     variants = dict(variants)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu_times: dict[str, list[float]] = {k: [] for k in variants}
+    peaks: dict[str, float] = {}
+
+    def lost(culprit: str, r: int) -> CudaContextLost:
+        why = f"the CUDA context was lost after {culprit}'s error"
+        done = {k: v for k, v in variants.items() if k not in failed and r > 0 and len(times[k]) >= r}
+        for k in variants:
+            if k not in failed and k not in done:
+                failed[k] = f"not timed: {why}"
+        notes = {k: f"{len(times[k])} of {rounds} rounds: {why}" for k in done if len(times[k]) < rounds}
+        res = _stats(done, times, cpu_times, peaks)
+        return CudaContextLost(f"{why} (round {r + 1} of {rounds})", res, notes)
+
     for name, v in list(variants.items()):
+        _progress(f"warming {name}")
         try:
             for _ in range(max(warmup, 1)):  # at least once: first-call costs (graph capture, JIT) stay out
                 v.run()
         except Exception as exc:
-            _failure(name, exc, failed, cuda)
+            if not _failure(name, exc, failed, cuda):
+                raise lost(name, 0) from exc
             del variants[name]
-    if cuda:
-        torch.cuda.synchronize()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    cpu_times: dict[str, list[float]] = {k: [] for k in variants}
-    peaks: dict[str, float] = {}
+    if not _device_usable(cuda):
+        raise lost("the warm-up", 0)
     for r in range(rounds):
+        _progress(f"timing round {r + 1} of {rounds}")
         for name, v in list(variants.items()):
             try:
                 _time_one(name, v, r, cuda, times, cpu_times, peaks)
             except Exception as exc:
-                _failure(name, exc, failed, cuda)
+                if not _failure(name, exc, failed, cuda):
+                    raise lost(name, r) from exc
                 del variants[name]
+    return _stats(variants, times, cpu_times, peaks)
+
+
+def _stats(variants: dict, times: dict, cpu_times: dict, peaks: dict) -> dict[str, dict]:
     out = {}
     for name in variants:
         ts = times[name]
@@ -698,11 +752,22 @@ def main(argv: list[str] | None = None) -> None:
         f"device: {dev_name}; torch {torch.__version__}; triton {_triton_version()}; {stamp}; "
         f"{describe(a.model, c)}; {TXT_LEN} text + {N_REGIONS} regions, K={K}, text+image, clip {CLIP}; "
         + ("released: fp16 + GradScaler, villa_fast and standard: bf16" if cuda else "fp32")
-        + "; released: plain attention, embeddings under autocast (the yardstick's model)"
+        + "; released: plain attention, embeddings under autocast (the yardstick's model); "
+        + ops_backends(device, c.n_ans)
+        + " (add_layer_norm: graphed+fused-ln only; the optimizer is torch.optim.AdamW"
+        + (", fused" if cuda else "")
+        + ", not adamw_step_)"
     )
+    if not cuda:
+        header += (
+            f"; on the CPU the ratio columns divide process CPU time (the CPU-time column: summed over all "
+            f"{torch.get_num_threads()} threads), not the wall-clock median ms"
+        )
     print(header, flush=True)
     rows = []
-    for b in batches:
+    footer = ""
+    for i, b in enumerate(batches):
+        _progress(f"B={b}: building the variants")
         torch.manual_seed(0)
         setup = build_setup(a.model, c, device)
         batch = make_batch(c, b, device)
@@ -712,13 +777,19 @@ def main(argv: list[str] | None = None) -> None:
             variants = {k: v for k, v in variants.items() if k.startswith(keep)}
         del setup
         failed: dict[str, str] = {}
-        res = time_variants(variants, rounds, warmup, device, failed)
-        notes = {name: v.note() for name, v in variants.items() if v.note is not None and name in res}
+        lost: CudaContextLost | None = None
+        try:
+            res = time_variants(variants, rounds, warmup, device, failed)
+            notes = {name: v.note() for name, v in variants.items() if v.note is not None and name in res}
+        except CudaContextLost as exc:  # write what was timed, then stop: no CUDA call can succeed any more
+            lost, res, notes = exc, exc.results, dict(exc.notes)
+            untimed = ", ".join(str(x) for x in batches[i + 1 :])
+            footer = f"stopped at B = {b}: {exc}" + (f"; batch sizes not timed: {untimed}" if untimed else "")
         notes.update(failed)
         nan = {k: math.nan for k in ("median_ms", "p20_ms", "p80_ms", "cpu_ms", "peak_gib")}
         res.update({name: dict(nan) for name in variants if name in failed})
-        # on a CPU shared with other jobs the process's CPU time (one thread) is steadier than the wall clock:
-        # the ratios use it there; both are reported
+        # on a CPU shared with other jobs the process's CPU time (summed over its threads) is steadier than the
+        # wall clock: the ratios use it there; both are reported
         key = "median_ms" if cuda else "cpu_ms"
         ref, std = res["released"][key], res["standard"][key]
         # the like-for-like baseline of the graphed rows (at B = 32 the eager standard step is launch-bound)
@@ -737,18 +808,24 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
         del variants, batch
-        if cuda:
+        gc.collect()  # the variants' models, optimizers and graphs hold device memory until collected
+        if cuda and lost is None:
             torch.cuda.empty_cache()
         # written after every batch size, so a run stopped part-way keeps what it measured
-        text = write_results(rows, header, a.model + a.tag, dev_name, stamp, a.out)
+        text = write_results(rows, header, a.model + a.tag, dev_name, stamp, a.out, footer)
         print(f"B={b} done", flush=True)
+        if lost is not None:
+            print(footer, file=sys.stderr, flush=True)
+            print("\n" + text, flush=True)
+            raise SystemExit(3)
     print("\n" + text, flush=True)
 
 
 def write_results(
-    rows: list[dict], header: str, model: str, dev_name: str, stamp: str, out_dir: str | None = None
+    rows: list[dict], header: str, model: str, dev_name: str, stamp: str, out_dir: str | None = None, footer: str = ""
 ) -> str:
-    """``out_dir`` (default bench/out)/bench_step_<model>.{md,csv}; returns the markdown."""
+    """``out_dir`` (default bench/out)/bench_step_<model>.{md,csv}; returns the markdown (``footer``, when given,
+    is a line after the table)."""
     md = [
         header,
         "",
@@ -765,6 +842,8 @@ def write_results(
             + ("-" if math.isnan(r["cost_vs_standard_graphed"]) else f"{r['cost_vs_standard_graphed']:.2f}")
             + " |"
         )
+    if footer:
+        md += ["", footer]
     text = "\n".join(md)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out_dir, exist_ok=True)

@@ -24,6 +24,7 @@ also writes a Chrome trace of each profiled variant (``<out>/trace_<variant>_b<B
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import os
 import re
@@ -37,7 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench import bench_step as bs
-from bench._common import OUT_DIR, device_name, versions
+from bench._common import OUT_DIR, device_name, ops_backends, versions
 
 # first match wins; names are matched lower-case
 CATEGORIES: list[tuple[str, str]] = [
@@ -232,7 +233,9 @@ def main(argv: list[str] | None = None) -> str:
     v = versions()
     head = (
         f"profile_step on {device_name(device)}; torch {v['torch']}, triton {v['triton']}; "
-        f"{bs.describe(a.model, c)}; {bs.TXT_LEN} text + {bs.N_REGIONS} regions, K={bs.K}"
+        f"{bs.describe(a.model, c)}; {bs.TXT_LEN} text + {bs.N_REGIONS} regions, K={bs.K}; "
+        f"{ops_backends(device, c.n_ans)} (add_layer_norm: graphed+fused-ln only; the optimizer is "
+        f"torch.optim.AdamW, not adamw_step_)"
     )
     print(head, flush=True)
     sections = [head]
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> str:
             sections.append(text)
             _write(a.out, sections, done=False)
         del variants, setup, batch
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     return _write(a.out, sections, done=True)

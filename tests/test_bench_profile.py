@@ -92,3 +92,9 @@ def test_a_run_stopped_part_way_keeps_its_finished_sections(monkeypatch, tmp_pat
     md = (tmp_path / "profile_step.md").read_text()
     assert f"### {calls[0]}, B = 2" in md and f"### {calls[1]}" not in md
     assert "stopped part-way" in md
+
+
+def test_the_header_names_the_ops_backends(tmp_path):
+    md = ps.main(["--tiny", "--batches", "2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+    head = md.splitlines()[0]
+    assert "ops: perturb_update " in head and " sym_kl " in head and "villa_fast._C" in head

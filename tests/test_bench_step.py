@@ -180,6 +180,7 @@ def test_bench_ops_writes_its_table_after_every_case(monkeypatch, tmp_path):
         raise KeyboardInterrupt  # a phase's timeout: the process ends here
 
     monkeypatch.setattr(bench_ops, "bench_add_layer_norm", stopped)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter is not timed (as outside the tests)
     with pytest.raises(KeyboardInterrupt):
         bench_ops.main(["--quick", "--reps", "1", "--no-compile", "--out", str(tmp_path)])
     md = (tmp_path / "bench_ops.md").read_text()
@@ -187,3 +188,82 @@ def test_bench_ops_writes_its_table_after_every_case(monkeypatch, tmp_path):
     assert "| perturb_update" in md and "| sym_kl" in md and "add_layer_norm" not in md
     csv_rows = (tmp_path / "bench_ops.csv").read_text().splitlines()
     assert len(csv_rows) - 1 == md.count("\n| ") - 1  # the CSV holds the same rows as the table
+
+
+def test_a_lost_cuda_context_keeps_the_rounds_done_and_names_the_rest(monkeypatch):
+    """After a sticky CUDA error every CUDA call raises it again: the timing stops, the variants timed so far keep
+    their rounds, the others are named as not timed."""
+    model = torch.nn.Linear(2, 2)
+    state = {"calls": 0, "lost": False}
+
+    def ok():
+        pass
+
+    def sticky():
+        state["calls"] += 1
+        if state["calls"] > 2:  # its warm-up and first round pass; the second round fails
+            state["lost"] = True
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    monkeypatch.setattr(bs, "_device_usable", lambda cuda: not state["lost"])
+    variants = {
+        "released": bs.Variant(model, ok, ok),
+        "sticky": bs.Variant(model, sticky, sticky),
+        "standard": bs.Variant(model, ok, ok),
+    }
+    failed: dict[str, str] = {}
+    with pytest.raises(bs.CudaContextLost, match="lost after sticky's error") as info:
+        bs.time_variants(variants, rounds=4, warmup=1, device=CPU, failed=failed)
+    res, notes = info.value.results, info.value.notes
+    assert set(res) == {"released", "standard"} and failed["sticky"].startswith("failed: RuntimeError: CUDA error")
+    assert notes["released"].startswith("2 of 4 rounds") and notes["standard"].startswith("1 of 4 rounds")
+    # a sticky error in the warm-up: nothing is timed
+    state.update(calls=10, lost=False)
+    failed = {}
+    with pytest.raises(bs.CudaContextLost) as info:
+        bs.time_variants(variants, rounds=2, warmup=1, device=CPU, failed=failed)
+    assert info.value.results == {}
+    assert failed["standard"] == "not timed: the CUDA context was lost after sticky's error"
+
+
+def test_main_writes_the_rows_and_stops_cleanly_when_the_context_is_lost(monkeypatch, capsys, tmp_path):
+    real = bs.build_variants
+    state = {"calls": 0, "lost": False}
+
+    def with_a_sticky_error(*args, **kwargs):
+        variants = real(*args, **kwargs)
+
+        def sticky():
+            state["calls"] += 1
+            if state["calls"] > 2:
+                state["lost"] = True
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        variants["sticky"] = bs.Variant(variants["standard"].model, sticky, sticky)
+        return variants
+
+    monkeypatch.setattr(bs, "build_variants", with_a_sticky_error)
+    monkeypatch.setattr(bs, "_device_usable", lambda cuda: not state["lost"])
+    argv = ["--tiny", "--batches", "2,3", "--rounds", "3", "--warmup", "1", "--threads", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as info:
+        bs.main(argv)
+    assert info.value.code == 3
+    written = (tmp_path / "bench_step_uniter.md").read_text()
+    assert "| 2 | released (2 of 3 rounds: the CUDA context was lost after sticky's error) |" in written
+    assert "| 2 | sticky (failed: RuntimeError: CUDA error" in written and "| 3 |" not in written
+    assert (
+        "stopped at B = 2: the CUDA context was lost after sticky's error (round 2 of 3); batch sizes not timed: 3"
+        in written
+    )
+    err = capsys.readouterr().err
+    # a flushed line per stage: a run stopped by its timeout shows where it was
+    assert "B=2: building the variants" in err and "warming released" in err and "timing round 2 of 3" in err
+
+
+def test_the_header_names_the_ops_backends_and_the_cpu_ratio_clock(capsys, tmp_path):
+    bs.main(["--tiny", "--batches", "2", "--rounds", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)])
+    head = (tmp_path / "bench_step_uniter.md").read_text().splitlines()[0]
+    for op in ("perturb_update", "sym_kl", "add_if", "add_layer_norm", "adamw_step"):
+        assert f" {op} " in head, op
+    assert "villa_fast._C" in head and "not adamw_step_" in head
+    assert "the ratio columns divide process CPU time" in head and "summed over all 1 threads" in head
