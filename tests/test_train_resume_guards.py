@@ -238,6 +238,29 @@ def test_a_full_disk_through_the_cli_is_one_line(trained, tmp_path, monkeypatch,
     assert err.startswith(f"error: {step}: No space left on device: the step 2 checkpoint") and err.count("\n") == 1
 
 
+def test_a_full_disk_while_logging_names_the_history_file(trained, tmp_path, monkeypatch, capsys):
+    # the write's own error carries no file name (ENOSPC from write()): the log names it, in one line
+    import villa_fast.train.trainer as tr
+
+    root, cfg = trained
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps({**cfg, "output_dir": str(tmp_path / "out")}))
+    real_open = open
+
+    def full_open(path, mode="r", *a, **kw):
+        fh = real_open(path, mode, *a, **kw)
+        if str(path).endswith("history.jsonl") and "a" in mode:
+            fh.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fh
+
+    monkeypatch.setattr(tr, "open", full_open, raising=False)
+    assert main(["train", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    want = tmp_path / "out" / "log" / "history.jsonl"
+    assert err == f"error: {want}: {os.strerror(errno.ENOSPC)}\n"
+
+
 def test_a_read_only_output_dir_is_one_line(trained, tmp_path, monkeypatch, capsys):
     root, cfg = trained
     out = tmp_path / "ro" / "out"

@@ -122,6 +122,17 @@ def _few(names: list[str], n: int = 5) -> str:
     return head + (f" ... ({len(names) - n} more)" if len(names) > n else "")
 
 
+def _append_text(path: Path, text: str) -> None:
+    """Append ``text`` to ``path``; a failure names the file (a full disk's error carries no file name)."""
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
 def _plain(x: Any) -> Any:
     if isinstance(x, Tensor):
         return x.item() if x.numel() == 1 else x.tolist()
@@ -369,9 +380,9 @@ class Trainer:
             for k, v in entry.items():
                 if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                     tb.add_scalar(k, v, entry["step"])
-        if self.output_dir and self.dist.is_main:
-            with open(self.output_dir / "log" / "history.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
+        if self.output_dir:
+            path = self.output_dir / "log" / "history.jsonl"
+            self._on_main(f"append to {path}", lambda: _append_text(path, json.dumps(entry) + "\n"))
 
     def _rewrite_history(self) -> None:
         """history.jsonl as of the loaded checkpoint: entries a killed run logged after it are dropped (its
