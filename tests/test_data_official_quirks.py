@@ -465,3 +465,19 @@ def test_numpy_scalars_in_text_records_are_read_as_numbers(tmp_path):
         DataFormatError, match=r"target .labels. is a list whose entry 0 is np.float32\(3.0\) \(float32\)"
     ):
         check_txt_record({"input_ids": [1], "target": {"labels": [np.float32(3)], "scores": [1.0]}}, "w")
+
+
+def test_an_image_listed_without_a_record_does_not_stop_the_others(tmp_path):
+    # a filtered database: its box counts list an image first that has no record; the width comes from one that has
+    _img_db(tmp_path / "img")
+    nbb = tmp_path / "img" / NBB_FILE
+    counts = json.loads(nbb.read_text())
+    nbb.write_text(json.dumps({"gone.npz": 5, **counts}))
+    db = DetectFeatLmdb(tmp_path / "img", **IMG_ARGS)
+    assert db.img_dim == D
+    feat, _ = db["i1.npz"]
+    assert feat.shape[1] == D
+    fresh = DetectFeatLmdb(tmp_path / "img", **IMG_ARGS)
+    assert fresh["i2.npz"][0].shape[1] == D  # a read before img_dim was asked for
+    with pytest.raises(KeyError, match="gone.npz"):
+        fresh["gone.npz"]

@@ -343,3 +343,20 @@ def test_a_checkpoint_set_aside_by_a_killed_resave_is_put_back(tmp_path):
     shutil.copytree(ckpt / "step_1", ckpt / ".stale_step_1.4242")
     assert ck.remove_leftovers(ckpt) == [ckpt / ".stale_step_1.4242"]
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_1", "step_2"]
+    # a set-aside copy left incomplete (killed while being deleted) is never put back: removed as a leftover
+    shutil.rmtree(ckpt / "step_2")
+    (ckpt / ".stale_step_2.77").mkdir()
+    shutil.copy(ckpt / "step_1" / "checksums.json", ckpt / ".stale_step_2.77" / "checksums.json")
+    assert ck.remove_leftovers(ckpt) == [ckpt / ".stale_step_2.77"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_1"]
+
+
+def test_files_written_atomically_get_the_modes_of_a_plain_write(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ck.atomic_write_text(tmp_path / "hps.json", "{}")
+        ck.atomic_save({"a": 1}, tmp_path / "state.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "hps.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "state.pt").stat().st_mode & 0o777 == 0o644

@@ -559,6 +559,7 @@ class DetectFeatLmdb:
                     )
         self.db_path = os.path.join(self.img_dir, db_name)
         self._img_dim: int | None = None
+        self._img_dim_from: str | None = None  # the record whose width set it
         self._env = _LazyEnv(self.db_path)
         if fixed:
             self.name2nbb = {name: num_bb for name in self._all_names()}
@@ -701,14 +702,17 @@ class DetectFeatLmdb:
         width = int(feat.shape[1])
         if self._img_dim is None:
             first = next(iter(self.name2nbb))
-            if first == file_name:
-                self._img_dim = width
-            else:
-                self._load(first, keys=("features", "norm_bb"), rows=0)  # sets it
+            if first != file_name:
+                try:
+                    self._load(first, keys=("features", "norm_bb"), rows=0)  # sets it
+                except KeyError:
+                    pass  # the first listed image has no record (a filtered database): this one sets the width
+            if self._img_dim is None:
+                self._img_dim, self._img_dim_from = width, file_name
         if width != self._img_dim:
             raise DataFormatError(
                 f"{where}: 'features' are {width} wide but the database's are {self._img_dim} (img_dim, the width of "
-                f"its first record {next(iter(self.name2nbb))!r}): a batch cannot hold both"
+                f"its record {self._img_dim_from!r}): a batch cannot hold both"
             )
         used_feat, used_bb = feat[:rows], bb[:rows]
         if not (_all_finite(used_feat) and _all_finite(used_bb)):
@@ -758,8 +762,15 @@ class DetectFeatLmdb:
     def img_dim(self) -> int:
         """Width of the region features (2048 for the official databases): the first record's, which every record
         read must share."""
+        for name in self.name2nbb:
+            if self._img_dim is not None:
+                break
+            try:
+                self._load(name, keys=("features", "norm_bb"), rows=0)  # sets it
+            except KeyError:
+                continue  # listed without a record: the next one
         if self._img_dim is None:
-            self._load(next(iter(self.name2nbb)), keys=("features", "norm_bb"), rows=0)  # sets it
+            raise DataFormatError(f"{self.img_dir}: no image listed in its box counts has a record")
         return self._img_dim
 
 

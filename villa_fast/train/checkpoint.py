@@ -99,10 +99,26 @@ def _full_disk_errno(directory: Path, exc: BaseException) -> int | None:
     disk when next to no space is left."""
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    if not isinstance(exc, RuntimeError | OSError):
+        return None  # a pickling or format error is not the disk's, however full it is
     try:
         return errno.ENOSPC if shutil.disk_usage(directory).free < _FULL_BELOW else None
     except OSError:
         return None
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: str | os.PathLike, write) -> None:
@@ -112,6 +128,8 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file readable by its owner only: give it the mode a plain write would (the umask's)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         try:
             write(tmp)
@@ -167,7 +185,8 @@ def remove_leftovers(ckpt_dir: str | os.PathLike) -> list[Path]:
         )
         for p in stale:
             final = ckpt_dir / _STALE.match(p.name).group(1)
-            if not final.exists():
+            # only a whole copy is put back (a set-aside step half deleted is a leftover like any other)
+            if not final.exists() and _unreadable(p) is None:
                 os.replace(p, final)
                 _fsync(ckpt_dir)
                 logger.warning(

@@ -615,15 +615,19 @@ class Trainer:
         check = self.task.check_run_files
         if self.output_dir is None:
             return
-        err = None
+        err, failure = None, None
         if self.dist.is_main:
             try:
                 check(self.output_dir)
-            except ConfigError as exc:
-                err = str(exc)
-        err = vdist.broadcast_object(err)
+            except Exception as exc:  # every rank must leave the broadcast below, whatever rank 0 met
+                failure = exc
+                err = (isinstance(exc, ConfigError), str(exc) or type(exc).__name__)
+        if self.dist.enabled:
+            err = vdist.broadcast_object(err)
+        if failure is not None:
+            raise failure
         if err is not None:
-            raise ConfigError(err)
+            raise ConfigError(err[1]) if err[0] else RuntimeError(f"rank 0 failed to check the run files: {err[1]}")
 
     def _prepare_output(self) -> None:
         if self.output_dir:
